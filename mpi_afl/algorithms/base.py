@@ -1,0 +1,87 @@
+"""The contract between the server loop and an aggregation algorithm.
+
+An algorithm is tensor math on flat model vectors (DESIGN.md "Algorithms as
+plug-ins"). The server calls `on_update(update, ctx)` once per accepted
+arrival, in processing order, and it returns one of:
+
+- a tensor: the new global model (the server bumps the version);
+- `None`: the update was only buffered, the global model is unchanged;
+- a generator: server-side work in resumable slices (FedRevive, FedEcho).
+  The loop calls `next()` on it, polling MPI and dispatching jobs between
+  slices, until it returns (StopIteration.value), which is again a tensor or
+  `None`. No other update is processed while a generator is running, so the
+  algorithm sees arrivals strictly one at a time.
+
+Everything an algorithm keeps between calls is in `state_dict()`, so a
+checkpoint covers it and a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config
+
+
+@dataclass
+class Update:
+    """One accepted client result, as the algorithm sees it."""
+    client_id: int
+    job_index: int
+    base_version: int
+    staleness: int            # server version at processing time - base_version
+    delta: torch.Tensor       # flat float32 on the server device: w_local - x_base
+    num_samples: int
+    loss: float
+
+
+@dataclass
+class ServerContext:
+    """What the server exposes to an algorithm (read-only except where noted)."""
+    cfg: Config
+    device: torch.device
+    global_model: torch.Tensor                  # flat x_t (the server replaces it after each new version)
+    version: int
+    snapshot: Callable[[int], torch.Tensor]     # version v -> flat x_v (kept while a job references v)
+    make_model: Callable[[], nn.Module]         # a fresh module of the run's architecture on `device`
+    param_mask: torch.Tensor                    # bool, True where the flat entry is a trainable parameter
+    num_classes: int
+    image_shape: tuple[int, int, int]           # (channels, height, width)
+    data_mean: tuple[float, ...]
+    data_std: tuple[float, ...]
+    client_histograms: np.ndarray               # (num_clients, num_classes) true label counts (ablations only)
+    kd_x: torch.Tensor | None = None            # real KD split (DD-FedRevive / proxy inputs), on device
+    kd_y: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)   # counters an algorithm reports (summed into summary.json)
+
+
+Result = Union[torch.Tensor, None]
+Outcome = Union[Result, Generator[None, None, Result]]
+
+
+class Algorithm:
+    """Base class: a name, the sync flag, and empty state by default."""
+
+    name = "base"
+    #: True for synchronous FedAvg: the server dispatches K jobs from one
+    #: version and waits for all of them before dispatching more.
+    synchronous = False
+
+    def __init__(self, cfg: Config, ctx: ServerContext):
+        self.cfg = cfg
+        #: the aggregation weight (or beta) applied to the last update, for the run log
+        self.last_weight = float("nan")
+
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,465 @@
+"""Typed run configuration: dataclasses, TOML presets, command-line overrides.
+
+A config is built in three layers, later ones winning: the defaults below,
+then a TOML file (`--preset NAME` from `configs/`, or `--config FILE`), then
+command-line overrides of any dotted key (`--client.lr=0.01` or
+`--client.lr 0.01`) and the shortcuts (`--algorithm`, `--seed`, ...).
+An unknown key, a wrong type or an impossible value is a `ConfigError` that
+names the key, the bad value and what is allowed (nanoGPT's rule: a mistyped
+override is an error, never silently ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is meant for the user as is."""
+
+
+def opt(default, help: str, *, choices=None, min=None, min_exclusive=False, max=None):
+    """A config field with its help text and value constraints."""
+    meta = {"help": help, "choices": choices, "min": min, "min_exclusive": min_exclusive, "max": max}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ALGORITHM_NAMES = ["fedavg", "fedasync", "fedbuff", "afl_dw", "ca2fl", "fedrevive", "dd_fedrevive", "fedecho"]
+DATASET_NAMES = ["digits", "fashion-mnist", "mnist", "cifar10", "cifar100"]
+MODEL_NAMES = ["cnn", "convnet", "resnet18"]
+STALENESS_NAMES = ["none", "constant", "polynomial", "hinge", "sqrt", "cosine"]
+
+
+@dataclass
+class RunConfig:
+    seed: int = opt(0, "run seed: data split, partition, delays, client streams")
+    clock: str = opt("virtual", "'virtual': process results in virtual-time order (reproducible); "
+                     "'wall': in real arrival order", choices=["virtual", "wall"])
+    max_versions: int = opt(100, "stop after this many global model versions (0 = no limit)", min=0)
+    max_virtual_time: float = opt(0.0, "stop at this virtual time (0 = no limit)", min=0)
+    max_wall_seconds: float = opt(0.0, "stop after this many wall seconds (0 = no limit)", min=0)
+    target_accuracy: float = opt(0.0, "stop once test accuracy reaches this (0 = off)", min=0, max=1)
+    eval_every: int = opt(10, "evaluate the global model every N versions", min=1)
+    out: str = opt("", "output directory for summary.json, run.h5, checkpoint.h5 "
+                   "(empty: runs/ALGORITHM-DATASET-CLOCK-sSEED-TIMESTAMP)")
+    overwrite: bool = opt(False, "allow writing into an existing run directory")
+    device: str = opt("auto", "'auto' (a GPU per local rank when present), 'cpu' or 'cuda'",
+                      choices=["auto", "cpu", "cuda"])
+    threads: int = opt(1, "torch threads per rank; the virtual clock always uses 1 so results "
+                       "cannot depend on it", min=1)
+    checkpoint_every: int = opt(0, "write OUT/checkpoint.h5 every N versions (0 = only on signal/stop)", min=0)
+    log_flush_seconds: float = opt(2.0, "flush buffered HDF5 rows at least this often", min=0, min_exclusive=True)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("digits", "data set", choices=DATASET_NAMES)
+    root: str = opt("", "directory holding the data set files (empty: $MPI_AFL_DATA, the user cache, "
+                    "/usr/share/datasets)")
+    download: bool = opt(False, "let torchvision download a missing data set (rank 0 only)")
+    partition: str = opt("dirichlet", "how the training set is split over clients",
+                         choices=["dirichlet", "iid", "shards"])
+    alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed)", min=0, min_exclusive=True)
+    shards_per_client: int = opt(2, "label shards per client (partition = shards)", min=1)
+    num_clients: int = opt(20, "number of logical clients N", min=1)
+    samples_per_client: int = opt(0, "fixed samples per client drawn from its Dirichlet class mix "
+                                  "(the papers use 350; 0 = split the whole training set)", min=0)
+    val_fraction: float = opt(0.15, "validation share of the pooled data", min=0, max=0.9)
+    test_fraction: float = opt(0.15, "test share of the pooled data", min=0, min_exclusive=True, max=0.9)
+    kd_fraction: float = opt(0.0, "held-out KD share (only dd_fedrevive uses it)", min=0, max=0.9)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("cnn", "model", choices=MODEL_NAMES)
+    norm: str = opt("batchnorm", "normalisation layer: BatchNorm, FedRevive's stat tracker, or none",
+                    choices=["batchnorm", "stat", "none"])
+
+
+@dataclass
+class ClientConfig:
+    iterations: int = opt(25, "local iterations per job (not epochs; batches cycle)", min=1)
+    batch_size: int = opt(32, "local batch size", min=1)
+    optimizer: str = opt("adam", "local optimizer (created fresh for every job)", choices=["adam", "sgd"])
+    lr: float = opt(1e-3, "local learning rate", min=0, min_exclusive=True)
+    momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
+    weight_decay: float = opt(0.0, "local weight decay", min=0)
+    augment: bool = opt(False, "random crop (4-pixel reflect pad) and horizontal flip")
+
+
+@dataclass
+class ServerConfig:
+    algorithm: str = opt("fedbuff", "aggregation algorithm", choices=ALGORITHM_NAMES)
+    concurrency: int = opt(8, "jobs in flight K (fedavg: clients per round)", min=1)
+    lr: float = opt(1.0, "server learning rate eta", min=0, min_exclusive=True)
+    buffer_size: int = opt(4, "updates per aggregation B (fedbuff, ca2fl, fedecho)", min=1)
+    momentum: float = opt(0.0, "server momentum (fedbuff)", min=0, max=1)
+    staleness: str = opt("none", "staleness weight s(tau) for fedasync/fedbuff", choices=STALENESS_NAMES)
+    staleness_a: float = opt(0.5, "exponent a (polynomial) or slope a (hinge)", min=0)
+    staleness_b: float = opt(10.0, "hinge knee b", min=0)
+    mixing: float = opt(0.6, "FedAsync mixing weight alpha", min=0, min_exclusive=True, max=1)
+    s_max: float = opt(75.0, "cosine beta half-point s_max (afl_dw, fedrevive; Eq. 3)", min=0, min_exclusive=True)
+    sample_weighted: bool = opt(False, "fedavg: weight client deltas by sample count")
+    queue_depth: int = opt(2, "jobs queued per worker so workers never wait on the server", min=1)
+
+
+@dataclass
+class DelayConfig:
+    schedule: str = opt("paper", "delay schedule: 'paper' and 'shifted' are ALGORITHMS.md §3.5; "
+                        "'custom' uses the fields below; 'none' = every job takes 1 unit",
+                        choices=["paper", "shifted", "custom", "none"])
+    train_shape: str = opt("exponential", "custom: distribution of a job's training time around the "
+                           "client's mean", choices=["exponential", "constant", "uniform", "halfnormal", "pareto"])
+    train_means: list[float] = opt([1.0, 1.3, 1.6], "custom: per-client training-time means (mixture)")
+    train_probs: list[float] = opt([0.25, 0.5, 0.25], "custom: mixture probabilities of train_means")
+    download: float = opt(0.1, "custom: constant download time", min=0)
+    upload_means: list[float] = opt([0.15, 0.25], "custom: per-client upload means (equally likely)")
+    upload_spread: float = opt(0.02, "custom: upload ~ Uniform(m +- spread)", min=0)
+    pareto_shape: float = opt(2.5, "custom: Pareto tail index (> 1 for a finite mean)", min=1, min_exclusive=True)
+    wall_scale: float = opt(0.0, "wall clock: a worker sleeps (sampled training time x this) seconds per job, "
+                            "to make stragglers on a homogeneous cluster (0 = no injected delay)", min=0)
+
+
+@dataclass
+class DistillConfig:
+    """Server-side distillation shared by FedRevive and FedEcho (ALGORITHMS.md §3.3, §4)."""
+    teachers: int = opt(8, "teacher buffer size c (most recent client models)", min=1)
+    beta: str = opt("cosine", "staleness weight beta(tau) of the hybrid blend (Eq. 3 and alternatives)",
+                    choices=["cosine", "exponential", "linear", "step"])
+    beta_lambda: float = opt(0.005, "exponential beta rate", min=0, min_exclusive=True)
+    beta_gamma: float = opt(0.01, "linear beta slope", min=0, min_exclusive=True)
+    freeze_versions: int = opt(50, "no DFKD below this version", min=0)
+    warmup_versions: int = opt(100, "generator trains but KD is not applied below this version", min=0)
+    synth_every: int = opt(1, "synthesise every N versions (the paper's T_gen = 10; its code: every call)", min=1)
+    synth_steps: int = opt(2, "generator steps per synthesis", min=1)
+    synth_batch: int = opt(64, "synthetic batch size", min=1)
+    nz: int = opt(256, "generator noise dimension", min=1)
+    ngf: int = opt(128, "generator width", min=1)
+    gen_lr: float = opt(3e-3, "fast generator lr", min=0, min_exclusive=True)
+    z_lr: float = opt(1e-3, "latent z / class embedding lr", min=0, min_exclusive=True)
+    meta_lr: float = opt(3e-3, "meta-generator lr", min=0, min_exclusive=True)
+    meta: str = opt("reptile", "meta-update of the generator", choices=["reptile", "fomaml"])
+    oh: float = opt(1.0, "weight of the one-hot loss L_oh", min=0)
+    adv: float = opt(0.1, "weight of the adversarial loss L_adv", min=0)
+    bn: float = opt(0.003, "weight of the feature-statistics loss L_bn", min=0)
+    pool_size: int = opt(16000, "synthetic image pool size (FIFO)", min=1)
+    kd_steps: int = opt(10, "distillation iterations per KD call", min=1)
+    kd_lr: float = opt(1e-4, "student Adam lr", min=0, min_exclusive=True)
+    kd_weight_decay: float = opt(1e-5, "student weight decay", min=0)
+    kd_batch: int = opt(32, "images per teacher per KD iteration", min=1)
+    temperature: float = opt(1.0, "KD temperature T", min=0, min_exclusive=True)
+    proxy: str = opt("probe", "teacher class proportions: Gaussian-probe proxy or true label histograms (ablation)",
+                     choices=["probe", "histogram"])
+    probes: int = opt(64, "Gaussian probe inputs for the proxy", min=1)
+    probe_temperature: float = opt(0.8, "softmax temperature of the probe proxy", min=0, min_exclusive=True)
+    embed_weight: float = opt(0.2, "weight of the class embedding in the generator input z + w E[y]", min=0)
+    augment: bool = opt(True, "random crop (4-pixel reflect pad) and flip of synthetic images before the "
+                        "teachers see them (the research code turns it off for 28x28 FEMNIST)")
+    dd_beta: float = opt(0.5, "dd_fedrevive: fixed KD share beta of the blend", min=0, max=1)
+    dd_temperature: float = opt(2.0, "dd_fedrevive: KD temperature T", min=0, min_exclusive=True)
+    dd_lr: float = opt(3e-4, "dd_fedrevive: student Adam lr (no weight decay)", min=0, min_exclusive=True)
+
+
+@dataclass
+class EchoConfig:
+    """FedEcho reconstruction (ALGORITHMS.md §4)."""
+    backbone: str = opt("fedbuff", "buffered parameter step", choices=["fedbuff", "ca2fl"])
+    teachers: int = opt(10, "latest models of the C most recent distinct clients", min=1)
+    gamma: float = opt(1.0, "entropy temperature of the teacher weights a_k(x) = softmax(-H/gamma)",
+                       min=0, min_exclusive=True)
+    staleness_factor: str = opt("none", "optional staleness factor s(tau_k) on the weights", choices=STALENESS_NAMES)
+    inputs: str = opt("synthetic", "distillation inputs: generator samples or an unlabeled proxy split",
+                      choices=["synthetic", "proxy"])
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, for the failure tests: a worker misbehaves on one job."""
+    kind: str = opt("none", "what the worker does on job `job`", choices=["none", "raise", "nan", "bad_size", "bad_client"])
+    job: int = opt(-1, "the job index that triggers the fault", min=-1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    delays: DelayConfig = field(default_factory=DelayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    echo: EchoConfig = field(default_factory=EchoConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Command-line shortcuts -> dotted keys.
+SHORTCUTS = {
+    "algorithm": "server.algorithm",
+    "dataset": "data.dataset",
+    "clock": "run.clock",
+    "seed": "run.seed",
+    "out": "run.out",
+    "max_versions": "run.max_versions",
+}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def all_keys() -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every dotted key with its type and field."""
+    keys = {}
+    for section, cls in _sections().items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            keys[f"{section}.{f.name}"] = (hints[f.name], f)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the list of keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, typ: type, value: Any, from_text: bool) -> Any:
+    """Check (TOML values) or parse (command-line text) one value against its type."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': {value!r} is not {expected}")
+
+    if get_origin(typ) is list:
+        (item,) = get_args(typ)
+        if from_text:
+            text = value.strip().strip("[]")
+            value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad(f"a list of {item.__name__}")
+        return [_coerce(key, item, v, from_text) for v in value]
+    if typ is bool:
+        if from_text:
+            low = value.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise bad("a boolean (true/false)")
+        if not isinstance(value, bool):
+            raise bad("a boolean (true/false)")
+        return value
+    if typ is int:
+        if from_text:
+            try:
+                return int(value)
+            except ValueError:
+                raise bad("an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if typ is float:
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise TypeError(f"unsupported config type {typ} for {key}")  # a programming error
+
+
+def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        allowed = ", ".join(m["choices"])
+        raise ConfigError(f"config key '{key}': {value!r} is not allowed; allowed values: {allowed}")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        lo, hi = m.get("min"), m.get("max")
+        if lo is not None and (v < lo or (m.get("min_exclusive") and v == lo)):
+            op = ">" if m.get("min_exclusive") else ">="
+            raise ConfigError(f"config key '{key}': {value!r} is out of range; must be {op} {lo}")
+        if hi is not None and v > hi:
+            raise ConfigError(f"config key '{key}': {value!r} is out of range; must be <= {hi}")
+
+
+def validate(cfg: Config) -> Config:
+    """Field constraints, then the rules that tie several keys together."""
+    keys = all_keys()
+    for key, (_, f) in keys.items():
+        section, name = key.split(".")
+        _check_field(key, getattr(getattr(cfg, section), name), f)
+    d, s, dl = cfg.data, cfg.server, cfg.delays
+    if s.concurrency > d.num_clients:
+        raise ConfigError(f"config key 'server.concurrency': {s.concurrency} jobs in flight need at least as many "
+                          f"clients, but data.num_clients = {d.num_clients}; allowed: 1..{d.num_clients}")
+    if d.val_fraction + d.test_fraction + d.kd_fraction >= 0.95:
+        raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' + 'data.kd_fraction' = "
+                          f"{d.val_fraction + d.test_fraction + d.kd_fraction:g}; must be < 0.95 to leave training data")
+    if d.samples_per_client and d.partition != "dirichlet":
+        raise ConfigError(f"config key 'data.samples_per_client': {d.samples_per_client} needs "
+                          f"data.partition = 'dirichlet', not {d.partition!r}")
+    if cfg.server.algorithm == "dd_fedrevive" and d.kd_fraction <= 0:
+        raise ConfigError("config key 'data.kd_fraction': dd_fedrevive distils on the real KD split, "
+                          "so it must be > 0 (the paper uses 0.1)")
+    if len(dl.train_means) != len(dl.train_probs) or not dl.train_means:
+        raise ConfigError(f"config keys 'delays.train_means' {dl.train_means} and 'delays.train_probs' "
+                          f"{dl.train_probs} must be non-empty lists of equal length")
+    if abs(sum(dl.train_probs) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'delays.train_probs': {dl.train_probs} must sum to 1")
+    if not dl.upload_means:
+        raise ConfigError("config key 'delays.upload_means': must not be empty")
+    if cfg.distill.warmup_versions < cfg.distill.freeze_versions:
+        raise ConfigError(f"config key 'distill.warmup_versions': {cfg.distill.warmup_versions} must be >= "
+                          f"distill.freeze_versions = {cfg.distill.freeze_versions}")
+    r = cfg.run
+    if not (r.max_versions or r.max_virtual_time or r.max_wall_seconds or r.target_accuracy):
+        raise ConfigError("config keys 'run.max_versions', 'run.max_virtual_time', 'run.max_wall_seconds', "
+                          "'run.target_accuracy' are all 0: the run would never stop; set at least one")
+    if cfg.fault.kind != "none" and cfg.fault.job < 0:
+        raise ConfigError("config key 'fault.job': a fault needs the job index that triggers it (>= 0)")
+    return cfg
+
+
+def apply(cfg: Config, values: dict[str, Any], *, from_text: bool) -> None:
+    """Set dotted keys on `cfg` (in place), type-checking each value."""
+    keys = all_keys()
+    for key, value in values.items():
+        if key not in keys:
+            raise _unknown_key(key)
+        typ, _ = keys[key]
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, _coerce(key, typ, value, from_text))
+
+
+def _flatten_toml(data: dict, source: str) -> dict[str, Any]:
+    sections = _sections()
+    flat = {}
+    for section, body in data.items():
+        if section not in sections:
+            close = difflib.get_close_matches(section, list(sections), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed sections: {', '.join(sections)}"
+            raise ConfigError(f"{source}: unknown config section '{section}'{hint}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table ([{section}])")
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return _flatten_toml(data, str(path))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {name!r}; allowed values: {', '.join(preset_names())}")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mpi_afl.train",
+        description="Asynchronous federated learning over MPI. Rank 0 serves, the other ranks run client jobs; "
+                    "one process runs the jobs itself. Any config key can be overridden as --section.key=VALUE "
+                    "(lists as comma-separated values).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
+    p.add_argument("--preset", metavar="NAME", help=f"named config from configs/: {', '.join(preset_names())}")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.h5")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    short = p.add_argument_group("shortcuts")
+    keys = all_keys()
+    for flag, key in SHORTCUTS.items():
+        _, f = keys[key]
+        short.add_argument(f"--{flag.replace('_', '-')}", dest=key, default=None, metavar="VALUE",
+                           help=f"= --{key} (default: {_default(f)!r})")
+    for section in _sections():
+        group = p.add_argument_group(f"[{section}]")
+        for key, (typ, f) in keys.items():
+            if not key.startswith(section + "."):
+                continue
+            choices = f.metadata.get("choices")
+            extra = f" {{{','.join(choices)}}}" if choices else ""
+            group.add_argument(f"--{key}", dest=key, default=None, metavar=typ_name(typ),
+                               help=f"{f.metadata['help']}{extra} (default: {_default(f)!r})")
+    return p
+
+
+def typ_name(typ) -> str:
+    if get_origin(typ) is list:
+        return f"{get_args(typ)[0].__name__.upper()},..."
+    return typ.__name__.upper()
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line into a validated Config; ConfigError on any mistake."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        if token.startswith("--"):
+            raise _unknown_key(token[2:].split("=", 1)[0].replace("-", "_"))
+        raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key=VALUE")
+    cfg = Config()
+    if args.preset and args.config:
+        raise ConfigError("give either --preset or --config, not both")
+    if args.preset:
+        apply(cfg, load_toml(preset_path(args.preset)), from_text=False)
+    if args.config:
+        apply(cfg, load_toml(Path(args.config)), from_text=False)
+    overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    apply(cfg, overrides, from_text=True)
+    return validate(cfg), args
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict()` output (checkpoints, broadcasts)."""
+    cfg = Config()
+    apply(cfg, _flatten_toml(data, "config"), from_text=False)
+    return validate(cfg)

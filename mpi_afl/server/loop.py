@@ -1,0 +1,312 @@
+"""The server loop (rank 0): keep K jobs in flight, aggregate what arrives.
+
+One loop serves both clocks (DESIGN.md "Two clocks, one server loop"):
+
+- every job gets a virtual start and finish time from the delay model when it
+  is created, whatever the clock;
+- **virtual**: results are processed strictly in `(finish_time, job_index)`
+  order; the loop waits for the head job if it has not arrived yet, while
+  workers keep computing the jobs behind it. The result of a run is then the
+  same for any number of ranks;
+- **wall**: results are processed in the order they really arrived.
+
+Jobs not yet handed to a worker wait in a heap ordered by virtual finish time
+and go to the worker with the fewest outstanding jobs, up to `queue_depth`
+each, so a worker always has its next job queued while the server aggregates
+or distils. Algorithm work that comes as a generator runs in slices with a
+poll + dispatch between slices (see algorithms/base.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import inspect
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..algorithms import ALGORITHMS
+from ..algorithms.base import ServerContext, Update
+from ..client.local_train import evaluate
+from ..client.runner import JobSpec
+from ..config import Config
+from ..delays import DelayModel
+from ..transport.arrival import Arrival
+from ..transport.backoff import Backoff
+from .versions import VersionStore
+
+_CLIENT_STREAM = 0x5E7  # separates client sampling from other uses of the run seed
+REJECT_REASONS = ("", "size", "client", "job", "version", "nonfinite")
+
+
+@dataclass
+class Job:
+    index: int
+    client_id: int
+    base_version: int
+    start_time: float
+    finish_time: float
+    sleep_seconds: float
+    worker: int = -1
+
+    def spec(self) -> JobSpec:
+        return JobSpec(self.index, self.client_id, self.base_version, self.sleep_seconds)
+
+
+@dataclass
+class EvalPoint:
+    version: int
+    wall_time: float
+    virtual_time: float
+    test_loss: float
+    test_accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+
+class Server:
+    def __init__(self, cfg: Config, transport, *, model: torch.nn.Module, make_model, splits, histograms: np.ndarray,
+                 device: torch.device, flat, out_dir: Path, world_size: int):
+        self.cfg = cfg
+        self.transport = transport
+        self.device = device
+        self.model = model          # scratch module for evaluation
+        self.splits = splits
+        self.out_dir = out_dir
+        self.world_size = world_size
+        self.flat = flat            # the models.flat module (flatten / param_mask)
+        self.x = flat.flatten(model).to(device)
+        self.version = 0
+        self.versions = VersionStore()
+        self.versions.put(0, self.x)
+        info = splits.info
+        self.ctx = ServerContext(
+            cfg=cfg, device=device, global_model=self.x, version=0, snapshot=self.versions.get,
+            make_model=make_model, param_mask=flat.param_mask(model).to(device), num_classes=info.num_classes,
+            image_shape=(info.channels, info.image_size, info.image_size), data_mean=tuple(info.mean),
+            data_std=tuple(info.std), client_histograms=histograms,
+            kd_x=splits.kd_x.to(device) if len(splits.kd_x) else None,
+            kd_y=splits.kd_y.to(device) if len(splits.kd_y) else None)
+        self.algorithm = ALGORITHMS[cfg.server.algorithm](cfg, self.ctx)
+        self.delays = DelayModel(cfg.delays, cfg.data.num_clients, cfg.run.seed)
+        self.rng = np.random.default_rng([cfg.run.seed, _CLIENT_STREAM])
+        self.virtual = cfg.run.clock == "virtual"
+
+        self.in_flight: dict[int, Job] = {}
+        self.schedule: list[tuple[float, int]] = []     # virtual: (finish_time, job) of jobs in flight
+        self.pending: list[tuple[float, int]] = []      # created, not yet sent to a worker
+        self.outstanding = {w: 0 for w in transport.workers}
+        self.arrived: dict[int, Arrival] = {}
+        self.arrival_order: deque[int] = deque()        # wall: processing order
+        self.busy = np.zeros(cfg.data.num_clients, dtype=bool)
+        self.now = 0.0
+        self.next_job = 0
+        self.received = self.accepted = self.rejected = 0
+        self.evals: list[EvalPoint] = []
+        self.busy_seconds = 0.0
+        self.t0 = time.perf_counter()
+        self.stop_reason = ""
+
+    # ----------------------------------------------------------- jobs
+    def _new_job(self, client: int | None = None, base_version: int | None = None) -> None:
+        """Create a job for `client` (default: a random idle client) from `base_version` (default: current)."""
+        if client is None:
+            client = int(self.rng.choice(np.flatnonzero(~self.busy)))
+        base = self.version if base_version is None else base_version
+        times = self.delays.job(client, self.next_job)
+        sleep = times.train * self.cfg.delays.wall_scale if not self.virtual else 0.0
+        job = Job(self.next_job, client, base, self.now, self.now + times.total, sleep)
+        self.next_job += 1
+        self.busy[client] = True
+        self.versions.acquire(base)
+        self.in_flight[job.index] = job
+        heapq.heappush(self.pending, (job.finish_time, job.index))
+        if self.virtual:
+            heapq.heappush(self.schedule, (job.finish_time, job.index))
+
+    def refill(self) -> None:
+        """Keep K jobs in flight; synchronous algorithms start a round only when the last one is done."""
+        k = self.cfg.server.concurrency
+        if self.algorithm.synchronous and self.in_flight:
+            return
+        while len(self.in_flight) < k:
+            self._new_job()
+
+    def dispatch(self) -> None:
+        depth = self.transport.queue_depth
+        while self.pending:
+            worker = min(self.outstanding, key=lambda w: (self.outstanding[w], w))
+            if self.outstanding[worker] >= depth:
+                return
+            _, index = heapq.heappop(self.pending)
+            job = self.in_flight[index]
+            job.worker = worker
+            self.transport.send_job(worker, job.spec(), self.versions.get(job.base_version))
+            self.outstanding[worker] += 1
+
+    def pump(self) -> bool:
+        """Receive whatever has arrived; True if anything did."""
+        arrivals = self.transport.poll()
+        for a in arrivals:
+            self.received += 1
+            self.outstanding[a.rank] -= 1
+            job = self.in_flight.get(a.job_index)
+            if job is None or a.job_index in self.arrived or job.worker != a.rank:
+                self._reject(a, None, "job")  # unknown, duplicate or from the wrong rank
+                continue
+            self.arrived[a.job_index] = a
+            self.arrival_order.append(a.job_index)
+        return bool(arrivals)
+
+    def next_ready(self) -> tuple[Job, Arrival] | None:
+        if self.virtual:
+            if not self.schedule or self.schedule[0][1] not in self.arrived:
+                return None
+            _, index = heapq.heappop(self.schedule)
+        else:
+            if not self.arrival_order:
+                return None
+            index = self.arrival_order.popleft()
+        return self.in_flight.pop(index), self.arrived.pop(index)
+
+    # ----------------------------------------------------------- processing
+    def validate(self, a: Arrival, job: Job) -> str:
+        if not a.size_ok or a.payload is None:
+            return "size"
+        if a.client_id != job.client_id or not 0 <= a.client_id < self.cfg.data.num_clients:
+            return "client"
+        if a.base_version != job.base_version or a.base_version > self.version:
+            return "version"
+        # One reduction finds NaN/inf anywhere (they propagate through the sum).
+        if not math.isfinite(a.loss) or not torch.isfinite(a.payload.sum()):
+            return "nonfinite"
+        return ""
+
+    def process(self, job: Job, a: Arrival) -> None:
+        t0 = time.perf_counter()
+        self.busy[job.client_id] = False
+        self.now = job.finish_time if self.virtual else max(self.now, job.finish_time)
+        reason = self.validate(a, job)
+        staleness = self.version - job.base_version
+        if reason:
+            self._reject(a, job, reason)
+            if self.algorithm.synchronous:   # a round needs all K results: retry the client from the same base
+                self._new_job(job.client_id, job.base_version)
+        else:
+            self.accepted += 1
+            update = Update(job.client_id, job.index, job.base_version, staleness,
+                            a.payload.to(self.device), a.num_samples, a.loss)
+            self.ctx.global_model, self.ctx.version = self.x, self.version
+            outcome = self.algorithm.on_update(update, self.ctx)
+            if inspect.isgenerator(outcome):
+                outcome = self._drive(outcome)
+            a.release()
+            if outcome is not None:
+                self._new_version(outcome)
+        self.versions.release(job.base_version)
+        self.busy_seconds += time.perf_counter() - t0
+
+    def _reject(self, a: Arrival, job: Job | None, reason: str) -> None:
+        self.rejected += 1
+        a.release()
+        where = f"job {a.job_index} from rank {a.rank} (client {a.client_id})"
+        print(f"[server] rejected update: {where}: {reason}", flush=True)
+
+    def _drive(self, work):
+        """Run an algorithm's sliced work, receiving and dispatching between slices."""
+        while True:
+            try:
+                next(work)
+            except StopIteration as done:
+                return done.value
+            self.pump()
+            self.dispatch()
+
+    def _new_version(self, model: torch.Tensor) -> None:
+        self.version += 1
+        self.x = model.contiguous()
+        self.versions.put(self.version, self.x)
+        if self.version % self.cfg.run.eval_every == 0:
+            self.evaluate()
+
+    def evaluate(self) -> EvalPoint:
+        s = self.splits
+        test_loss, test_acc = evaluate(self.model, self.x, s.test_x, s.test_y)
+        val_loss, val_acc = evaluate(self.model, self.x, s.val_x, s.val_y) if len(s.val_y) else (math.nan, math.nan)
+        point = EvalPoint(self.version, self.wall(), self.now, test_loss, test_acc, val_loss, val_acc)
+        self.evals.append(point)
+        rate = self.accepted / max(self.wall(), 1e-9)
+        print(f"[server] version {self.version:5d}  virtual {self.now:9.2f}  wall {self.wall():8.1f}s  "
+              f"{rate:7.1f} upd/s  test acc {test_acc:.4f}  loss {test_loss:.4f}", flush=True)
+        return point
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # ----------------------------------------------------------- main loop
+    def should_stop(self) -> bool:
+        r = self.cfg.run
+        if r.max_versions and self.version >= r.max_versions:
+            self.stop_reason = "max_versions"
+        elif r.max_wall_seconds and self.wall() >= r.max_wall_seconds:
+            self.stop_reason = "max_wall_seconds"
+        elif r.target_accuracy and self.evals and self.evals[-1].test_accuracy >= r.target_accuracy:
+            self.stop_reason = "target_accuracy"
+        elif r.max_virtual_time and self._next_time() > r.max_virtual_time:
+            self.stop_reason = "max_virtual_time"
+        return bool(self.stop_reason)
+
+    def _next_time(self) -> float:
+        """Virtual time of the next result to process (the head job; `now` in wall mode)."""
+        return self.schedule[0][0] if self.virtual and self.schedule else self.now
+
+    def run(self) -> dict:
+        self.refill()
+        self.dispatch()
+        backoff = Backoff()
+        while not self.should_stop():
+            self.pump()
+            ready = self.next_ready()
+            if ready is None:
+                self.dispatch()
+                backoff.idle()
+                continue
+            backoff.reset()
+            self.process(*ready)
+            self.refill()
+            self.dispatch()
+        if not self.evals or self.evals[-1].version != self.version:
+            self.evaluate()
+        self.transport.stop()
+        return self.summary()
+
+    def summary(self) -> dict:
+        final = self.evals[-1]
+        wall = self.wall()
+        summary = {
+            "algorithm": self.cfg.server.algorithm,
+            "clock": self.cfg.run.clock,
+            "world_size": self.world_size,
+            "seed": self.cfg.run.seed,
+            "versions": self.version,
+            "virtual_time": self.now,
+            "updates_received": self.received,
+            "updates_accepted": self.accepted,
+            "updates_rejected": self.rejected,
+            "final_accuracy": final.test_accuracy,
+            "best_accuracy": max(e.test_accuracy for e in self.evals),
+            "wall_seconds": wall,
+            "updates_per_second": self.accepted / max(wall, 1e-9),
+            "server_busy_fraction": self.busy_seconds / max(wall, 1e-9),
+            "stop_reason": self.stop_reason,
+            "model_sha256": hashlib.sha256(self.x.detach().cpu().numpy().tobytes()).hexdigest(),
+            "algorithm_stats": dict(self.ctx.stats),
+            "evals": [asdict(e) for e in self.evals],
+        }
+        return summary

@@ -1,0 +1,178 @@
+"""Nonblocking MPI transport on preallocated byte buffers (DESIGN.md "Roles and messages").
+
+Server side: jobs go out with `Isend` from pooled buffers that stay referenced
+until their request completes; updates are found with `Improbe` and received
+with `Mrecv` into pooled buffers, so a message of the wrong size is received
+into scratch memory and rejected instead of truncating or crashing.
+
+Worker side: `queue_depth` receive buffers always have an `Irecv` posted, so
+the next job streams in while the current one trains.
+
+Shutdown is exact: STOP carries the number of jobs the server sent to that
+worker; the worker receives every one of them (so no server `Isend` is left
+unmatched), cancels its remaining receives, waits for its own sends, then
+answers DONE. Blocking MPI calls busy-poll in MPICH, which starves other
+ranks when cores are oversubscribed, so every wait here is `Test` plus a
+short sleep that backs off while idle.
+"""
+
+import time
+from collections import deque
+
+import numpy as np
+from mpi4py import MPI
+
+from ..client.runner import JobOutput, JobSpec
+from ..messages import HEADER_BYTES, TAG_DONE, TAG_JOB, TAG_STOP, TAG_UPDATE, Message, message_bytes
+from .arrival import Arrival
+from .backoff import Backoff
+
+def wait(request: MPI.Request) -> None:
+    backoff = Backoff()
+    while not request.Test():
+        backoff.idle()
+
+
+def reap(sending: list[tuple[MPI.Request, Message]], free: list[Message]):
+    """Split in-flight sends into those still pending and the buffers now free."""
+    pending = []
+    for req, msg in sending:
+        if req.Test():
+            free.append(msg)
+        else:
+            pending.append((req, msg))
+    return pending, free
+
+
+class ServerMPI:
+    def __init__(self, comm: MPI.Comm, payload_len: int, queue_depth: int):
+        self.comm = comm
+        self.payload_len = payload_len
+        self.queue_depth = queue_depth
+        self.workers = list(range(1, comm.Get_size()))
+        self.sent = {w: 0 for w in self.workers}
+        self.sending: list[tuple[MPI.Request, Message]] = []
+        self.free_send: list[Message] = []
+        self.free_recv: list[Message] = []
+        self.status = MPI.Status()
+
+    def send_job(self, worker: int, job: JobSpec, model) -> None:
+        self._reap()
+        msg = self.free_send.pop() if self.free_send else Message(self.payload_len)
+        msg.set(client_id=job.client_id, job_index=job.job_index, base_version=job.base_version,
+                sleep_seconds=job.sleep_seconds, payload_len=self.payload_len)
+        msg.payload.copy_(model)
+        self.sending.append((self.comm.Isend([msg.buf, MPI.BYTE], dest=worker, tag=TAG_JOB), msg))
+        self.sent[worker] += 1
+
+    def _reap(self) -> None:
+        """Recycle send buffers whose requests completed."""
+        self.sending, self.free_send = reap(self.sending, self.free_send)
+
+    def poll(self) -> list[Arrival]:
+        arrivals = []
+        expected = message_bytes(self.payload_len)
+        while True:
+            m = self.comm.Improbe(MPI.ANY_SOURCE, TAG_UPDATE, self.status)
+            if m is None:
+                break
+            nbytes, rank = self.status.Get_count(MPI.BYTE), self.status.Get_source()
+            if nbytes != expected:
+                scratch = np.empty(max(nbytes, HEADER_BYTES), dtype=np.uint8)
+                m.Recv([scratch[:nbytes], MPI.BYTE])
+                header = scratch[:HEADER_BYTES].view(np.float64)
+                arrivals.append(Arrival(int(header[1]), int(header[0]), int(header[2]), int(header[3]),
+                                        float(header[4]), float(header[5]), None, False, rank, nbytes))
+                continue
+            msg = self.free_recv.pop() if self.free_recv else Message(self.payload_len)
+            m.Recv([msg.buf, MPI.BYTE])
+            arrivals.append(Arrival(msg.geti("job_index"), msg.geti("client_id"), msg.geti("base_version"),
+                                    msg.geti("num_samples"), msg.get("loss"), msg.get("compute_seconds"),
+                                    msg.payload, True, rank, nbytes,
+                                    release=lambda msg=msg: self.free_recv.append(msg)))
+        self._reap()
+        return arrivals
+
+    def stop(self) -> None:
+        """Tell every worker to stop, discard late updates, wait for every DONE."""
+        counts = {w: np.array([self.sent[w]], dtype=np.float64) for w in self.workers}
+        stops = [self.comm.Isend([counts[w], MPI.DOUBLE], dest=w, tag=TAG_STOP) for w in self.workers]
+        done, backoff, empty = set(), Backoff(), np.zeros(1, dtype=np.float64)
+        while len(done) < len(self.workers):
+            for a in self.poll():
+                a.release()
+            if self.comm.Iprobe(MPI.ANY_SOURCE, TAG_DONE, self.status):
+                src = self.status.Get_source()
+                self.comm.Recv([empty, MPI.DOUBLE], source=src, tag=TAG_DONE)
+                done.add(src)
+                backoff.reset()
+            else:
+                backoff.idle()
+        for req in stops:
+            wait(req)
+        for req, _ in self.sending:
+            wait(req)
+        self.sending.clear()
+
+
+class WorkerMPI:
+    def __init__(self, comm: MPI.Comm, payload_len: int, queue_depth: int):
+        self.comm = comm
+        self.payload_len = payload_len
+        self.slots: deque[Message] = deque(Message(payload_len) for _ in range(queue_depth))
+        self.reqs: deque[MPI.Request] = deque(self._post(m) for m in self.slots)
+        self.stop_count = np.zeros(1, dtype=np.float64)
+        self.stop_req = comm.Irecv([self.stop_count, MPI.DOUBLE], source=0, tag=TAG_STOP)
+        self.received = 0
+        self.sending: list[tuple[MPI.Request, Message]] = []
+        self.free_send: list[Message] = []
+        self.idle_seconds = 0.0
+
+    def _post(self, msg: Message) -> MPI.Request:
+        return self.comm.Irecv([msg.buf, MPI.BYTE], source=0, tag=TAG_JOB)
+
+    def next_job(self) -> tuple[JobSpec, Message] | None:
+        """The next job and its buffer, or None once the server says stop."""
+        backoff, t0 = Backoff(), time.perf_counter()
+        try:
+            while True:
+                if self.stop_req.Test():
+                    return None
+                if self.reqs[0].Test():
+                    self.received += 1
+                    msg = self.slots[0]
+                    return JobSpec(msg.geti("job_index"), msg.geti("client_id"), msg.geti("base_version"),
+                                   msg.get("sleep_seconds")), msg
+                backoff.idle()
+        finally:
+            self.idle_seconds += time.perf_counter() - t0
+
+    def job_done(self) -> None:
+        """Re-post the head buffer (its job is finished) at the back of the queue."""
+        msg = self.slots.popleft()
+        self.reqs.popleft()
+        self.slots.append(msg)
+        self.reqs.append(self._post(msg))
+
+    def send_update(self, out: JobOutput) -> None:
+        self.sending, self.free_send = reap(self.sending, self.free_send)
+        n = out.delta.numel()
+        msg = self.free_send.pop() if self.free_send and n == self.payload_len else Message(n)
+        msg.set(client_id=out.client_id, job_index=out.job_index, base_version=out.base_version,
+                num_samples=out.num_samples, loss=out.loss, compute_seconds=out.compute_seconds, payload_len=n)
+        msg.payload.copy_(out.delta)
+        self.sending.append((self.comm.Isend([msg.buf, MPI.BYTE], dest=0, tag=TAG_UPDATE), msg))
+
+    def finish(self) -> None:
+        """After STOP: take the jobs still on their way, cancel the rest, say DONE."""
+        total = int(self.stop_count[0])
+        for req in self.reqs:
+            if self.received < total:
+                wait(req)
+                self.received += 1
+            else:
+                req.Cancel()
+                wait(req)
+        for req, _ in self.sending:
+            wait(req)
+        self.comm.Send([np.zeros(1, dtype=np.float64), MPI.DOUBLE], dest=0, tag=TAG_DONE)
