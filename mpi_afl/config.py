@@ -126,10 +126,11 @@ class DelayConfig:
                         choices=["paper", "shifted", "custom", "none"])
     train_shape: str = opt("exponential", "custom: distribution of a job's training time around the "
                            "client's mean", choices=["exponential", "constant", "uniform", "halfnormal", "pareto"])
-    train_means: list[float] = opt([1.0, 1.3, 1.6], "custom: per-client training-time means (mixture)")
-    train_probs: list[float] = opt([0.25, 0.5, 0.25], "custom: mixture probabilities of train_means")
+    train_means: list[float] = opt([1.0, 1.3, 1.6], "custom: per-client training-time means (mixture)",
+                                   min=0, min_exclusive=True)
+    train_probs: list[float] = opt([0.25, 0.5, 0.25], "custom: mixture probabilities of train_means", min=0)
     download: float = opt(0.1, "custom: constant download time", min=0)
-    upload_means: list[float] = opt([0.15, 0.25], "custom: per-client upload means (equally likely)")
+    upload_means: list[float] = opt([0.15, 0.25], "custom: per-client upload means (equally likely)", min=0)
     upload_spread: float = opt(0.02, "custom: upload ~ Uniform(m +- spread)", min=0)
     pareto_shape: float = opt(2.5, "custom: Pareto tail index (> 1 for a finite mean)", min=1, min_exclusive=True)
     wall_scale: float = opt(0.0, "wall clock: a worker sleeps (sampled training time x this) seconds per job, "
@@ -186,6 +187,9 @@ class EchoConfig:
     staleness_factor: str = opt("none", "optional staleness factor s(tau_k) on the weights", choices=STALENESS_NAMES)
     inputs: str = opt("synthetic", "distillation inputs: generator samples or an unlabeled proxy split",
                       choices=["synthetic", "proxy"])
+    norm_stats: str = opt("keep", "normalisation statistics of the new model: 'keep' the aggregated client "
+                          "statistics (KD moves only parameters) or 'reset' them as FedRevive does",
+                          choices=["keep", "reset"])
 
 
 @dataclass
@@ -337,6 +341,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'delays.train_probs': {dl.train_probs} must sum to 1")
     if not dl.upload_means:
         raise ConfigError("config key 'delays.upload_means': must not be empty")
+    if dl.upload_spread > min(dl.upload_means):  # a negative upload time would run the virtual clock backwards
+        raise ConfigError(f"config key 'delays.upload_spread': {dl.upload_spread} is out of range; must be <= "
+                          f"min(delays.upload_means) = {min(dl.upload_means)}")
     if cfg.distill.warmup_versions < cfg.distill.freeze_versions:
         raise ConfigError(f"config key 'distill.warmup_versions': {cfg.distill.warmup_versions} must be >= "
                           f"distill.freeze_versions = {cfg.distill.freeze_versions}")

@@ -1,12 +1,21 @@
 """Nonblocking MPI transport on preallocated byte buffers (DESIGN.md "Roles and messages").
 
-Server side: jobs go out with `Isend` from pooled buffers that stay referenced
-until their request completes; updates are found with `Improbe` and received
-with `Mrecv` into pooled buffers, so a message of the wrong size is received
-into scratch memory and rejected instead of truncating or crashing.
+Server side: a job is two `Isend`s, its header from a pooled buffer and then
+the model straight from the version snapshot (no copy: snapshots are never
+modified, and the snapshot stays referenced until its send completes); one
+copy of P floats per job was a fifth of the server's time per update at
+P = 1e6 (bench/server_throughput.py). It cannot be one send of a derived
+datatype: MPICH sends non-contiguous data through its pipelined shared-memory
+path, which needs the sleeping sender's progress (~70 ms per 4 MB, against
+~0.4 ms for the single-copy CMA path a contiguous buffer gets). Updates are
+found with `Improbe` and received with `Mrecv` into pooled buffers, so a
+message of the wrong size is received into scratch memory and rejected
+instead of truncating or crashing.
 
-Worker side: `queue_depth` receive buffers always have an `Irecv` posted, so
-the next job streams in while the current one trains.
+Worker side: `queue_depth` slots always have a header and a model `Irecv`
+posted, into the two parts of one `Message`, so the next job streams in while
+the current one trains. MPI's non-overtaking rule matches a job's two sends
+to one slot's two receives.
 
 Shutdown is exact: STOP carries the number of jobs the server sent to that
 worker; the worker receives every one of them (so no server `Isend` is left
@@ -20,6 +29,7 @@ import time
 from collections import deque
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from ..client.runner import JobOutput, JobSpec
@@ -33,12 +43,13 @@ def wait(request: MPI.Request) -> None:
         backoff.idle()
 
 
-def reap(sending: list[tuple[MPI.Request, Message]], free: list[Message]):
-    """Split in-flight sends into those still pending and the buffers now free."""
+def reap(sending: list[tuple[MPI.Request, Message]], free: list[Message], payload_len: int):
+    """Split in-flight sends into those still pending and the buffers now free (odd-sized ones are dropped)."""
     pending = []
     for req, msg in sending:
         if req.Test():
-            free.append(msg)
+            if msg.payload.numel() == payload_len:
+                free.append(msg)
         else:
             pending.append((req, msg))
     return pending, free
@@ -51,23 +62,26 @@ class ServerMPI:
         self.queue_depth = queue_depth
         self.workers = list(range(1, comm.Get_size()))
         self.sent = {w: 0 for w in self.workers}
-        self.sending: list[tuple[MPI.Request, Message]] = []
-        self.free_send: list[Message] = []
+        self.sending: list[Sending] = []
+        self.free_send: list[Message] = []   # job headers (payload-less messages)
         self.free_recv: list[Message] = []
         self.status = MPI.Status()
 
-    def send_job(self, worker: int, job: JobSpec, model) -> None:
+    def send_job(self, worker: int, job: JobSpec, model: torch.Tensor) -> None:
         self._reap()
-        msg = self.free_send.pop() if self.free_send else Message(self.payload_len)
-        msg.set(client_id=job.client_id, job_index=job.job_index, base_version=job.base_version,
-                sleep_seconds=job.sleep_seconds, payload_len=self.payload_len)
-        msg.payload.copy_(model)
-        self.sending.append((self.comm.Isend([msg.buf, MPI.BYTE], dest=worker, tag=TAG_JOB), msg))
+        head = self.free_send.pop() if self.free_send else Message(0)
+        head.set(client_id=job.client_id, job_index=job.job_index, base_version=job.base_version,
+                 sleep_seconds=job.sleep_seconds, payload_len=self.payload_len)
+        # A no-op for the usual contiguous CPU snapshot; a GPU server model is copied to the host here.
+        model = model.detach().to("cpu").contiguous()
+        reqs = [self.comm.Isend([head.buf, MPI.BYTE], dest=worker, tag=TAG_JOB),
+                self.comm.Isend([model.numpy(), MPI.BYTE], dest=worker, tag=TAG_JOB)]
+        self.sending.append((reqs, head, model))
         self.sent[worker] += 1
 
     def _reap(self) -> None:
         """Recycle send buffers whose requests completed."""
-        self.sending, self.free_send = reap(self.sending, self.free_send)
+        self.sending, self.free_send = reap(self.sending, self.free_send, self.payload_len)
 
     def poll(self) -> list[Arrival]:
         arrivals = []
@@ -110,8 +124,9 @@ class ServerMPI:
                 backoff.idle()
         for req in stops:
             wait(req)
-        for req, _ in self.sending:
-            wait(req)
+        for reqs, _, _ in self.sending:
+            for req in reqs:
+                wait(req)
         self.sending.clear()
 
 
@@ -120,16 +135,18 @@ class WorkerMPI:
         self.comm = comm
         self.payload_len = payload_len
         self.slots: deque[Message] = deque(Message(payload_len) for _ in range(queue_depth))
-        self.reqs: deque[MPI.Request] = deque(self._post(m) for m in self.slots)
+        self.reqs: deque[list[MPI.Request]] = deque(self._post(m) for m in self.slots)
         self.stop_count = np.zeros(1, dtype=np.float64)
         self.stop_req = comm.Irecv([self.stop_count, MPI.DOUBLE], source=0, tag=TAG_STOP)
         self.received = 0
-        self.sending: list[tuple[MPI.Request, Message]] = []
+        self.sending: list[Sending] = []
         self.free_send: list[Message] = []
         self.idle_seconds = 0.0
 
-    def _post(self, msg: Message) -> MPI.Request:
-        return self.comm.Irecv([msg.buf, MPI.BYTE], source=0, tag=TAG_JOB)
+    def _post(self, msg: Message) -> list[MPI.Request]:
+        """The header and model receives of one job slot, posted in the order the server sends them."""
+        return [self.comm.Irecv([msg.buf[:HEADER_BYTES], MPI.BYTE], source=0, tag=TAG_JOB),
+                self.comm.Irecv([msg.buf[HEADER_BYTES:], MPI.BYTE], source=0, tag=TAG_JOB)]
 
     def next_job(self) -> tuple[JobSpec, Message] | None:
         """The next job and its buffer, or None once the server says stop."""
@@ -138,7 +155,7 @@ class WorkerMPI:
             while True:
                 if self.stop_req.Test():
                     return None
-                if self.reqs[0].Test():
+                if MPI.Request.Testall(self.reqs[0]):
                     self.received += 1
                     msg = self.slots[0]
                     return JobSpec(msg.geti("job_index"), msg.geti("client_id"), msg.geti("base_version"),
@@ -155,24 +172,27 @@ class WorkerMPI:
         self.reqs.append(self._post(msg))
 
     def send_update(self, out: JobOutput) -> None:
-        self.sending, self.free_send = reap(self.sending, self.free_send)
+        self.sending, self.free_send = reap(self.sending, self.free_send, self.payload_len)
         n = out.delta.numel()
         msg = self.free_send.pop() if self.free_send and n == self.payload_len else Message(n)
         msg.set(client_id=out.client_id, job_index=out.job_index, base_version=out.base_version,
                 num_samples=out.num_samples, loss=out.loss, compute_seconds=out.compute_seconds, payload_len=n)
         msg.payload.copy_(out.delta)
-        self.sending.append((self.comm.Isend([msg.buf, MPI.BYTE], dest=0, tag=TAG_UPDATE), msg))
+        self.sending.append(([self.comm.Isend([msg.buf, MPI.BYTE], dest=0, tag=TAG_UPDATE)], msg, None))
 
     def finish(self) -> None:
         """After STOP: take the jobs still on their way, cancel the rest, say DONE."""
         total = int(self.stop_count[0])
-        for req in self.reqs:
+        for pair in self.reqs:
             if self.received < total:
-                wait(req)
+                for req in pair:
+                    wait(req)
                 self.received += 1
             else:
-                req.Cancel()
+                for req in pair:
+                    req.Cancel()
+                    wait(req)
+        for reqs, _, _ in self.sending:
+            for req in reqs:
                 wait(req)
-        for req, _ in self.sending:
-            wait(req)
         self.comm.Send([np.zeros(1, dtype=np.float64), MPI.DOUBLE], dest=0, tag=TAG_DONE)

@@ -1,0 +1,64 @@
+"""End-to-end runs under real mpiexec: the asynchronous runtime (issue: runtime)."""
+
+import time
+
+import pytest
+
+from mpi_helpers import FAST, launch, summary
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def test_wall_clock_run_learns(tmp_path):
+    out = tmp_path / "wall"
+    proc = launch(3, [*FAST, "--algorithm", "fedbuff", "--clock", "wall", "--max-versions", "40",
+                      "--out", str(out)])
+    _ok(proc)
+    s = summary(out)
+    assert s["world_size"] == 3 and s["clock"] == "wall"
+    assert s["versions"] == 40
+    assert s["final_accuracy"] > 0.6, s  # 10 classes: chance is 0.1
+    assert s["updates_rejected"] == 0
+    assert all(w["jobs"] > 0 for w in s["workers"]), s["workers"]
+
+
+@pytest.mark.parametrize("algorithm", ["fedbuff", "fedasync", "fedavg"])
+def test_virtual_clock_identical_across_rank_counts(tmp_path, algorithm):
+    args = [*FAST, "--algorithm", algorithm, "--clock", "virtual", "--seed", "3", "--max-versions", "20"]
+    one, three = tmp_path / "one", tmp_path / "three"
+    _ok(launch(1, [*args, "--out", str(one)]))
+    _ok(launch(3, [*args, "--out", str(three)]))
+    a, b = summary(one), summary(three)
+    assert a["model_sha256"] == b["model_sha256"]
+    strip = lambda evals: [{k: v for k, v in e.items() if k != "wall_time"} for e in evals]
+    assert strip(a["evals"]) == strip(b["evals"])
+    assert a["virtual_time"] == b["virtual_time"] and a["updates_accepted"] == b["updates_accepted"]
+
+
+def test_worker_exception_ends_job_quickly(tmp_path):
+    t0 = time.monotonic()
+    proc = launch(3, [*FAST, "--max-versions", "200", "--fault.kind=raise", "--fault.job=3",
+                      "--out", str(tmp_path / "x")], timeout=120)
+    assert proc.returncode != 0
+    assert "injected fault" in proc.stderr
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("kind", ["nan", "bad_size", "bad_client"])
+def test_malformed_update_is_rejected_and_run_finishes(tmp_path, kind):
+    out = tmp_path / kind
+    proc = launch(3, [*FAST, "--max-versions", "20", f"--fault.kind={kind}", "--fault.job=2", "--out", str(out)])
+    _ok(proc)
+    s = summary(out)
+    assert s["updates_rejected"] == 1
+    assert s["versions"] == 20
+    assert "rejected update: job 2" in proc.stdout
+
+
+def test_config_error_under_mpiexec_exits_nonzero_once(tmp_path):
+    proc = launch(3, ["--server.lrr=0.1", "--out", str(tmp_path / "x")], timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("unknown config key 'server.lrr'") == 1
+    assert "server.lr" in proc.stderr
