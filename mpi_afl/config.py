@@ -347,6 +347,9 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.warmup_versions < cfg.distill.freeze_versions:
         raise ConfigError(f"config key 'distill.warmup_versions': {cfg.distill.warmup_versions} must be >= "
                           f"distill.freeze_versions = {cfg.distill.freeze_versions}")
+    if cfg.server.algorithm == "fedecho" and cfg.echo.inputs == "proxy" and d.kd_fraction <= 0:
+        raise ConfigError("config key 'data.kd_fraction': fedecho with echo.inputs = 'proxy' distils on the "
+                          "held-out split, so it must be > 0")
     r = cfg.run
     if not (r.max_versions or r.max_virtual_time or r.max_wall_seconds or r.target_accuracy):
         raise ConfigError("config keys 'run.max_versions', 'run.max_virtual_time', 'run.max_wall_seconds', "

@@ -43,6 +43,20 @@ def discount(name: str, tau: float, cfg: ServerConfig) -> float:
     raise ValueError(f"unknown staleness function {name!r}; allowed: none, constant, polynomial, hinge, sqrt, cosine")
 
 
+def step_beta(tau: float, s_max: float) -> float:
+    """The research code's step-wise beta: 0, 0.25, 0.5, 0.75 on the quarters of [0, 2 s_max), then 1.
+
+    Its base threshold is `factor * K / B` (1.5 * 100 / 1 = 150 in the CIFAR
+    configs), which is 2 s_max with s_max = 75; expressing it through s_max
+    keeps every beta variant on the same staleness scale. Each threshold is
+    exclusive: tau = s_max / 2 already gets 0.25."""
+    base = 2.0 * s_max
+    for quarter, value in ((0.25, 0.0), (0.5, 0.25), (0.75, 0.5), (1.0, 0.75)):
+        if tau < quarter * base:
+            return value
+    return 1.0
+
+
 def beta(tau: float, distill: DistillConfig, s_max: float) -> float:
     """KD share beta(tau) in [0, 1] (ALGORITHMS.md §3.2 and the research code's alternatives)."""
     name = distill.beta
@@ -52,6 +66,6 @@ def beta(tau: float, distill: DistillConfig, s_max: float) -> float:
         return 1.0 - math.exp(-distill.beta_lambda * tau)
     if name == "linear":
         return min(1.0, distill.beta_gamma * tau)
-    if name == "step":  # 0 when fresh, 0.5 up to s_max, 1 beyond 2 s_max
-        return 0.0 if tau == 0 else (0.5 if tau <= s_max else (0.75 if tau <= 2 * s_max else 1.0))
+    if name == "step":
+        return step_beta(tau, s_max)
     raise ValueError(f"unknown beta function {name!r}; allowed: cosine, exponential, linear, step")

@@ -1,0 +1,282 @@
+"""FedEcho: uncertainty-aware distillation for asynchronous FL — a reconstruction.
+
+**What the paper's abstract states** (it is all we have, ALGORITHMS.md §4):
+the server distils from client models, stragglers included; it estimates the
+uncertainty of each client's predictions and weights them by it, prioritising
+confident predictions while still using every client; it needs no private
+data; it targets both stale updates and the bias toward fast clients under
+non-IID data. Its authors also wrote CA2FL.
+
+**Everything below is our reconstruction** (§4, every choice configurable):
+
+1. Parameter step: buffered aggregation of M = `server.buffer_size` updates
+   without staleness discount, x' = x_t + η v_t — FedBuff's buffer with
+   s = 1 (`echo.backbone = "fedbuff"`; FedBuff's optional server momentum
+   still applies) or CA2FL's cached aggregation ("ca2fl"). The backbone
+   algorithm object is reused as is; `last_weight` is its weight.
+2. Teachers: the latest model w_k = x_{v_k} + Δ_k of each of the C =
+   `echo.teachers` most recently heard-from distinct clients, with staleness
+   τ_k = t − v_k at distillation time.
+3. Inputs: synthetic images from the shared meta-generator (distill/
+   synthesizer.py, exactly FedRevive's synthesis with the teachers' class
+   proportions q_k from the probe proxy or, as ablation, the true histograms),
+   or the unlabeled proxy split `ctx.kd_x` (`echo.inputs = "proxy"`; labels
+   unused). Each KD iteration uses one shared batch that every teacher labels:
+   with synthetic inputs the union of `distill.kd_batch` pool images drawn
+   per teacher from its q_k (the batches FedRevive would use), with proxy
+   inputs K · kd_batch uniform draws.
+4. Uncertainty: per-sample predictive entropy H_k(x) = −Σ_c p_k^c log p_k^c of
+   the teacher's softmax at temperature 1 (its own predictive distribution,
+   independent of the KD temperature).
+5. Weights a_k(x) = softmax_k(−H_k(x)/γ), γ = `echo.gamma`, optionally times
+   s(τ_k) (`echo.staleness_factor`, staleness.discount) and renormalised.
+6. Target p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T); the student starts at x' and
+   takes `distill.kd_steps` Adam steps (`kd_lr`, `kd_weight_decay`, a fresh
+   optimizer per call, as FedRevive) on the batch mean of
+   T² KL(p̄ ‖ softmax(z_S/T)); the result replaces x'.
+7. Gates as FedRevive (§3.1): with synthetic inputs nothing runs below
+   `distill.freeze_versions`, the generator trains up to
+   `distill.warmup_versions` (L_adv only beyond it) and KD runs beyond it;
+   with proxy inputs KD runs beyond `warmup_versions`. Distillation happens
+   only when the backbone produces a new model.
+8. Normalisation statistics (`echo.norm_stats`): "keep" (default) takes the
+   running statistics of x', i.e. the aggregate of the clients' statistics on
+   real data, and only the *parameters* from the student: the KD batches are
+   synthetic or proxy images, so the statistics the student's norm layers
+   collect while distilling in train mode describe the wrong distribution,
+   and FedRevive's reset to mean 0 / var 1 would throw real information away
+   (with BatchNorm, evaluation would normalise with 0/1). "reset" applies
+   FedRevive's step 5 to every new model, for ablations.
+
+`on_update` returns the backbone's result directly while it only buffers or
+while the gates keep distillation off, and otherwise a generator that yields
+after every generator step and KD iteration (base.py). Randomness comes only
+from torch.Generator objects seeded from `run.seed`; all state is in
+`state_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Generator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpi_afl.distill.kd import OutlierFilter
+from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions
+from mpi_afl.distill.synthesizer import Synthesizer
+from mpi_afl.models.flat import flatten, load_flat
+from mpi_afl.models.layers import reset_norm_statistics
+
+from .base import Algorithm, Outcome, ServerContext, Update
+from .ca2fl import CA2FL
+from .fedbuff import FedBuff
+from .fedrevive import stream_seed
+from .staleness import discount
+
+BACKBONES: dict[str, type[Algorithm]] = {"fedbuff": FedBuff, "ca2fl": CA2FL}
+
+# Random streams of FedEcho (distinct from FedRevive's tags 1 and 2).
+_SYNTHESIS_STREAM, _SERVER_STREAM = 3, 4
+
+
+def entropy_weights(probs: torch.Tensor, gamma: float,
+                    staleness_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher weights a_k(x) (K, B) from teacher predictive distributions `probs` (K, B, C).
+
+    a_k(x) = softmax_k(−H_k(x)/γ) with H_k the entropy of probs[k, x]: the most
+    confident teacher of each sample gets the largest weight, and every
+    teacher keeps a positive one. γ → ∞ gives the plain mean, γ → 0 the most
+    confident teacher alone. With `staleness_weights` (K,) = s(τ_k) the
+    weights are multiplied by them and renormalised per sample; a sample
+    where every product is 0 (all teachers fully discounted) keeps the
+    entropy weights alone rather than a zero target."""
+    if probs.dim() != 3:
+        raise ValueError(f"probs must have shape (teachers, batch, classes), got {tuple(probs.shape)}")
+    entropy = torch.special.entr(probs).sum(dim=-1)  # -p log p with 0 log 0 = 0
+    weights = torch.softmax(-entropy / gamma, dim=0)
+    if staleness_weights is None:
+        return weights
+    s = staleness_weights.to(weights.device, weights.dtype)
+    if s.shape != (probs.shape[0],) or bool((s < 0).any()):
+        raise ValueError(f"staleness_weights must be {probs.shape[0]} non-negative values, got {s.tolist()}")
+    scaled = weights * s[:, None]
+    total = scaled.sum(dim=0, keepdim=True)
+    return torch.where(total > 0, scaled / total.clamp_min(torch.finfo(total.dtype).tiny), weights)
+
+
+def echo_target(logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T): logits (K, B, C), weights (K, B) -> (B, C)."""
+    return (weights[..., None] * torch.softmax(logits / temperature, dim=-1)).sum(dim=0)
+
+
+def soft_kl(student_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Batch mean of T² KL(target ‖ softmax(z_S/T)) for a target given as probabilities (B, C).
+
+    A mixture of softmaxes has no logits, so this is not distill.kd.kl_div;
+    xlogy makes classes with target probability 0 contribute 0."""
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    per_sample = (torch.xlogy(target, target) - target * log_s).sum(dim=-1)
+    return per_sample.mean() * temperature ** 2
+
+
+class FedEcho(Algorithm):
+    name = "fedecho"
+
+    def __init__(self, cfg, ctx: ServerContext):
+        super().__init__(cfg, ctx)
+        echo, d = cfg.echo, cfg.distill
+        if echo.inputs == "proxy" and (ctx.kd_x is None or len(ctx.kd_x) == 0):
+            raise ValueError("fedecho with echo.inputs = 'proxy' distils on the unlabeled KD split, but the server "
+                             "context has none; set data.kd_fraction > 0, or use echo.inputs = 'synthetic'")
+        # §4 step 1: the buffered step has no staleness discount, whatever server.staleness says.
+        plain = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, staleness="none"))
+        self.backbone = BACKBONES[echo.backbone](plain, ctx)
+        self.capacity = echo.teachers
+        self.teacher_clients: list[int] = []    # most recently heard-from first, distinct
+        self.teacher_versions: list[int] = []   # base version v_k of each teacher's model
+        self.teacher_models: list[torch.Tensor] = []
+        self.rng = torch.Generator()
+        self.rng.manual_seed(stream_seed(cfg.run.seed, _SERVER_STREAM))
+        self.student = ctx.make_model()
+        self._modules: list[nn.Module] = []     # reusable teacher modules, made on first use
+        self._make_model = ctx.make_model
+        self.param_mask = ctx.param_mask
+        self.kd_filter = OutlierFilter()
+        self.synthetic = echo.inputs == "synthetic"
+        self.kd_x = ctx.kd_x
+        self._histograms = ctx.client_histograms
+        self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
+                                 stream_seed(cfg.run.seed, _SYNTHESIS_STREAM)) if self.synthetic else None
+        self.proxy = ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature)
+        self.last_synthesis = -1  # version of the last synthesis, -1 = never
+
+    # -- arrivals -------------------------------------------------------------
+
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+        self.remember(update, ctx)
+        x_new = self.backbone.on_update(update, ctx)
+        self.last_weight = self.backbone.last_weight
+        if x_new is None:
+            return None
+        d = self.cfg.distill
+        active = ctx.version >= d.freeze_versions if self.synthetic else ctx.version > d.warmup_versions
+        if not active:
+            return self.finish(x_new, x_new)
+        return self.distill(ctx, x_new)
+
+    def remember(self, update: Update, ctx: ServerContext) -> None:
+        """Make the client's new model w = x_v + Δ its teacher, at the front of the buffer (§4 step 2)."""
+        model = ctx.snapshot(update.base_version) + update.delta
+        if update.client_id in self.teacher_clients:
+            i = self.teacher_clients.index(update.client_id)
+            del self.teacher_clients[i], self.teacher_versions[i], self.teacher_models[i]
+        self.teacher_clients.insert(0, update.client_id)
+        self.teacher_versions.insert(0, update.base_version)
+        self.teacher_models.insert(0, model)
+        del self.teacher_clients[self.capacity:], self.teacher_versions[self.capacity:]
+        del self.teacher_models[self.capacity:]
+        if self.synthetic and self.cfg.distill.proxy == "probe":
+            load_flat(self.student, model)
+            self.proxy.observe(update.client_id, self.student, self.rng)
+
+    # -- distillation ---------------------------------------------------------
+
+    def teachers(self) -> list[nn.Module]:
+        """Modules holding the buffered client models, most recent first."""
+        while len(self._modules) < len(self.teacher_models):
+            self._modules.append(self._make_model())
+        for module, model in zip(self._modules, self.teacher_models):
+            load_flat(module, model)
+        return self._modules[:len(self.teacher_models)]
+
+    def proportions(self) -> torch.Tensor:
+        """Class proportions q_k of the teachers (K, classes), which steer the synthesis and the draws."""
+        device = self.param_mask.device
+        if self.cfg.distill.proxy == "probe":
+            return torch.stack([self.proxy.proportions(c).to(device) for c in self.teacher_clients])
+        return torch.stack([histogram_proportions(self._histograms[c]).to(device) for c in self.teacher_clients])
+
+    def staleness_weights(self, version: int) -> torch.Tensor | None:
+        """s(τ_k) of every teacher, τ_k = version − v_k, or None without a staleness factor."""
+        name = self.cfg.echo.staleness_factor
+        if name == "none":
+            return None
+        return torch.tensor([discount(name, version - v, self.cfg.server) for v in self.teacher_versions])
+
+    def draw(self, q: torch.Tensor | None) -> torch.Tensor:
+        """One KD batch shared by all teachers (§4 step 3; see the module docstring)."""
+        n = self.cfg.distill.kd_batch
+        if self.synthetic:
+            return torch.cat([self.synth.sample(q[k], n)[0] for k in range(len(q))])
+        indices = torch.randint(len(self.kd_x), (n * len(self.teacher_models),), generator=self.rng)
+        return self.kd_x[indices.to(self.kd_x.device)]
+
+    def distill(self, ctx: ServerContext, x_new: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        d, echo, version = self.cfg.distill, self.cfg.echo, ctx.version
+        teachers = self.teachers()
+        q = self.proportions() if self.synthetic else None
+        load_flat(self.student, x_new)
+        if self.synthetic and (self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every):
+            yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions)
+            self.last_synthesis = version
+        if version <= d.warmup_versions:
+            return self.finish(x_new, x_new)
+        s = self.staleness_weights(version)
+        optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
+        self.student.train()  # as distill.kd.distill: the research code distils in train mode
+        for teacher in teachers:
+            teacher.eval()
+        for _ in range(d.kd_steps):
+            inputs = self.draw(q)
+            with torch.no_grad():
+                logits = torch.stack([t(inputs) for t in teachers])
+                target = echo_target(logits, entropy_weights(torch.softmax(logits, dim=-1), echo.gamma, s),
+                                     d.temperature)
+            loss = self.kd_filter(soft_kl(self.student(inputs), target, d.temperature))
+            optimizer.zero_grad(set_to_none=True)
+            if loss is not None:
+                loss.backward()
+                optimizer.step()
+            yield
+        ctx.stats["kd_applied"] = ctx.stats.get("kd_applied", 0) + 1
+        return self.finish(flatten(self.student), x_new)
+
+    def finish(self, student: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        """The new global model: the student's parameters with the statistics `echo.norm_stats` picks."""
+        merged = torch.where(self.param_mask, student, x_new)
+        if self.cfg.echo.norm_stats == "keep":
+            return merged
+        load_flat(self.student, merged)
+        reset_norm_statistics(self.student)
+        return flatten(self.student)
+
+    # -- state ----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        models = (torch.stack(self.teacher_models) if self.teacher_models
+                  else torch.zeros(0, self.param_mask.numel()))
+        state = {"backbone": self.backbone.state_dict(),
+                 "teacher_clients": torch.tensor(self.teacher_clients, dtype=torch.int64),
+                 "teacher_versions": torch.tensor(self.teacher_versions, dtype=torch.int64),
+                 "teacher_models": models.clone(), "rng": self.rng.get_state(),
+                 "proxy": self.proxy.state_dict(), "kd_filter": self.kd_filter.state_dict(),
+                 "last_synthesis": self.last_synthesis}
+        if self.synth is not None:
+            state["synthesizer"] = self.synth.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.param_mask.device
+        self.backbone.load_state_dict(state["backbone"])
+        self.teacher_clients = torch.as_tensor(state["teacher_clients"]).tolist()
+        self.teacher_versions = torch.as_tensor(state["teacher_versions"]).tolist()
+        self.teacher_models = [m.clone() for m in torch.as_tensor(state["teacher_models"]).to(device)]
+        self.rng.set_state(torch.as_tensor(state["rng"]).to(torch.uint8).cpu())
+        self.proxy.load_state_dict(state["proxy"], device)
+        self.kd_filter.load_state_dict(state["kd_filter"])
+        self.last_synthesis = int(state["last_synthesis"])
+        if self.synth is not None:
+            self.synth.load_state_dict(state["synthesizer"])

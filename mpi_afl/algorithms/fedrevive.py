@@ -1,0 +1,237 @@
+"""FedRevive (arXiv 2511.00655) and its data-dependent reference DD-FedRevive.
+
+ALGORITHMS.md §3.1, on every arrival (B = 1):
+
+1. tau = staleness, beta = beta(tau) (§3.2, `distill.beta`, `server.s_max`);
+2. the client model w_i = x_v + Delta_i goes to the front of a buffer of the
+   c = `distill.teachers` most recent client models (the teachers);
+3. if beta > 0 and KD is active, distil the teachers into a student that
+   starts at x_t, Delta_KD = x_student - x_t, and blend
+       Delta~ = (1 - beta) Delta_i + beta Delta_KD;
+   before KD has run, the update passes unchanged (it is never shrunk);
+4. x_{t+1} = x_t + eta Delta~, eta = `server.lr`;
+5. the running statistics of x_{t+1}'s normalisation layers are reset.
+
+FedRevive distils data-free (§3.3): below `freeze_versions` nothing runs; up
+to `warmup_versions` the generator trains but no KD is applied; beyond, full
+KD (with L_adv in the synthesis). DD-FedRevive (§3.4) distils on the real KD
+split instead, with fixed beta, T and lr and no warm-up (as the research
+code's simple-KD path).
+
+`on_update` returns a generator: it yields between generator steps and KD
+iterations so the server keeps polling MPI (base.py). All randomness comes
+from torch.Generator objects seeded from `run.seed`, and everything kept
+between arrivals is in `state_dict()`.
+"""
+
+import time
+from collections.abc import Generator
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpi_afl.distill import kd
+from mpi_afl.distill.pool import sample_by_class
+from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions
+from mpi_afl.distill.synthesizer import Synthesizer
+from mpi_afl.models.flat import flatten, load_flat
+from mpi_afl.models.layers import reset_norm_statistics
+
+from .base import Algorithm, Outcome, ServerContext, Update
+from .staleness import beta as staleness_beta
+
+# Tags that give each random stream of the algorithm its own seed.
+_SYNTHESIS_STREAM, _SERVER_STREAM = 1, 2
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A seed for one named random stream of a run (hashing keeps nearby seeds unrelated)."""
+    value = np.random.SeedSequence([seed, 0x5EB1, stream]).generate_state(1, dtype=np.uint64)[0]
+    return int(value) & (2**63 - 1)
+
+
+class _TeacherDistillation(Algorithm):
+    """The flow shared by FedRevive and DD-FedRevive: teacher buffer, blend, aggregation, timing."""
+
+    def __init__(self, cfg, ctx: ServerContext):
+        super().__init__(cfg, ctx)
+        self.capacity = cfg.distill.teachers
+        self.teacher_clients: list[int] = []      # most recent first
+        self.teacher_models: list[torch.Tensor] = []
+        self.rng = torch.Generator()
+        self.rng.manual_seed(stream_seed(cfg.run.seed, _SERVER_STREAM))
+        self.student = ctx.make_model()
+        self._modules: list[nn.Module] = []       # reusable teacher modules, made on first use
+        self._make_model = ctx.make_model
+
+    def beta(self, tau: int) -> float:
+        raise NotImplementedError
+
+    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
+        """Distil the teachers into a student from x_t; returns Delta_KD, or None when KD did not run."""
+        raise NotImplementedError
+
+    def observe(self, client_id: int, model: torch.Tensor, ctx: ServerContext) -> None:
+        """Hook for what an arrival teaches about its client (FedRevive's probe proxy)."""
+
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+        return self._arrive(update, ctx)
+
+    def _arrive(self, update: Update, ctx: ServerContext) -> Generator[None, None, torch.Tensor]:
+        weight = self.beta(update.staleness)
+        self.last_weight = weight
+        model = ctx.snapshot(update.base_version) + update.delta
+        self.teacher_clients.insert(0, update.client_id)
+        self.teacher_models.insert(0, model)
+        del self.teacher_clients[self.capacity:], self.teacher_models[self.capacity:]
+        self.observe(update.client_id, model, ctx)
+        x_t = ctx.global_model
+        step = update.delta
+        if weight > 0:
+            kd_delta = yield from self._timed(self.knowledge(ctx, x_t), ctx)
+            if kd_delta is not None:
+                step = (1.0 - weight) * update.delta + weight * kd_delta
+                ctx.stats["kd_applied"] = ctx.stats.get("kd_applied", 0) + 1
+        load_flat(self.student, x_t + self.cfg.server.lr * step)
+        reset_norm_statistics(self.student)
+        return flatten(self.student)
+
+    @staticmethod
+    def _timed(steps: Generator, ctx: ServerContext) -> Generator:
+        """Run `steps`, adding the seconds spent inside its slices (not the pauses) to distill_seconds."""
+        spent = 0.0
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    spent += time.perf_counter() - start
+                yield
+        finally:
+            steps.close()  # if the server abandons us mid-way, let the inner slices clean up (hooks)
+            ctx.stats["distill_seconds"] = ctx.stats.get("distill_seconds", 0.0) + spent
+
+    def teachers(self) -> list[nn.Module]:
+        """Modules holding the buffered client models, most recent first."""
+        while len(self._modules) < len(self.teacher_models):
+            self._modules.append(self._make_model())
+        for module, model in zip(self._modules, self.teacher_models):
+            load_flat(module, model)
+        return self._modules[:len(self.teacher_models)]
+
+    def state_dict(self) -> dict:
+        models = (torch.stack(self.teacher_models) if self.teacher_models  # stack copies
+                  else torch.zeros(0, flatten(self.student).numel()))
+        return {"teacher_clients": torch.tensor(self.teacher_clients, dtype=torch.int64),
+                "teacher_models": models, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(self.student.parameters()).device
+        self.teacher_clients = torch.as_tensor(state["teacher_clients"]).tolist()
+        self.teacher_models = [m.clone() for m in torch.as_tensor(state["teacher_models"]).to(device)]
+        self.rng.set_state(torch.as_tensor(state["rng"]).to(torch.uint8).cpu())
+
+
+class FedRevive(_TeacherDistillation):
+    """Data-free KD for stale updates: meta-generator synthesis, then multi-teacher KD (§3.3)."""
+
+    name = "fedrevive"
+
+    def __init__(self, cfg, ctx: ServerContext):
+        super().__init__(cfg, ctx)
+        d = cfg.distill
+        self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
+                                 stream_seed(cfg.run.seed, _SYNTHESIS_STREAM))
+        self.proxy = ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature)
+        self.kd_filter = kd.OutlierFilter()
+        self.last_synthesis = -1  # version of the last synthesis, -1 = never
+        self._histograms = ctx.client_histograms
+
+    def beta(self, tau: int) -> float:
+        return staleness_beta(tau, self.cfg.distill, self.cfg.server.s_max)
+
+    def observe(self, client_id: int, model: torch.Tensor, ctx: ServerContext) -> None:
+        if self.cfg.distill.proxy == "probe":
+            load_flat(self.student, model)
+            self.proxy.observe(client_id, self.student, self.rng)
+
+    def proportions(self) -> torch.Tensor:
+        """q_k of every buffered teacher, (teachers, classes), on the server device."""
+        device = next(self.student.parameters()).device
+        if self.cfg.distill.proxy == "probe":
+            return torch.stack([self.proxy.proportions(c).to(device) for c in self.teacher_clients])
+        return torch.stack([histogram_proportions(self._histograms[c]).to(device) for c in self.teacher_clients])
+
+    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
+        d, version = self.cfg.distill, ctx.version
+        if version < d.freeze_versions:
+            return None
+        teachers, q = self.teachers(), self.proportions()
+        load_flat(self.student, x_t)
+        if self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every:
+            # L_adv only once the KD warm-up is over (§3.3, step 3).
+            yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions)
+            self.last_synthesis = version
+        if version <= d.warmup_versions:
+            return None
+        optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
+        yield from kd.distill(self.student, teachers, lambda k: self.synth.sample(q[k], d.kd_batch)[0],
+                              optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature,
+                              outliers=self.kd_filter)
+        return flatten(self.student) - x_t
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(synthesizer=self.synth.state_dict(), proxy=self.proxy.state_dict(),
+                     kd_filter=self.kd_filter.state_dict(), last_synthesis=self.last_synthesis)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.synth.load_state_dict(state["synthesizer"])
+        self.proxy.load_state_dict(state["proxy"], next(self.student.parameters()).device)
+        self.kd_filter.load_state_dict(state["kd_filter"])
+        self.last_synthesis = int(state["last_synthesis"])
+
+
+class DDFedRevive(_TeacherDistillation):
+    """Data-dependent reference (§3.4): the same flow, KD on the real held-out KD split.
+
+    Fixed beta (`distill.dd_beta`, so even fresh updates are blended), T =
+    `dd_temperature`, Adam(`dd_lr`) without weight decay; each teacher's batch
+    is drawn to match its client's true label histogram and used as stored
+    (already normalised, not augmented). It uses real data,
+    so it is an upper reference, not a privacy-preserving method."""
+
+    name = "dd_fedrevive"
+
+    def __init__(self, cfg, ctx: ServerContext):
+        super().__init__(cfg, ctx)
+        if ctx.kd_x is None or ctx.kd_y is None or len(ctx.kd_x) == 0:
+            raise ValueError("dd_fedrevive distils on the real KD split, but the server context has none; "
+                             "set data.kd_fraction > 0 (the paper uses 0.1)")
+        self.kd_x = ctx.kd_x
+        self.kd_labels = ctx.kd_y.cpu()
+        self._histograms = ctx.client_histograms
+
+    def beta(self, tau: int) -> float:
+        return self.cfg.distill.dd_beta
+
+    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
+        d = self.cfg.distill
+        teachers = self.teachers()
+        q = [histogram_proportions(self._histograms[c]) for c in self.teacher_clients]
+        load_flat(self.student, x_t)
+        optimizer = torch.optim.Adam(self.student.parameters(), lr=d.dd_lr)
+
+        def draw(k: int) -> torch.Tensor:
+            indices = sample_by_class(self.kd_labels, q[k], d.kd_batch, self.rng)
+            return self.kd_x[indices.to(self.kd_x.device)]
+
+        yield from kd.distill(self.student, teachers, draw, optimizer=optimizer, steps=d.kd_steps,
+                              temperature=d.dd_temperature)
+        return flatten(self.student) - x_t

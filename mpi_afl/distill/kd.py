@@ -1,0 +1,107 @@
+"""Multi-teacher knowledge distillation and its loss utilities.
+
+ALGORITHMS.md §3.3 "Distillation" and §3.4: the student starts at the current
+global model; every iteration, each teacher k gets its own batch drawn from
+its class proportions q_k, and the loss is
+    sum_k T^2 KL(softmax(T_k/T) || softmax(S/T)) summed over its batch,
+divided by the total number of samples: a per-teacher KL on a class-matched
+batch, never a KL against averaged logits. With equal batch sizes this is also
+the research code's DD-FedRevive loss (mean over teachers of batch-mean KL).
+
+`distill` is a generator that yields after every iteration, so the server
+loop can poll MPI between slices (algorithms/base.py).
+"""
+
+from collections.abc import Callable, Generator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+           reduction: str = "sum") -> torch.Tensor:
+    """T^2 KL(softmax(teacher/T) || softmax(student/T)), per sample ("none"), summed or batch-mean.
+
+    Logits may carry leading dimensions (e.g. teachers x batch); the class
+    dimension is the last one."""
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    per_sample = (log_t.exp() * (log_t - log_s)).sum(dim=-1) * temperature ** 2
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "batchmean":
+        return per_sample.mean()
+    raise ValueError(f"unknown reduction {reduction!r}; allowed: none, sum, batchmean")
+
+
+def class_weights(proportions: torch.Tensor) -> torch.Tensor:
+    """Per-class teacher weights w_k(y) = q_k(y) / sum_j q_j(y) from q of shape (teachers, classes).
+
+    A class no teacher has (column sum 0) gets weight 0 for every teacher."""
+    return proportions / proportions.sum(dim=0, keepdim=True).clamp_min(1e-8)
+
+
+class OutlierFilter:
+    """The research code's loss stabiliser (ALGORITHMS.md §3.3, last bullet of step 3).
+
+    A loss value that is NaN/inf, or more than `factor` times the mean of the
+    last `window` accepted values (once at least `min_history` are known and
+    that mean is positive), is dropped for this step: `__call__` returns None.
+    Accepted values join the history; dropped ones do not."""
+
+    def __init__(self, window: int = 20, min_history: int = 10, factor: float = 3.0):
+        self.window, self.min_history, self.factor = window, min_history, factor
+        self.history: list[float] = []
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor | None:
+        value = float(loss.detach())
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        if len(self.history) >= self.min_history:
+            mean = sum(self.history) / len(self.history)
+            if mean > 0 and value > self.factor * mean:
+                return None
+        self.history = (self.history + [value])[-self.window:]
+        return loss
+
+    def state_dict(self) -> dict:
+        # float64 holds every Python float exactly, so the round trip is exact.
+        return {"history": torch.tensor(self.history, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [float(v) for v in torch.as_tensor(state["history"]).tolist()]
+
+
+def distill(student: nn.Module, teachers: Sequence[nn.Module], draw: Callable[[int], torch.Tensor], *,
+            optimizer: torch.optim.Optimizer, steps: int, temperature: float,
+            outliers: OutlierFilter | None = None) -> Generator[None, None, list[float]]:
+    """Train `student` for `steps` iterations on the teachers' soft labels; returns the step losses.
+
+    `draw(k)` gives teacher k's input batch for this iteration (already
+    augmented and normalised). The student trains in train mode, as in the
+    research code; teachers run in eval mode without gradients. A step whose
+    loss the `outliers` filter drops is skipped (no optimizer step)."""
+    for teacher in teachers:
+        teacher.eval()
+    student.train()
+    losses = []
+    for _ in range(steps):
+        total, count = 0.0, 0
+        for k, teacher in enumerate(teachers):
+            inputs = draw(k)
+            with torch.no_grad():
+                target = teacher(inputs)
+            total = total + kl_div(student(inputs), target, temperature, reduction="sum")
+            count += len(inputs)
+        loss = total / count
+        kept = outliers(loss) if outliers is not None else loss
+        optimizer.zero_grad(set_to_none=True)
+        if kept is not None:
+            kept.backward()
+            optimizer.step()
+        losses.append(float(loss.detach()))
+        yield
+    return losses

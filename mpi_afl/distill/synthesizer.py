@@ -1,0 +1,235 @@
+"""Meta-learned synthesis of class-conditional images from teacher models.
+
+ALGORITHMS.md §3.3 "Synthesis" (FastDFKD's fast meta-synthesizer, as the
+FedRevive research code adapts it to several weighted teachers):
+
+1. labels y ~ Multinomial(mean_k q_k), a batch of `synth_batch`;
+2. a fast generator is cloned from the meta-generator; fresh z ~ N(0, I) and
+   class embeddings E ~ N(0, I) are trained with it (Adam, betas (0.5, 0.999));
+3. each of `synth_steps` steps minimises bn * L_bn + oh * L_oh + adv * L_adv on
+   the augmented, normalised images, each term passing an outlier filter;
+4. the lowest-loss batch is kept, and the meta-generator takes a Reptile step
+   with gradient theta_meta - theta_fast (or, with `meta = "fomaml"`, the sum
+   of the fast generator's gradients) through its own Adam;
+5. the kept batch joins the FIFO pool.
+
+`Synthesizer.synthesize` is a generator that yields after every generator
+step; drive it with `yield from` inside an algorithm, or `drain()` it.
+Every random draw comes from the synthesizer's own CPU `torch.Generator`,
+whose state is in `state_dict()`, so a restored synthesizer continues exactly.
+"""
+
+import copy
+import math
+from collections.abc import Generator as Steps
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpi_afl.augment import random_crop_flip
+from mpi_afl.config import DistillConfig
+from mpi_afl.distill.generator import Generator
+from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div
+from mpi_afl.distill.pool import SyntheticPool
+from mpi_afl.distill.stats import FeatureHooks
+
+T = TypeVar("T")
+
+
+def drain(steps: Steps[None, None, T]) -> T:
+    """Run a sliced computation (a generator) to its end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+    """L_oh = (1/B) sum_b sum_k w_k(y_b) CE(T_k(x_b), y_b).
+
+    teacher_logits (K, B, C), labels (B,), sample_weights (B, K) = w_k(y_b)."""
+    k, b, c = teacher_logits.shape
+    ce = F.cross_entropy(teacher_logits.reshape(k * b, c), labels.repeat(k), reduction="none").view(k, b)
+    return (sample_weights.T * ce).sum() / b
+
+
+def feature_loss(per_teacher: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+    """L_bn = (1/B) sum_k [sum_b w_k(y_b)] * (teacher k's feature-statistics distance), per_teacher (K,)."""
+    return (sample_weights.sum(dim=0) * per_teacher).sum() / sample_weights.shape[0]
+
+
+def adversarial_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                     sample_weights: torch.Tensor) -> torch.Tensor:
+    """L_adv = -(1/B) sum_b sum_k w_k(y_b) 1[argmax S = argmax T_k] KL(T_k || S).
+
+    Rewards images where the student agrees with a teacher yet is far from it
+    (FastDFKD's adversarial term). teacher_logits (K, B, C), student (B, C)."""
+    agree = (student_logits.argmax(dim=-1)[None] == teacher_logits.argmax(dim=-1)).float()
+    kl = kl_div(student_logits[None], teacher_logits, reduction="none")  # (K, B)
+    return -(sample_weights.T * agree * kl).sum() / student_logits.shape[0]
+
+
+class Synthesizer:
+    """Meta-generator, its optimizer, the synthetic pool and the loss filters of one run."""
+
+    def __init__(self, cfg: DistillConfig, image_shape: tuple[int, int, int], num_classes: int,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device | str, generator_seed: int):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.rng = torch.Generator()
+        self.rng.manual_seed(generator_seed)
+        # Module initialisation draws from the global CPU RNG; fork it so the
+        # generator's initial weights depend on the seed alone and the
+        # caller's RNG state is left untouched (torch.manual_seed would also
+        # reseed every CUDA device, which the fork does not restore).
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(generator_seed)
+            self.generator = Generator(cfg.nz, cfg.ngf, image_shape).to(self.device)
+        self.fast = copy.deepcopy(self.generator)
+        # Adam's default eps: the research code's eps=0 divides 0 by 0 on a
+        # parameter whose Reptile gradient is exactly zero.
+        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.meta_lr, betas=(0.5, 0.999))
+        self.pool = SyntheticPool(cfg.pool_size)
+        self.filters = {name: OutlierFilter() for name in ("bn", "oh", "adv")}
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The teachers' view of [0, 1] images: random crop (4-pixel reflect pad) and flip when
+        `augment` is on, then the data set's normalisation. Differentiable in `images`."""
+        if self.cfg.augment:
+            images = random_crop_flip(images, self.rng)
+        return (images - self._mean) / self._std
+
+    def sample(self, proportions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prepared batch of n pool images whose labels follow `proportions` (classes,)."""
+        images, labels = self.pool.sample(proportions, n, self.rng)
+        return self.prepare(images), labels
+
+    def synthesize(self, teachers: Sequence[nn.Module], proportions: torch.Tensor, student: nn.Module | None = None,
+                   adversarial: bool = False) -> Steps[None, None, tuple[torch.Tensor, torch.Tensor]]:
+        """Synthesise one batch from `teachers` with class proportions `proportions` (K, classes).
+
+        `adversarial` adds L_adv against `student` (after the KD warm-up).
+        Returns the kept images in [0, 1] (on the device) and their labels (on
+        the CPU), which are also added to the pool. Teachers are switched to
+        eval mode and their parameters to requires_grad=False (they stay so);
+        the student is used in eval mode and its mode and requires_grad flags
+        are restored afterwards."""
+        cfg = self.cfg
+        if len(teachers) == 0 or proportions.shape != (len(teachers), self.num_classes):
+            raise ValueError(f"need proportions of shape ({len(teachers)}, {self.num_classes}) for "
+                             f"{len(teachers)} teachers, got {tuple(proportions.shape)}")
+        if adversarial and student is None:
+            raise ValueError("the adversarial loss needs a student model")
+        q = proportions.detach().to(self.device, torch.float32)
+        weights = class_weights(q)
+        b = cfg.synth_batch
+        labels_cpu = torch.multinomial(q.mean(dim=0).cpu(), b, replacement=True, generator=self.rng)
+        labels = labels_cpu.to(self.device)
+        z = torch.randn(b, cfg.nz, generator=self.rng).to(self.device).requires_grad_()
+        embeddings = torch.randn(self.num_classes, cfg.nz, generator=self.rng).to(self.device).requires_grad_()
+        sample_weights = weights[:, labels].T  # (B, K)
+
+        self.fast.load_state_dict(self.generator.state_dict())
+        self.fast.train()
+        optimizer = torch.optim.Adam([{"params": self.fast.parameters()},
+                                      {"params": [z], "lr": cfg.z_lr},
+                                      {"params": [embeddings], "lr": cfg.z_lr}],
+                                     lr=cfg.gen_lr, betas=(0.5, 0.999))
+        for teacher in teachers:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        student_flags = None
+        if student is not None:
+            student_flags = (student.training, [p.requires_grad for p in student.parameters()])
+            student.eval()
+            student.requires_grad_(False)
+        hooks = [FeatureHooks(t) for t in teachers] if cfg.bn > 0 else []
+        best_cost, best = math.inf, None
+        try:
+            for step in range(cfg.synth_steps):
+                images = self.fast(z, labels, embeddings, cfg.embed_weight)
+                inputs = self.prepare(images)
+                for h in hooks:
+                    h.clear()
+                teacher_logits = torch.stack([t(inputs) for t in teachers])
+                terms = {"oh": (cfg.oh, one_hot_loss(teacher_logits, labels, sample_weights))}
+                if hooks:
+                    per_teacher = torch.stack([h.loss() for h in hooks])
+                    terms["bn"] = (cfg.bn, feature_loss(per_teacher, sample_weights))
+                if adversarial and cfg.adv > 0:
+                    terms["adv"] = (cfg.adv, adversarial_loss(teacher_logits, student(inputs), sample_weights))
+                loss = None
+                for name, (weight, value) in terms.items():
+                    value = self.filters[name](value) if weight > 0 else None
+                    if value is not None:
+                        loss = weight * value if loss is None else loss + weight * value
+                cost = float(loss.detach()) if loss is not None else math.nan
+                if cost < best_cost:
+                    best_cost, best = cost, images.detach().clone()
+                optimizer.zero_grad(set_to_none=True)
+                if loss is not None and loss.requires_grad:
+                    loss.backward()
+                self._fast_step(step, optimizer)
+                yield
+            if cfg.meta == "reptile":
+                self._reptile_step()
+        finally:
+            for h in hooks:
+                h.remove()
+            if student is not None:
+                training, flags = student_flags
+                student.train(training)
+                for p, flag in zip(student.parameters(), flags):
+                    p.requires_grad_(flag)
+        if best is None:  # every step's loss was dropped or NaN: keep the last batch, as the research code
+            best = images.detach().clone()
+        self.pool.add(best, labels_cpu)
+        return best, labels_cpu
+
+    def _fast_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Fast-generator step; with FOMAML, also accumulate its gradients into the meta-generator,
+        which steps at the last synthesis step in place of the fast one (research code)."""
+        if self.cfg.meta == "fomaml":
+            if step == 0:
+                self.meta_optimizer.zero_grad(set_to_none=False)
+            for meta_p, fast_p in zip(self.generator.parameters(), self.fast.parameters()):
+                if meta_p.grad is None:
+                    meta_p.grad = torch.zeros_like(meta_p)
+                if fast_p.grad is not None:
+                    meta_p.grad.add_(fast_p.grad)
+            if step == self.cfg.synth_steps - 1:
+                self.meta_optimizer.step()
+                return
+        optimizer.step()
+
+    def _reptile_step(self) -> None:
+        """Reptile: the meta-gradient theta_meta - theta_fast moves the meta-generator towards the fast one."""
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for meta_p, fast_p in zip(self.generator.parameters(), self.fast.parameters()):
+                meta_p.grad = meta_p - fast_p
+        self.meta_optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": {k: v.clone() for k, v in self.generator.state_dict().items()},
+            "meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict()),
+            "pool": self.pool.state_dict(),
+            "filters": {name: f.state_dict() for name, f in self.filters.items()},
+            "rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict({k: torch.as_tensor(v) for k, v in state["generator"].items()})
+        self.meta_optimizer.load_state_dict(copy.deepcopy(state["meta_optimizer"]))
+        self.pool.load_state_dict(state["pool"], self.device)
+        for name, f in self.filters.items():
+            f.load_state_dict(state["filters"][name])
+        self.rng.set_state(torch.as_tensor(state["rng"]).to(torch.uint8).cpu())

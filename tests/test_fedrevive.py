@@ -1,0 +1,300 @@
+"""FedRevive and DD-FedRevive on a fake server context (ALGORITHMS.md §3.1, §3.4)."""
+
+import math
+from types import GeneratorType
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpi_afl.algorithms.base import ServerContext, Update
+from mpi_afl.algorithms.fedrevive import DDFedRevive, FedRevive
+from mpi_afl.algorithms.staleness import beta, cosine_beta, step_beta
+from mpi_afl.config import Config, DistillConfig
+from mpi_afl.models.flat import flatten, load_flat, param_mask
+from mpi_afl.models.layers import make_norm, reset_norm_statistics
+from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
+
+torch.set_num_threads(1)
+
+SHAPE = (1, 8, 8)
+CLASSES = 10
+CLIENTS = 6
+
+
+class Tiny(nn.Module):
+    """conv3x3(4) -> StatTracker -> relu -> 2x2 average pool -> linear, for 8x8 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(SHAPE[0], 4, 3, padding=1)
+        self.norm = make_norm("stat", 4)
+        self.fc = nn.Linear(16, CLASSES)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.norm(self.conv(x))), 2).flatten(1))
+
+
+def make_cfg(**distill) -> Config:
+    cfg = Config()
+    cfg.run.seed = 7
+    cfg.server.lr = 0.5
+    cfg.server.s_max = 2.0
+    d = cfg.distill
+    d.nz, d.ngf, d.synth_batch, d.synth_steps, d.pool_size = 8, 8, 8, 2, 32
+    d.kd_steps, d.kd_batch, d.teachers, d.probes = 2, 4, 3, 8
+    d.freeze_versions, d.warmup_versions = 2, 4
+    for key, value in distill.items():
+        setattr(d, key, value)
+    return cfg
+
+
+class Server:
+    """The bits of the real server loop an algorithm sees: versions, snapshots, the context."""
+
+    def __init__(self, cfg: Config, kd_data: bool = False):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            x0 = flatten(Tiny())
+        self.snapshots = {0: x0}
+        hist = np.zeros((CLIENTS, CLASSES), dtype=np.int64)
+        for c in range(CLIENTS):
+            hist[c, [c % CLASSES, (c + 3) % CLASSES]] = [30, 10]
+        g = torch.Generator().manual_seed(1)
+        self.ctx = ServerContext(
+            cfg=cfg, device=torch.device("cpu"), global_model=x0, version=0, snapshot=self.snapshots.__getitem__,
+            make_model=Tiny, param_mask=param_mask(Tiny()), num_classes=CLASSES, image_shape=SHAPE,
+            data_mean=(0.5,), data_std=(0.25,), client_histograms=hist,
+            kd_x=torch.randn(40, *SHAPE, generator=g) if kd_data else None,
+            kd_y=torch.arange(40) % CLASSES if kd_data else None)
+
+    def client_delta(self, client: int, base: int) -> torch.Tensor:
+        """A client job's Delta: perturbed weights and the running stats of a few batches of noise."""
+        g = torch.Generator().manual_seed(1000 * client + base)
+        model = Tiny()
+        load_flat(model, self.snapshots[base])
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, *SHAPE, generator=g) + client * 0.1)
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return flatten(model) - self.snapshots[base]
+
+    def arrive(self, alg, client: int, base: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Process one arrival as the server loop would; returns (new model, slices, delta)."""
+        delta = self.client_delta(client, base)
+        update = Update(client_id=client, job_index=0, base_version=base, staleness=self.ctx.version - base,
+                        delta=delta, num_samples=40, loss=1.0)
+        outcome = alg.on_update(update, self.ctx)
+        assert isinstance(outcome, GeneratorType)
+        slices = 0
+        while True:
+            try:
+                next(outcome)
+                slices += 1
+            except StopIteration as stop:
+                new = stop.value
+                break
+        self.ctx.version += 1
+        self.ctx.global_model = new
+        self.snapshots[self.ctx.version] = new
+        return new, slices, delta
+
+
+def plain_step(x: torch.Tensor, lr: float, delta: torch.Tensor) -> torch.Tensor:
+    """x + lr * delta with the normalisation statistics reset: the result when KD does not blend."""
+    model = Tiny()
+    load_flat(model, x + lr * delta)
+    reset_norm_statistics(model)
+    return flatten(model)
+
+
+def test_fresh_update_passes_unchanged_even_past_warmup():
+    server = Server(make_cfg(freeze_versions=0, warmup_versions=0))
+    alg = FedRevive(server.ctx.cfg, server.ctx)
+    for i in range(3):
+        x = server.ctx.global_model
+        new, slices, delta = server.arrive(alg, client=i, base=server.ctx.version)  # tau = 0
+        assert alg.last_weight == 0.0 and slices == 0
+        assert torch.equal(new, plain_step(x, 0.5, delta))
+    assert server.ctx.stats.get("kd_applied", 0) == 0
+    assert len(alg.synth.pool) == 0
+
+
+def test_warmup_gates_and_blend():
+    cfg = make_cfg()
+    server = Server(cfg)
+    alg = FedRevive(cfg, server.ctx)
+    server.arrive(alg, client=0, base=0)  # version 0 -> 1
+    expected_beta = cosine_beta(1, cfg.server.s_max)
+    assert 0 < expected_beta < 1
+    # Version 1 < freeze (2): no DFKD at all, the stale update is not shrunk.
+    x = server.ctx.global_model
+    new, slices, delta = server.arrive(alg, client=1, base=0)
+    assert alg.last_weight == pytest.approx(cosine_beta(1, cfg.server.s_max))
+    assert slices == 0 and len(alg.synth.pool) == 0
+    assert torch.equal(new, plain_step(x, 0.5, delta))
+    # Versions 2..4 (freeze <= v <= warmup): the generator trains, KD is not applied.
+    for v in (2, 3, 4):
+        assert server.ctx.version == v
+        x = server.ctx.global_model
+        new, slices, delta = server.arrive(alg, client=v, base=v - 1)
+        assert slices == cfg.distill.synth_steps
+        assert len(alg.synth.pool) == min(cfg.distill.pool_size, (v - 1) * cfg.distill.synth_batch)
+        assert torch.equal(new, plain_step(x, 0.5, delta))
+    assert server.ctx.stats.get("kd_applied", 0) == 0
+    # Version 5 > warmup: full KD, and the blend changes the result.
+    x = server.ctx.global_model
+    new, slices, delta = server.arrive(alg, client=5, base=4)
+    assert slices == cfg.distill.synth_steps + cfg.distill.kd_steps
+    assert server.ctx.stats["kd_applied"] == 1
+    assert server.ctx.stats["distill_seconds"] > 0
+    assert not torch.allclose(new, plain_step(x, 0.5, delta))
+    # Statistics of the new global model are reset (mean 0, var 1).
+    model = Tiny()
+    load_flat(model, new)
+    assert torch.equal(model.norm.running_mean, torch.zeros(4)) and torch.equal(model.norm.running_var, torch.ones(4))
+
+
+class FixedKD(FedRevive):
+    """FedRevive whose distillation returns a known Delta_KD, to check the blend alone."""
+
+    def knowledge(self, ctx, x_t):
+        yield
+        return torch.full_like(x_t, 0.25)
+
+
+def test_blend_is_one_minus_beta_raw_plus_beta_kd():
+    cfg = make_cfg()
+    server = Server(cfg)
+    alg = FixedKD(cfg, server.ctx)
+    server.arrive(alg, client=0, base=0)
+    server.arrive(alg, client=1, base=1)
+    x = server.ctx.global_model
+    new, slices, delta = server.arrive(alg, client=2, base=1)  # tau = 1
+    b = cosine_beta(1, cfg.server.s_max)
+    assert slices == 1 and alg.last_weight == pytest.approx(b)
+    assert torch.equal(new, plain_step(x, 0.5, (1 - b) * delta + b * torch.full_like(x, 0.25)))
+    server.arrive(alg, client=3, base=3)
+    x = server.ctx.global_model
+    new, _, delta = server.arrive(alg, client=4, base=0)  # tau = 4 = 2 s_max -> beta = 1: raw delta ignored
+    assert alg.last_weight == 1.0
+    assert torch.allclose(new, plain_step(x, 0.5, torch.full_like(x, 0.25)))
+    assert server.ctx.stats["kd_applied"] == 2  # the tau = 0 arrival skipped KD
+
+
+def test_synthesis_every_n_versions():
+    cfg = make_cfg(synth_every=2, warmup_versions=10)
+    server = Server(cfg)
+    alg = FedRevive(cfg, server.ctx)
+    server.arrive(alg, client=0, base=0)
+    pools = []
+    for v in range(1, 7):
+        server.arrive(alg, client=v % CLIENTS, base=v - 1)
+        pools.append(len(alg.synth.pool) // cfg.distill.synth_batch)
+    # Versions 2, 4 and 6 synthesise; 1 is frozen; 3 and 5 skip.
+    assert pools == [0, 1, 1, 2, 2, 3]
+
+
+def test_teacher_buffer_holds_the_c_most_recent_client_models():
+    cfg = make_cfg(freeze_versions=100, warmup_versions=100)
+    server = Server(cfg)
+    alg = FedRevive(cfg, server.ctx)
+    deltas = {}
+    for v, client in enumerate([4, 1, 3, 0, 2]):
+        base = max(0, v - 1)
+        _, _, deltas[client] = server.arrive(alg, client=client, base=base)
+    assert alg.teacher_clients == [2, 0, 3]
+    assert torch.equal(alg.teacher_models[0], server.snapshots[3] + deltas[2])
+    # The probe proxy saw every client's first upload.
+    assert set(alg.proxy.seen) == {0, 1, 2, 3, 4} and all(n == 1 for n in alg.proxy.seen.values())
+
+
+def test_histogram_proxy_uses_true_label_proportions():
+    cfg = make_cfg(proxy="histogram", freeze_versions=0, warmup_versions=0)
+    server = Server(cfg)
+    alg = FedRevive(cfg, server.ctx)
+    server.arrive(alg, client=0, base=0)
+    server.arrive(alg, client=4, base=0)
+    q = alg.proportions()
+    assert q.shape == (2, CLASSES)
+    assert q[0].tolist() == pytest.approx([0.0] * 4 + [0.75, 0.0, 0.0, 0.25, 0.0, 0.0])
+    assert alg.proxy.seen == {}
+    assert server.ctx.stats["kd_applied"] == 1
+
+
+def run(alg_cls, server: Server, alg, arrivals):
+    for client, lag in arrivals:
+        server.arrive(alg, client=client, base=max(0, server.ctx.version - lag))
+
+
+ARRIVALS = [(0, 0), (1, 1), (2, 1), (3, 2), (4, 1), (5, 3), (0, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("alg_cls", [FedRevive, DDFedRevive])
+def test_checkpoint_round_trip_continues_bit_identically(alg_cls, tmp_path):
+    cfg = make_cfg(freeze_versions=2, warmup_versions=3)
+    kd_data = alg_cls is DDFedRevive
+    whole = Server(cfg, kd_data)
+    uninterrupted = alg_cls(cfg, whole.ctx)
+    run(alg_cls, whole, uninterrupted, ARRIVALS)
+
+    first = Server(cfg, kd_data)
+    alg = alg_cls(cfg, first.ctx)
+    run(alg_cls, first, alg, ARRIVALS[:5])
+    save_checkpoint(tmp_path / "ckpt.h5", {"algorithm": alg.state_dict()})
+    state = load_checkpoint(tmp_path / "ckpt.h5")["algorithm"]
+    run(alg_cls, first, alg, ARRIVALS[5:6])  # keep going after the save: the saved state must not move
+
+    second = Server(cfg, kd_data)
+    second.snapshots.update(first.snapshots)
+    second.ctx.version = 5
+    second.ctx.global_model = first.snapshots[5]
+    second.ctx.stats = {"kd_applied": 0}
+    resumed = alg_cls(cfg, second.ctx)
+    resumed.load_state_dict(state)
+    run(alg_cls, second, resumed, ARRIVALS[5:])
+    assert second.ctx.version == whole.ctx.version == len(ARRIVALS)
+    assert torch.equal(second.ctx.global_model, whole.ctx.global_model)
+    assert whole.ctx.stats["kd_applied"] >= 3
+    if alg_cls is FedRevive:
+        assert torch.equal(resumed.synth.pool.images, uninterrupted.synth.pool.images)
+
+
+def test_dd_fedrevive_blends_every_update_with_fixed_beta():
+    cfg = make_cfg()
+    server = Server(cfg, kd_data=True)
+    alg = DDFedRevive(cfg, server.ctx)
+    x = server.ctx.global_model
+    new, slices, delta = server.arrive(alg, client=0, base=0)  # tau = 0, version 0 < freeze: no gates
+    assert alg.last_weight == 0.5
+    assert slices == cfg.distill.kd_steps
+    assert server.ctx.stats["kd_applied"] == 1
+    assert not torch.allclose(new, plain_step(x, 0.5, delta))
+
+
+def test_dd_fedrevive_needs_the_kd_split():
+    server = Server(make_cfg())
+    with pytest.raises(ValueError, match="kd_fraction"):
+        DDFedRevive(server.ctx.cfg, server.ctx)
+
+
+def test_beta_variants():
+    d = DistillConfig()
+    for tau, expected in [(0, 0.0), (37, 0.0), (37.5, 0.25), (74, 0.25), (75, 0.5), (112, 0.5),
+                          (112.5, 0.75), (149, 0.75), (150, 1.0), (400, 1.0)]:
+        assert step_beta(tau, 75.0) == expected, tau
+    d.beta = "step"
+    assert beta(80, d, 75.0) == 0.5
+    d.beta = "cosine"
+    assert beta(0, d, 75.0) == 0.0 and beta(75, d, 75.0) == pytest.approx(0.5) and beta(150, d, 75.0) == 1.0
+    d.beta = "exponential"
+    assert beta(100, d, 75.0) == pytest.approx(1 - math.exp(-0.5))
+    d.beta = "linear"
+    assert beta(50, d, 75.0) == pytest.approx(0.5) and beta(500, d, 75.0) == 1.0
+    d.beta = "bogus"
+    with pytest.raises(ValueError, match="allowed"):
+        beta(1, d, 75.0)
