@@ -66,7 +66,12 @@ def config(**server) -> Config:
 
 
 def test_registry():
-    assert ALGORITHMS == {"fedavg": FedAvg, "fedasync": FedAsync, "fedbuff": FedBuff, "afl_dw": AFLDW}
+    from mpi_afl.config import ALGORITHM_NAMES
+
+    # The config's list of allowed names and the registry must never drift apart.
+    assert sorted(ALGORITHMS) == sorted(ALGORITHM_NAMES)
+    assert ALGORITHMS["fedavg"] is FedAvg and ALGORITHMS["fedbuff"] is FedBuff
+    assert ALGORITHMS["fedasync"] is FedAsync and ALGORITHMS["afl_dw"] is AFLDW
     assert FedAvg.synchronous and not FedAsync.synchronous and not FedBuff.synchronous and not AFLDW.synchronous
 
 

@@ -37,21 +37,25 @@ from ..messages import HEADER_BYTES, TAG_DONE, TAG_JOB, TAG_STOP, TAG_UPDATE, Me
 from .arrival import Arrival
 from .backoff import Backoff
 
+# The requests of one message (or job), its pooled buffer, and an object to keep alive until they complete.
+Sending = tuple[list[MPI.Request], Message, object]
+
+
 def wait(request: MPI.Request) -> None:
     backoff = Backoff()
     while not request.Test():
         backoff.idle()
 
 
-def reap(sending: list[tuple[MPI.Request, Message]], free: list[Message], payload_len: int):
+def reap(sending: list[Sending], free: list[Message], payload_len: int) -> tuple[list[Sending], list[Message]]:
     """Split in-flight sends into those still pending and the buffers now free (odd-sized ones are dropped)."""
     pending = []
-    for req, msg in sending:
-        if req.Test():
-            if msg.payload.numel() == payload_len:
-                free.append(msg)
+    for entry in sending:
+        if MPI.Request.Testall(entry[0]):
+            if entry[1].payload.numel() == payload_len:
+                free.append(entry[1])
         else:
-            pending.append((req, msg))
+            pending.append(entry)
     return pending, free
 
 
@@ -80,8 +84,8 @@ class ServerMPI:
         self.sent[worker] += 1
 
     def _reap(self) -> None:
-        """Recycle send buffers whose requests completed."""
-        self.sending, self.free_send = reap(self.sending, self.free_send, self.payload_len)
+        """Recycle job headers whose sends completed."""
+        self.sending, self.free_send = reap(self.sending, self.free_send, 0)
 
     def poll(self) -> list[Arrival]:
         arrivals = []
