@@ -18,7 +18,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
     p.add_argument("--preset", metavar="NAME", help=f"named config from configs/: {', '.join(preset_names())}")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.h5")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.h5 (its config, "
+                   "plus the overrides given here; only stop rules and placement may change)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     short = p.add_argument_group("shortcuts")
     keys = all_keys()
@@ -448,15 +449,21 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parse the command line into a validated Config; ConfigError on any mistake."""
+def parse_args(argv: list[str] | None = None,
+               resume_config: Callable[[str], dict] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line into a validated Config; ConfigError on any mistake.
+
+    With `--resume DIR` the starting point is the checkpoint's config
+    (`resume_config(DIR)`), the rest of the command line applies on top, and
+    only the keys in RESUMABLE may differ from the checkpoint."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     for token in unknown:
         if token.startswith("--"):
             raise _unknown_key(token[2:].split("=", 1)[0].replace("-", "_"))
         raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key=VALUE")
-    cfg = Config()
+    base = from_dict(resume_config(args.resume)) if args.resume else None
+    cfg = from_dict(base.to_dict()) if base else Config()
     if args.preset and args.config:
         raise ConfigError("give either --preset or --config, not both")
     if args.preset:
@@ -465,7 +472,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         apply(cfg, load_toml(Path(args.config)), from_text=False)
     overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     apply(cfg, overrides, from_text=True)
+    if base:
+        if "run.out" not in overrides:
+            cfg.run.out = args.resume
+        check_resumable(base, cfg)
     return validate(cfg), args
+
+
+# Keys a resumed run may change: stop rules, logging and placement. Everything else (data, model,
+# algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
+RESUMABLE = {"run.max_versions", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
+             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.threads", "run.device",
+             "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
+
+
+def check_resumable(old: Config, new: Config) -> None:
+    for key in all_keys():
+        section, name = key.split(".")
+        before, after = getattr(getattr(old, section), name), getattr(getattr(new, section), name)
+        if key not in RESUMABLE and before != after:
+            raise ConfigError(f"cannot resume with config key '{key}' = {after!r}: the checkpoint's run has "
+                              f"{before!r}; only these keys may change on resume: {', '.join(sorted(RESUMABLE))}")
 
 
 def from_dict(data: dict) -> Config:

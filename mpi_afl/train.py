@@ -10,7 +10,8 @@ exception on any rank aborts the whole MPI job (no rank is left hanging).
 from __future__ import annotations
 
 import json
-import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -20,20 +21,35 @@ import torch
 
 from . import __version__
 from .config import Config, ConfigError, from_dict, parse_args
+from .storage.checkpoint import CheckpointError, load_checkpoint
+from .storage.runlog import RunLog
 
 EXIT_CONFIG = 2
 RUN_FILES = ("summary.json", "run.h5", "checkpoint.h5")
 
 
-def _rank0_setup(argv) -> tuple:
-    """Parse the command line and prepare the output dir on rank 0: ('ok', cfg_dict) or ('exit', code)."""
+def _rank0_setup(argv) -> tuple[tuple, dict | None]:
+    """Parse the command line and prepare the output dir on rank 0.
+
+    Returns (('ok', cfg_dict) or ('exit', code), the checkpoint state when resuming)."""
+    checkpoint = {}
+
+    def resume_config(directory: str) -> dict:
+        try:
+            checkpoint["state"] = load_checkpoint(Path(directory) / "checkpoint.h5")
+            return json.loads(checkpoint["state"]["config"])
+        except CheckpointError as e:
+            raise ConfigError(f"cannot resume from {directory}: {e}") from None
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"cannot resume from {directory}: its checkpoint.h5 holds no run config") from None
+
     try:
-        cfg, args = parse_args(argv)
+        cfg, args = parse_args(argv, resume_config)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
-            return ("exit", 0)
+            return ("exit", 0), None
         out = Path(cfg.run.out or _default_out(cfg))
-        if out.exists() and any((out / f).exists() for f in RUN_FILES) and not cfg.run.overwrite:
+        if not args.resume and out.exists() and any((out / f).exists() for f in RUN_FILES) and not cfg.run.overwrite:
             raise ConfigError(f"output directory {out} already holds a run; choose another --out, "
                               f"or pass --run.overwrite=true to replace it")
         try:
@@ -44,12 +60,12 @@ def _rank0_setup(argv) -> tuple:
         except OSError as e:
             raise ConfigError(f"config key 'run.out': cannot write to {out}: {e.strerror}") from None
         cfg.run.out = str(out)
-        return ("ok", cfg.to_dict())
+        return ("ok", cfg.to_dict()), checkpoint.get("state")
     except ConfigError as e:
         print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
-        return ("exit", EXIT_CONFIG)
+        return ("exit", EXIT_CONFIG), None
     except SystemExit as e:  # --help, or argparse's own usage errors
-        return ("exit", e.code if isinstance(e.code, int) else 0)
+        return ("exit", e.code if isinstance(e.code, int) else 0), None
 
 
 def _default_out(cfg: Config) -> str:
@@ -85,7 +101,10 @@ def run(comm, argv=None) -> int:
     from .models import flat
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    cfg = from_dict(_collective_or_exit(comm, _rank0_setup(argv) if rank == 0 else None))
+    setup, resume_state = _rank0_setup(argv) if rank == 0 else (None, None)
+    cfg = from_dict(_collective_or_exit(comm, setup))
+    # Pre-emption: workers ignore the signal and finish when the server says stop; the server checkpoints.
+    _on_signals(lambda signum: None)
     # The virtual clock promises results independent of the rank count: one thread keeps CPU kernels' order fixed.
     torch.set_num_threads(1 if cfg.run.clock == "virtual" else cfg.run.threads)
     d = cfg.data
@@ -117,6 +136,7 @@ def run(comm, argv=None) -> int:
     runner = JobRunner(cfg, make_model(), splits.train_x.to(device), splits.train_y.to(device),
                        [torch.as_tensor(p, dtype=torch.long, device=device) for p in parts])
 
+    hosts = sorted(set(comm.allgather(_processor_name())))
     if rank != 0:
         stats = run_worker(comm, runner, cfg.server.queue_depth)
         comm.gather(stats, root=0)
@@ -133,9 +153,21 @@ def run(comm, argv=None) -> int:
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
           f"{runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
           f"K={cfg.server.concurrency}, {size} rank(s), {cfg.run.clock} clock, device {device}, out {out}", flush=True)
+    log = RunLog(out / "run.h5", _run_attrs(cfg, size, hosts), flush_seconds=cfg.run.log_flush_seconds,
+                 resume_counts=resume_state["log_counts"] if resume_state else None, overwrite=cfg.run.overwrite)
     server = Server(cfg, transport, model=model, make_model=make_model, splits=splits,
                     histograms=class_histograms(parts, labels, info.num_classes), device=device, flat=flat,
-                    out_dir=out, world_size=size)
+                    out_dir=out, world_size=size, log=log)
+    if resume_state:
+        server.load_state_dict(resume_state)
+        print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
+
+    def request_stop(signum: int) -> None:
+        server.stop_requested = True
+        print(f"[server] signal {signal.Signals(signum).name}: checkpointing and stopping after the "
+              f"update in hand", flush=True)
+
+    _on_signals(request_stop)
     summary = server.run()
     workers = comm.gather(None, root=0)[1:] if size > 1 else []
     if workers:
@@ -147,6 +179,38 @@ def run(comm, argv=None) -> int:
           f"{summary['updates_rejected']} rejected, {summary['wall_seconds']:.1f}s -> {out / 'summary.json'}",
           flush=True)
     return 0
+
+
+def _on_signals(handler) -> None:
+    """SLURM's `--signal` and `scancel` send USR1/TERM; mpiexec forwards INT, TERM and USR1 to every rank."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: handler(signum))
+
+
+def _processor_name() -> str:
+    from mpi4py import MPI
+    return MPI.Get_processor_name()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _run_attrs(cfg: Config, size: int, hosts: list[str]) -> dict:
+    import h5py
+    import mpi4py
+    from mpi4py import MPI
+    return {
+        "config": cfg.to_json(), "label": f"{cfg.server.algorithm} s{cfg.run.seed}",
+        "package_version": __version__, "git_commit": _git_commit(), "world_size": size, "seed": cfg.run.seed,
+        "torch_version": str(torch.__version__), "mpi4py_version": mpi4py.__version__,
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0], "h5py_version": h5py.__version__,
+        "hostnames": hosts, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def main(argv=None) -> int:

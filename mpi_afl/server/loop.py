@@ -37,12 +37,14 @@ from ..client.local_train import evaluate
 from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
+from ..storage.checkpoint import CheckpointError, save_checkpoint
+from ..storage.runlog import RunLog
 from ..transport.arrival import Arrival
 from ..transport.backoff import Backoff
 from .versions import VersionStore
 
 _CLIENT_STREAM = 0x5E7  # separates client sampling from other uses of the run seed
-REJECT_REASONS = ("", "size", "client", "job", "version", "nonfinite")
+CHECKPOINT_FORMAT = 1   # bump when the server state layout changes
 
 
 @dataclass
@@ -72,7 +74,7 @@ class EvalPoint:
 
 class Server:
     def __init__(self, cfg: Config, transport, *, model: torch.nn.Module, make_model, splits, histograms: np.ndarray,
-                 device: torch.device, flat, out_dir: Path, world_size: int):
+                 device: torch.device, flat, out_dir: Path, world_size: int, log: RunLog):
         self.cfg = cfg
         self.transport = transport
         self.device = device
@@ -80,6 +82,7 @@ class Server:
         self.splits = splits
         self.out_dir = out_dir
         self.world_size = world_size
+        self.log = log
         self.flat = flat            # the models.flat module (flatten / param_mask)
         self.x = flat.flatten(model).to(device)
         self.version = 0
@@ -110,8 +113,11 @@ class Server:
         self.received = self.accepted = self.rejected = 0
         self.evals: list[EvalPoint] = []
         self.busy_seconds = 0.0
+        self.idle_seconds = 0.0
+        self.interval = {"busy": 0.0, "idle": 0.0, "distill": 0.0}   # timing-row accumulators since the last eval
         self.t0 = time.perf_counter()
         self.stop_reason = ""
+        self.stop_requested = False   # set by the SIGTERM/SIGUSR1 handler (train.py)
 
     # ----------------------------------------------------------- jobs
     def _new_job(self, client: int | None = None, base_version: int | None = None) -> None:
@@ -158,7 +164,8 @@ class Server:
             self.outstanding[a.rank] -= 1
             job = self.in_flight.get(a.job_index)
             if job is None or a.job_index in self.arrived or job.worker != a.rank:
-                self._reject(a, None, "job")  # unknown, duplicate or from the wrong rank
+                self._reject(a, "job")  # unknown, duplicate or from the wrong rank
+                self._log_arrival(a, None, "job", 0.0)
                 continue
             self.arrived[a.job_index] = a
             self.arrival_order.append(a.job_index)
@@ -195,7 +202,7 @@ class Server:
         reason = self.validate(a, job)
         staleness = self.version - job.base_version
         if reason:
-            self._reject(a, job, reason)
+            self._reject(a, reason)
             if self.algorithm.synchronous:   # a round needs all K results: retry the client from the same base
                 self._new_job(job.client_id, job.base_version)
         else:
@@ -210,9 +217,19 @@ class Server:
             if outcome is not None:
                 self._new_version(outcome)
         self.versions.release(job.base_version)
-        self.busy_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.busy_seconds += seconds
+        self.interval["busy"] += seconds
+        self._log_arrival(a, job, reason, seconds, staleness)
 
-    def _reject(self, a: Arrival, job: Job | None, reason: str) -> None:
+    def _log_arrival(self, a: Arrival, job: Job | None, reason: str, seconds: float, staleness: int = -1) -> None:
+        self.log.arrival(
+            wall_time=self.wall(), virtual_time=job.finish_time if job else math.nan, client=a.client_id,
+            rank=a.rank, job=a.job_index, base_version=a.base_version, version=self.version, staleness=staleness,
+            weight=self.algorithm.last_weight if not reason else math.nan, loss=a.loss, samples=a.num_samples,
+            bytes=a.nbytes, server_seconds=seconds, accepted=not reason, reason=reason or "none")
+
+    def _reject(self, a: Arrival, reason: str) -> None:
         self.rejected += 1
         a.release()
         where = f"job {a.job_index} from rank {a.rank} (client {a.client_id})"
@@ -236,11 +253,19 @@ class Server:
             self.evaluate()
 
     def evaluate(self) -> EvalPoint:
+        t0 = time.perf_counter()
         s = self.splits
         test_loss, test_acc = evaluate(self.model, self.x, s.test_x, s.test_y)
         val_loss, val_acc = evaluate(self.model, self.x, s.val_x, s.val_y) if len(s.val_y) else (math.nan, math.nan)
         point = EvalPoint(self.version, self.wall(), self.now, test_loss, test_acc, val_loss, val_acc)
         self.evals.append(point)
+        self.log.eval(**asdict(point))
+        distill_total = self.ctx.stats.get("distill_seconds", 0.0)
+        busy = self.interval["busy"] - (distill_total - self.interval["distill"])
+        for phase, seconds in (("aggregate", busy), ("distill", distill_total - self.interval["distill"]),
+                               ("idle", self.interval["idle"]), ("eval", time.perf_counter() - t0)):
+            self.log.timing(version=self.version, wall_time=point.wall_time, phase=phase, seconds=seconds)
+        self.interval.update(busy=0.0, idle=0.0, distill=distill_total)
         rate = self.accepted / max(self.wall(), 1e-9)
         print(f"[server] version {self.version:5d}  virtual {self.now:9.2f}  wall {self.wall():8.1f}s  "
               f"{rate:7.1f} upd/s  test acc {test_acc:.4f}  loss {test_loss:.4f}", flush=True)
@@ -252,7 +277,9 @@ class Server:
     # ----------------------------------------------------------- main loop
     def should_stop(self) -> bool:
         r = self.cfg.run
-        if r.max_versions and self.version >= r.max_versions:
+        if self.stop_requested:
+            self.stop_reason = "signal"
+        elif r.max_versions and self.version >= r.max_versions:
             self.stop_reason = "max_versions"
         elif r.max_wall_seconds and self.wall() >= r.max_wall_seconds:
             self.stop_reason = "max_wall_seconds"
@@ -270,21 +297,94 @@ class Server:
         self.refill()
         self.dispatch()
         backoff = Backoff()
+        every = self.cfg.run.checkpoint_every
         while not self.should_stop():
+            self.log.maybe_flush()
             self.pump()
             ready = self.next_ready()
             if ready is None:
                 self.dispatch()
+                t0 = time.perf_counter()
                 backoff.idle()
+                self.interval["idle"] += time.perf_counter() - t0
                 continue
             backoff.reset()
+            version = self.version
             self.process(*ready)
             self.refill()
             self.dispatch()
+            if every and self.version != version and self.version % every == 0:
+                self.checkpoint()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
+        self.checkpoint()   # also after a normal stop, so `--resume` can extend the run
         self.transport.stop()
+        self.log.close()
         return self.summary()
+
+    # ----------------------------------------------------------- checkpoints
+    def checkpoint(self) -> None:
+        """Write OUT/checkpoint.h5 atomically; only ever called between two updates."""
+        t0 = time.perf_counter()
+        self.log.flush()   # the checkpoint must never count rows that only lived in memory
+        state = self.state_dict()
+        save_checkpoint(self.out_dir / "checkpoint.h5", state)
+        self.log.timing(version=self.version, wall_time=self.wall(), phase="checkpoint",
+                        seconds=time.perf_counter() - t0)
+
+    def state_dict(self) -> dict:
+        return {
+            "server_format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_json(),
+            "version": self.version,
+            "now": self.now,
+            "next_job": self.next_job,
+            "wall": self.wall(),
+            "global_model": self.x.cpu(),
+            "versions": {"versions": sorted(self.versions.models),
+                         "models": [self.versions.models[v].cpu() for v in sorted(self.versions.models)]},
+            "rng": self.rng.bit_generator.state,
+            "in_flight": [asdict(job) for _, job in sorted(self.in_flight.items())],
+            "busy": torch.from_numpy(self.busy.copy()),
+            "counters": {"received": self.received, "accepted": self.accepted, "rejected": self.rejected,
+                         "busy_seconds": self.busy_seconds},
+            "evals": [asdict(e) for e in self.evals],
+            "stats": dict(self.ctx.stats),
+            "algorithm": self.algorithm.state_dict(),
+            "log_counts": self.log.counts(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint: every job that was in flight is sent again (workers lost them)."""
+        if state.get("server_format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint server state format {state.get('server_format')!r}; "
+                                  f"this version reads {CHECKPOINT_FORMAT}")
+        self.version, self.now, self.next_job = int(state["version"]), float(state["now"]), int(state["next_job"])
+        self.t0 = time.perf_counter() - float(state["wall"])
+        self.x = state["global_model"].to(self.device)
+        models = {int(v): m.to(self.device) for v, m in zip(state["versions"]["versions"], state["versions"]["models"])}
+        models[self.version] = self.x
+        self.versions = VersionStore()
+        self.versions.models, self.versions.current = models, self.version
+        self.ctx.snapshot = self.versions.get
+        self.rng.bit_generator.state = state["rng"]
+        self.busy = state["busy"].numpy().astype(bool)
+        for row in state["in_flight"]:
+            job = Job(**{**row, "worker": -1})
+            self.in_flight[job.index] = job
+            self.versions.acquire(job.base_version)
+            heapq.heappush(self.pending, (job.finish_time, job.index))
+            if self.virtual:
+                heapq.heappush(self.schedule, (job.finish_time, job.index))
+        self.versions.collect()
+        c = state["counters"]
+        self.received, self.accepted, self.rejected = int(c["received"]), int(c["accepted"]), int(c["rejected"])
+        self.busy_seconds = float(c["busy_seconds"])
+        self.evals = [EvalPoint(**e) for e in state["evals"]]
+        self.ctx.stats.update(state["stats"])
+        self.interval["distill"] = self.ctx.stats.get("distill_seconds", 0.0)
+        self.ctx.global_model, self.ctx.version = self.x, self.version
+        self.algorithm.load_state_dict(state["algorithm"])
 
     def summary(self) -> dict:
         final = self.evals[-1]

@@ -46,11 +46,7 @@ class VersionStore:
         if version != self.current and self.refs.get(version, 0) == 0:
             self.models.pop(version, None)
 
-    def state_dict(self) -> dict:
-        return {"versions": sorted(self.models), "models": [self.models[v] for v in sorted(self.models)],
-                "current": self.current}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.models = dict(zip((int(v) for v in state["versions"]), state["models"]))
-        self.current = int(state["current"])
-        self.refs = Counter()
+    def collect(self) -> None:
+        """Free every snapshot nothing references (after a restore re-acquired what jobs need)."""
+        for version in list(self.models):
+            self._maybe_free(version)

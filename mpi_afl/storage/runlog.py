@@ -1,0 +1,307 @@
+"""Run log: one HDF5 file per run, written by rank 0 only, readable while the run goes on.
+
+Layout (DESIGN.md "Output"):
+
+- root attributes: whatever the server passes (config as JSON, versions,
+  world size, seed, ...; dict and list values are stored as JSON strings)
+  plus `format = "mpi_afl-run"` and `format_version`;
+- three tables, each ONE resizable 1-D dataset with a compound dtype, one row
+  per record: `arrivals` (ARRIVAL_FIELDS), `evals` (EVAL_FIELDS) and
+  `timings` (TIMING_FIELDS). One compound dataset per table (rather than one
+  dataset per column) means a live SWMR reader never sees half a row, and a
+  flush is one resize + one write per table;
+- coded columns hold small ints; the code tables are the module constants
+  REJECT_REASONS (`arrivals.reason`) and PHASES (`timings.phase`), also
+  stored as JSON in the dataset attributes `reason_codes` / `phase_codes` so
+  the file decodes without this package.
+
+All datasets are created before SWMR mode is switched on (an HDF5 rule), so
+another process can follow a live run::
+
+    f = h5py.File("run.h5", "r", swmr=True)
+    arrivals = f["arrivals"]
+    arrivals.refresh()                       # pick up rows flushed since
+    df = pandas.DataFrame(arrivals[()])      # columns = ARRIVAL_FIELDS
+
+or simply `read_run(path)`, which gives {table: {column: array}}.
+
+Rows are buffered in a Python list (a tuple per row, ~1 us) and written in one
+slice per table when `flush_seconds` have passed, so logging costs a few
+microseconds per update: `bench/runlog_overhead.py` measures it.
+"""
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mpi_afl.storage.checkpoint import atomic_replace
+
+FORMAT = "mpi_afl-run"
+FORMAT_VERSION = 1
+
+ARRIVAL_FIELDS = [
+    ("wall_time", "f8"),       # seconds since the run started
+    ("virtual_time", "f8"),    # virtual-clock finish time of the job
+    ("client", "i8"),
+    ("rank", "i8"),            # worker rank that ran the job
+    ("job", "i8"),
+    ("base_version", "i8"),    # global version the job trained from
+    ("version", "i8"),         # server version after processing the arrival
+    ("staleness", "i8"),       # version at arrival - base_version
+    ("weight", "f8"),          # aggregation weight, or FedRevive's beta (ALGORITHMS.md §3.2)
+    ("loss", "f8"),            # client's local training loss
+    ("samples", "i8"),
+    ("bytes", "i8"),           # update payload size
+    ("server_seconds", "f8"),  # server time spent on this arrival
+    ("accepted", "?"),
+    ("reason", "i1"),          # REJECT_REASONS code
+]
+EVAL_FIELDS = [
+    ("version", "i8"),
+    ("wall_time", "f8"),
+    ("virtual_time", "f8"),
+    ("test_loss", "f8"),
+    ("test_accuracy", "f8"),
+    ("val_loss", "f8"),
+    ("val_accuracy", "f8"),
+]
+TIMING_FIELDS = [
+    ("version", "i8"),
+    ("wall_time", "f8"),
+    ("phase", "i1"),           # PHASES code
+    ("seconds", "f8"),
+]
+
+# Why an arrival was not applied; rows pass the name, the file stores the code.
+REJECT_REASONS = {
+    "none": 0,        # accepted
+    "size": 1,        # payload length does not match the model
+    "client": 2,      # client id out of range or not the job's client
+    "job": 3,         # unknown or duplicate job index, or sent by the wrong rank
+    "version": 4,     # base version is not the job's, or lies in the future
+    "nonfinite": 5,   # NaN/inf in the update or its loss
+}
+# Server time categories for timing rows.
+PHASES = {
+    "aggregate": 0,
+    "distill": 1,
+    "synthesize": 2,
+    "eval": 3,
+    "checkpoint": 4,
+    "idle": 5,
+    "dispatch": 6,
+}
+
+TABLES = {"arrivals": ARRIVAL_FIELDS, "evals": EVAL_FIELDS, "timings": TIMING_FIELDS}
+CODED_COLUMNS = {"arrivals": {"reason": REJECT_REASONS}, "timings": {"phase": PHASES}}
+_CHUNK_ROWS = 1024  # ~100 KB chunks: few chunk writes per flush, small waste at the end
+
+
+class _Table:
+    """Row buffer of one table: validates field names, encodes coded columns, writes in one slice."""
+
+    def __init__(self, name: str, fields: list[tuple[str, str]], written: int):
+        self.name = name
+        self.dtype = np.dtype(fields)
+        self.names = self.dtype.names
+        self.keys = frozenset(self.names)
+        self.codes = CODED_COLUMNS.get(name, {})
+        self.rows: list[tuple] = []
+        self.written = written
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row.keys() != self.keys:
+            unknown = sorted(row.keys() - self.keys)
+            missing = sorted(self.keys - row.keys())
+            raise ValueError(f"{self.name} row: unknown field(s) {unknown}, missing field(s) {missing}; "
+                             f"fields are {list(self.names)}")
+        for column, codes in self.codes.items():
+            if row[column] not in codes:
+                raise ValueError(f"{self.name} row: {column}={row[column]!r} is not one of {list(codes)}")
+            row[column] = codes[row[column]]
+        self.rows.append(tuple(row[n] for n in self.names))
+
+    def write(self, ds: h5py.Dataset) -> None:
+        if not self.rows:
+            return
+        block = self._block()
+        end = self.written + len(block)
+        ds.resize((end,))
+        ds[self.written:end] = block
+        ds.flush()  # makes the rows visible to SWMR readers
+        self.written = end
+        self.rows.clear()
+
+    def _block(self) -> np.ndarray:
+        try:
+            return np.array(self.rows, dtype=self.dtype)
+        except (TypeError, ValueError) as e:
+            for i, name in enumerate(self.names):  # name the column that does not convert
+                try:
+                    np.array([r[i] for r in self.rows], dtype=self.dtype[name])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{self.name}.{name}: buffered values do not convert to "
+                                     f"{self.dtype[name]} ({e})") from e
+            raise
+
+
+class RunLog:
+    """Append-only run log (rank 0 only). Call `flush()` before `counts()` when checkpointing,
+    so the checkpoint never refers to rows that only lived in memory."""
+
+    def __init__(self, path: str | os.PathLike, attrs: dict, *, flush_seconds: float = 2.0,
+                 resume_counts: dict[str, int] | None = None, overwrite: bool = False):
+        """New file (`resume_counts` None): fails if `path` exists unless `overwrite`.
+        Resume: keep the first `resume_counts[table]` rows of each table (rows logged
+        after the checkpoint are dropped, so the resumed run neither repeats nor misses
+        rows) and update the root attributes with `attrs`."""
+        self.path = Path(path)
+        self.flush_seconds = flush_seconds
+        root_attrs = {key: _attr_value(key, value) for key, value in attrs.items()}
+        if resume_counts is None:
+            if self.path.exists() and not overwrite:
+                raise FileExistsError(f"run log {self.path} already exists; resume the run or choose another path")
+            kept = {name: np.zeros(0, np.dtype(fields)) for name, fields in TABLES.items()}
+        else:
+            kept, old_attrs = _read_prefix(self.path, resume_counts)
+            root_attrs = {**old_attrs, **root_attrs}
+        self._file = _create(self.path, root_attrs, kept)
+        self._datasets = {name: self._file[name] for name in TABLES}
+        self._tables = {name: _Table(name, fields, len(kept[name])) for name, fields in TABLES.items()}
+        self._last_flush = time.monotonic()
+
+    def arrival(self, **row: Any) -> None:
+        """Buffer one arrival row (all ARRIVAL_FIELDS; `reason` is a REJECT_REASONS name)."""
+        self._tables["arrivals"].add(row)
+
+    def eval(self, **row: Any) -> None:
+        """Buffer one evaluation row (all EVAL_FIELDS)."""
+        self._tables["evals"].add(row)
+
+    def timing(self, **row: Any) -> None:
+        """Buffer one server timing row (all TIMING_FIELDS; `phase` is a PHASES name)."""
+        self._tables["timings"].add(row)
+
+    def counts(self) -> dict[str, int]:
+        """Rows logged so far per table, written and buffered."""
+        return {name: t.written + len(t.rows) for name, t in self._tables.items()}
+
+    def maybe_flush(self) -> None:
+        """Flush when `flush_seconds` have passed since the last flush; cheap enough for every loop turn."""
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered rows to the file and make them visible to SWMR readers."""
+        for name, table in self._tables.items():
+            table.write(self._datasets[name])
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close; calling it again does nothing."""
+        if self._file is None:
+            return
+        self.flush()
+        self._file.close()
+        self._file = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_run(path: str | os.PathLike) -> dict:
+    """{"attrs": {...}, "arrivals": {column: array}, "evals": {...}, "timings": {...}}.
+
+    Opens with swmr=True, so it works on a live run and on the file of a run
+    that crashed (which HDF5 refuses to open any other way)."""
+    path = Path(path)
+    f = _open_run(path)
+    with f:
+        out: dict[str, Any] = {"attrs": {k: _py(v) for k, v in f.attrs.items()}}
+        for name in TABLES:
+            data = f[name][()]
+            out[name] = {column: data[column] for column in data.dtype.names}
+    return out
+
+
+def _open_run(path: Path) -> h5py.File:
+    if not path.is_file():
+        raise FileNotFoundError(f"run file not found: {path}")
+    try:
+        f = h5py.File(path, "r", swmr=True)
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 file ({e})") from e
+    marker = f.attrs.get("format")
+    missing = [name for name in TABLES if name not in f]
+    if marker != FORMAT or missing:
+        f.close()
+        raise ValueError(f"{path} is not an mpi_afl run file (root attribute format={marker!r}, "
+                         f"expected {FORMAT!r}; missing tables {missing})")
+    return f
+
+
+def _read_prefix(path: Path, counts: dict[str, int]) -> tuple[dict[str, np.ndarray], dict]:
+    """The first counts[table] rows of each table and the root attributes of an existing run file."""
+    if set(counts) != set(TABLES):
+        raise ValueError(f"resume_counts must give a row count for each of {list(TABLES)}, got {counts}")
+    with _open_run(path) as f:
+        kept = {}
+        for name, n in counts.items():
+            have = f[name].shape[0]
+            if not 0 <= n <= have:
+                raise ValueError(f"{path}: table {name!r} has {have} rows but the checkpoint expects {n}; "
+                                 "this run log does not belong to the checkpoint")
+            kept[name] = f[name][:n]
+        attrs = dict(f.attrs)
+    return kept, attrs
+
+
+def _create(path: Path, attrs: dict, tables: dict[str, np.ndarray]) -> h5py.File:
+    """Write a fresh run file (attributes, tables with their first rows), then reopen it in SWMR write mode.
+
+    Written to a temporary file and renamed, so a resume never leaves a half-copied log. A
+    fresh file is needed on resume anyway: HDF5 refuses to reopen for writing a file whose
+    SWMR writer crashed ("file is already open for write")."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs.update(attrs)
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            for name, rows in tables.items():
+                ds = f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNK_ROWS,))
+                for column, codes in CODED_COLUMNS.get(name, {}).items():
+                    ds.attrs[f"{column}_codes"] = json.dumps(codes)
+        atomic_replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    f = h5py.File(path, "r+", libver="latest")
+    f.swmr_mode = True
+    return f
+
+
+def _attr_value(key: str, value: Any) -> Any:
+    if key in ("format", "format_version"):
+        raise ValueError(f"run log attribute {key!r} is reserved")
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    if isinstance(value, (str, bool, int, float, np.generic)):
+        return value
+    raise TypeError(f"run log attribute {key!r}: cannot store {type(value).__name__}; "
+                    "allowed: str, int, float, bool, dict/list (stored as JSON)")
+
+
+def _py(value: Any) -> Any:
+    """numpy scalars from h5py attributes -> Python values."""
+    return value.item() if isinstance(value, np.generic) else value
