@@ -50,8 +50,8 @@ def _rank0_setup(argv) -> tuple[tuple, dict | None]:
             return ("exit", 0), None
         out = Path(cfg.run.out or _default_out(cfg))
         if not args.resume and out.exists() and any((out / f).exists() for f in RUN_FILES) and not cfg.run.overwrite:
-            raise ConfigError(f"output directory {out} already holds a run; choose another --out, "
-                              f"or pass --run.overwrite=true to replace it")
+            raise ConfigError(f"output directory {out} already holds a run; continue it with --resume {out}, "
+                              f"choose another --out, or pass --run.overwrite=true to replace it")
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"

@@ -315,9 +315,11 @@ class Server:
             self.dispatch()
             if every and self.version != version and self.version % every == 0:
                 self.checkpoint()
+        # Checkpoint first (also after a normal stop, so `--resume` can extend the run), then the
+        # off-schedule final evaluation: a resumed run drops that row, as an uninterrupted run never had it.
+        self.checkpoint()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
-        self.checkpoint()   # also after a normal stop, so `--resume` can extend the run
         self.transport.stop()
         self.log.close()
         return self.summary()

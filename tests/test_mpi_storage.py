@@ -1,0 +1,161 @@
+"""Run files, checkpoints, exact resume and pre-emption, with real mpiexec runs (issue: storage)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_helpers import FAST, MPIEXEC, env, launch, summary
+from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
+from mpi_afl.storage.runlog import read_run
+
+ARGS = [*FAST, "--algorithm", "fedbuff", "--clock", "virtual", "--seed", "5", "--run.eval_every=5"]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def _rows(run, table, drop=("wall_time", "server_seconds", "rank")):
+    """A run table without its wall-clock and placement columns (they differ between any two runs)."""
+    data = read_run(run)[table]
+    return {k: v for k, v in data.items() if k not in drop}
+
+
+def _same_rows(a, b, table):
+    ra, rb = _rows(a, table), _rows(b, table)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        assert np.array_equal(ra[k], rb[k], equal_nan=True), (table, k, ra[k], rb[k])
+
+
+def test_run_file_has_attrs_and_rows(tmp_path):
+    out = tmp_path / "r"
+    _ok(launch(3, [*ARGS, "--max-versions", "10", "--out", str(out)]))
+    run = read_run(out / "run.h5")
+    attrs = run["attrs"]
+    for key in ("config", "package_version", "world_size", "seed", "torch_version", "mpi4py_version",
+                "mpi_library", "h5py_version", "hostnames"):
+        assert key in attrs, key
+    assert attrs["world_size"] == 3 and attrs["seed"] == 5
+    arrivals = run["arrivals"]
+    s = summary(out)
+    assert len(arrivals["job"]) == s["updates_accepted"] + s["updates_rejected"]
+    assert set(arrivals["rank"]) == {1, 2}
+    assert arrivals["accepted"].all() and (arrivals["staleness"] >= 0).all()
+    assert list(run["evals"]["version"]) == [5, 10]
+    assert len(run["timings"]["phase"]) > 0
+
+
+def test_resume_after_max_versions_is_exact(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    _ok(launch(3, [*ARGS, "--max-versions", "20", "--out", str(full)]))
+    _ok(launch(3, [*ARGS, "--max-versions", "10", "--out", str(part)]))
+    _ok(launch(3, ["--resume", str(part), "--max-versions", "20"]))
+    assert summary(full)["model_sha256"] == summary(part)["model_sha256"]
+    for table in ("evals", "arrivals"):
+        _same_rows(full / "run.h5", part / "run.h5", table)
+
+
+def test_sigterm_under_mpiexec_checkpoints_and_resumes_exactly(tmp_path):
+    """Pre-emption: SIGTERM to mpiexec reaches every rank; all exit 0; a live SWMR reader follows the run."""
+    out = tmp_path / "sig"
+    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "mpi_afl.train", *ARGS, "--max-versions", "100000",
+           "--run.log_flush_seconds=0.2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        rows, deadline = 0, time.monotonic() + 120
+        while rows < 30 and time.monotonic() < deadline:   # follow the live file like a user would
+            time.sleep(0.5)
+            try:
+                with h5py.File(out / "run.h5", "r", swmr=True) as f:
+                    f["arrivals"].refresh()
+                    rows = len(f["arrivals"])
+            except (OSError, KeyError):
+                continue
+        assert rows >= 30, "the live run file never showed arrivals"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    assert time.monotonic() - t0 < 30
+    assert "signal SIGTERM" in stdout
+    s = summary(out)
+    assert s["stop_reason"] == "signal"
+    state = load_checkpoint(out / "checkpoint.h5")
+    stopped = int(state["version"])
+    assert stopped == s["versions"] > 0
+    # Resume a few versions further and compare with a run that never stopped.
+    target = stopped + 7
+    _ok(launch(3, ["--resume", str(out), "--max-versions", str(target)]))
+    straight = tmp_path / "straight"
+    _ok(launch(1, [*ARGS, "--max-versions", str(target), "--out", str(straight)]))
+    assert summary(out)["model_sha256"] == summary(straight)["model_sha256"]
+    _same_rows(out / "run.h5", straight / "run.h5", "evals")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("done") / "run"
+    _ok(launch(1, [*ARGS, "--max-versions", "5", "--out", str(out)]))
+    return out
+
+
+def _fails(args, *words):
+    proc = launch(1, args, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def test_existing_run_dir_is_never_overwritten_silently(finished_run):
+    before = (finished_run / "run.h5").read_bytes()
+    _fails([*ARGS, "--max-versions", "5", "--out", str(finished_run)], "already holds a run", "--resume", "overwrite")
+    assert (finished_run / "run.h5").read_bytes() == before
+
+
+def test_resume_with_incompatible_config_fails(finished_run):
+    _fails(["--resume", str(finished_run), "--model.name=convnet"], "model.name", "convnet", "cnn")
+    _fails(["--resume", str(finished_run), "--dataset", "mnist"], "data.dataset")
+    _fails(["--resume", str(finished_run), "--data.num_clients=50"], "data.num_clients")
+
+
+def test_bad_checkpoints_fail_before_any_work(tmp_path, finished_run):
+    good = (finished_run / "checkpoint.h5").read_bytes()
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "checkpoint.h5").write_bytes(good[: len(good) // 3])
+    _fails(["--resume", str(truncated)], "cannot resume", "truncated")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with h5py.File(foreign / "checkpoint.h5", "w") as f:
+        f["x"] = np.arange(3)
+    _fails(["--resume", str(foreign)], "not an mpi_afl checkpoint")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "checkpoint.h5").write_bytes(good)
+    with h5py.File(old / "checkpoint.h5", "r+") as f:
+        f.attrs["format_version"] = 99
+    _fails(["--resume", str(old)], "format_version 99")
+    _fails(["--resume", str(tmp_path / "missing")], "checkpoint file not found")
+
+
+def test_unwritable_output_dir_fails(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _fails([*ARGS, "--out", str(blocker / "run")], "run.out", "cannot write")
+
+
+def test_saved_state_round_trip_keeps_rng_state(tmp_path):
+    state = {"rng": np.random.default_rng(7).bit_generator.state, "x": np.arange(4.0)}
+    save_checkpoint(tmp_path / "c.h5", state)
+    back = load_checkpoint(tmp_path / "c.h5")
+    assert back["rng"] == state["rng"] and np.array_equal(back["x"], state["x"])
