@@ -410,6 +410,8 @@ def preset_path(name: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mpi_afl.train",
+        usage="[mpiexec -n R] python -m mpi_afl.train [--config FILE | --preset NAME] [--resume DIR] "
+              "[shortcuts] [--section.key=VALUE ...]",
         description="Asynchronous federated learning over MPI. Rank 0 serves, the other ranks run client jobs; "
                     "one process runs the jobs itself. Any config key can be overridden as --section.key=VALUE "
                     "(lists as comma-separated values).",
