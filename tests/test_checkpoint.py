@@ -131,6 +131,12 @@ def test_failed_rename_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(path) == {"version": 1}
 
 
+def test_file_mode_follows_umask_like_any_new_file(tmp_path):
+    save_checkpoint(tmp_path / "ckpt.h5", {"version": 1})
+    (tmp_path / "plain").write_text("x")
+    assert (tmp_path / "ckpt.h5").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_overwrite_replaces_content(tmp_path):
     path = tmp_path / "ckpt.h5"
     save_checkpoint(path, {"version": 1, "a": torch.ones(2)})

@@ -11,7 +11,7 @@ Layout (the exact inverse is `load_checkpoint`):
 - root attributes `format = "mpi_afl-checkpoint"`, `format_version`;
 - every dict, list and tuple that holds arrays is an HDF5 group with attribute
   `kind` ("dict" | "list" | "tuple"); the root group is the state dict;
-- in each such group a string dataset `__index__` holds JSON
+- in each such group a uint8 dataset `__index__` holds UTF-8 JSON
   `{"keys": [...], "plain": {name: value}}`: the keys in order (dict keys may
   be str or int, e.g. a torch optimizer's per-parameter state; list items
   are 0, 1, ...) and every entry that is plain JSON (None, bool, int, float,
@@ -21,11 +21,14 @@ Layout (the exact inverse is `load_checkpoint`):
   or a dataset with attribute `kind`: "tensor" (plus `dtype`, the torch dtype
   name; dtypes numpy lacks, such as bfloat16, are stored as the integer type
   of the same width and viewed back), "ndarray", "npscalar" or "bytes".
+
+Damage is detected rather than misread: the file uses the latest HDF5 format
+(checksummed metadata) and array data carries Fletcher-32 checksums.
 """
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,12 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 class CheckpointError(Exception):
     """A checkpoint file is missing, damaged, foreign or of another format version."""
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name next to `path`: same file system, so `os.replace` is atomic.
+    (Not mkstemp: its 0600 mode would make run files unreadable for the user's group.)"""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -68,17 +77,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         # libver="latest": checksummed metadata, so damage is reported instead of misread.
-        with h5py.File(tmp, "w", libver="latest") as f:
-            f.attrs["format"] = FORMAT
+        with h5py.File(tmp, "w-", libver="latest") as f:
+            _put_str(f, "format", FORMAT)
             f.attrs["format_version"] = FORMAT_VERSION
             _write_container(f, state, "state")
         atomic_replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -92,18 +100,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint {path}: not an HDF5 file, or truncated/corrupt ({e})") from e
     with f:
-        marker = f.attrs.get("format")
-        if marker != FORMAT:
-            raise CheckpointError(
-                f"{path} is not an mpi_afl checkpoint: root attribute format={marker!r}, expected {FORMAT!r}")
-        version = f.attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} has checkpoint format_version {version}; this code reads version {FORMAT_VERSION}")
         try:
+            marker = _get_str(f, "format")
+            if marker != FORMAT:
+                raise CheckpointError(
+                    f"{path} is not an mpi_afl checkpoint: root attribute format={marker!r}, expected {FORMAT!r}")
+            version = f.attrs.get("format_version")
+            if version != FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{path} has checkpoint format_version {version}; this code reads version {FORMAT_VERSION}")
             return _read_container(f, map_location)
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {e!r}") from e
+
+
+# Strings are stored as fixed-length attributes, which live inside the checksummed object
+# header; variable-length strings live in a global heap whose damage made HDF5 spin forever
+# in a corruption test instead of failing.
+def _put_str(obj: h5py.HLObject, key: str, value: str) -> None:
+    obj.attrs[key] = np.bytes_(value.encode())
+
+
+def _get_str(obj: h5py.HLObject, key: str) -> str | None:
+    value = obj.attrs.get(key)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _is_plain(value: Any) -> bool:
@@ -129,7 +149,7 @@ def _write_container(group: h5py.Group, container: dict | list | tuple, where: s
         kind, items = "dict", list(container.items())
     else:
         kind, items = ("tuple" if isinstance(container, tuple) else "list"), list(enumerate(container))
-    group.attrs["kind"] = kind
+    _put_str(group, "kind", kind)
     keys, plain, names = [], {}, set()
     for key, value in items:
         at = f"{where}[{key!r}]"
@@ -145,7 +165,8 @@ def _write_container(group: h5py.Group, container: dict | list | tuple, where: s
             _write_container(group.create_group(name), value, at)
         else:
             _write_leaf(group, name, value, at)
-    group.create_dataset(_INDEX, data=json.dumps({"keys": keys, "plain": plain}))
+    index = json.dumps({"keys": keys, "plain": plain}).encode()
+    group.create_dataset(_INDEX, data=np.frombuffer(index, np.uint8), fletcher32=True)
 
 
 def _write_leaf(group: h5py.Group, name: str, value: Any, where: str) -> None:
@@ -157,15 +178,15 @@ def _write_leaf(group: h5py.Group, name: str, value: Any, where: str) -> None:
             data = t.numpy()
         except TypeError:  # numpy has no such dtype: keep the bits
             data = t.view(_BITS[t.element_size()]).numpy()
-        attrs = {"kind": "tensor", "dtype": str(t.dtype).removeprefix("torch.")}
+        strings = {"kind": "tensor", "dtype": str(t.dtype).removeprefix("torch.")}
     elif isinstance(value, np.ndarray):
         if value.dtype.kind in "OU":
             raise TypeError(f"{where}: cannot store a numpy array of dtype {value.dtype} (object/unicode)")
-        data, attrs = value, {"kind": "ndarray"}
+        data, strings = value, {"kind": "ndarray"}
     elif isinstance(value, np.generic):
-        data, attrs = value, {"kind": "npscalar"}
+        data, strings = value, {"kind": "npscalar"}
     elif isinstance(value, bytes):
-        data, attrs = np.frombuffer(value, dtype=np.uint8), {"kind": "bytes"}
+        data, strings = np.frombuffer(value, dtype=np.uint8), {"kind": "bytes"}
     else:
         raise TypeError(
             f"{where}: cannot store a value of type {type(value).__name__} in a checkpoint; allowed: torch "
@@ -173,11 +194,12 @@ def _write_leaf(group: h5py.Group, name: str, value: Any, where: str) -> None:
     # Checksum the array data too (needs chunked storage, so not for scalars and empty arrays).
     checksum = np.ndim(data) > 0 and np.size(data) > 0
     ds = group.create_dataset(name, data=data, fletcher32=checksum)
-    ds.attrs.update(attrs)
+    for key, text in strings.items():
+        _put_str(ds, key, text)
 
 
 def _read_container(group: h5py.Group, map_location: str | torch.device) -> dict | list | tuple:
-    index = json.loads(group[_INDEX][()])
+    index = json.loads(group[_INDEX][()].tobytes())
     plain = index["plain"]
     items = []
     for key in index["keys"]:
@@ -188,7 +210,7 @@ def _read_container(group: h5py.Group, map_location: str | torch.device) -> dict
             obj = group[name]
             value = _read_container(obj, map_location) if isinstance(obj, h5py.Group) else _read_leaf(obj, map_location)
         items.append((key, value))
-    kind = group.attrs["kind"]
+    kind = _get_str(group, "kind")
     if kind == "dict":
         return dict(items)
     values = [v for _, v in items]
@@ -196,9 +218,9 @@ def _read_container(group: h5py.Group, map_location: str | torch.device) -> dict
 
 
 def _read_leaf(ds: h5py.Dataset, map_location: str | torch.device) -> Any:
-    kind = ds.attrs["kind"]
+    kind = _get_str(ds, "kind")
     if kind == "tensor":
-        dtype = getattr(torch, ds.attrs["dtype"])
+        dtype = getattr(torch, _get_str(ds, "dtype"))
         t = torch.from_numpy(ds[...])  # `[...]` keeps 0-d data an array, not a numpy scalar
         return (t if t.dtype == dtype else t.view(dtype)).to(map_location)
     if kind == "ndarray":
@@ -208,3 +230,4 @@ def _read_leaf(ds: h5py.Dataset, map_location: str | torch.device) -> Any:
     if kind == "bytes":
         return ds[()].tobytes()
     raise ValueError(f"dataset {ds.name} has unknown kind {kind!r}")
+

@@ -25,14 +25,14 @@ another process can follow a live run::
 
 or simply `read_run(path)`, which gives {table: {column: array}}.
 
-Rows are buffered in a Python list (a tuple per row, ~1 us) and written in one
-slice per table when `flush_seconds` have passed, so logging costs a few
-microseconds per update: `bench/runlog_overhead.py` measures it.
+Rows are buffered in a Python list (a tuple per row) and written in one slice
+per table when `flush_seconds` have passed, so logging costs 3-6 us per update
+including the flushes (`bench/runlog_overhead.py`), far below 2% of a server
+loop turn at hundreds of updates/s.
 """
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpi_afl.storage.checkpoint import atomic_replace
+from mpi_afl.storage.checkpoint import atomic_replace, temp_path
 
 FORMAT = "mpi_afl-run"
 FORMAT_VERSION = 1
@@ -271,10 +271,9 @@ def _create(path: Path, attrs: dict, tables: dict[str, np.ndarray]) -> h5py.File
     Written to a temporary file and renamed, so a resume never leaves a half-copied log. A
     fresh file is needed on resume anyway: HDF5 refuses to reopen for writing a file whose
     SWMR writer crashed ("file is already open for write")."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with h5py.File(tmp, "w-", libver="latest") as f:
             f.attrs.update(attrs)
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
@@ -284,7 +283,7 @@ def _create(path: Path, attrs: dict, tables: dict[str, np.ndarray]) -> h5py.File
                     ds.attrs[f"{column}_codes"] = json.dumps(codes)
         atomic_replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     f = h5py.File(path, "r+", libver="latest")
     f.swmr_mode = True
