@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mpi_afl.models import MODELS, build_model
-from mpi_afl.models.flat import flat_size, flatten, load_flat, param_mask
+from mpi_afl.models.flat import flat_size, flatten, load_flat, param_mask, variance_mask
 from mpi_afl.models.layers import StatTracker
 
 torch.set_num_threads(1)
@@ -139,3 +139,16 @@ def test_param_mask_marks_statistics_false(norm):
 def test_param_mask_all_true_without_norm():
     model = _build("cnn", 1, 8, "none")
     assert bool(param_mask(model).all())
+
+
+def test_variance_mask_marks_exactly_the_running_variances():
+    model = build_model("cnn", in_channels=1, image_size=8, num_classes=10, norm="batchnorm")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(7.0)
+    mask = variance_mask(model)
+    vec = flatten(model)
+    assert mask.dtype == torch.bool and mask.shape == vec.shape
+    expected = sum(m.running_var.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(mask.sum()) == expected > 0
+    assert torch.all(vec[mask] == 7.0)

@@ -68,3 +68,13 @@ def param_mask(model: nn.Module) -> torch.Tensor:
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return torch.cat([torch.full((t.numel(),), name in trainable, dtype=torch.bool, device=t.device)
                       for name, t in _float_entries(model)])
+
+
+def variance_mask(model: nn.Module) -> torch.Tensor:
+    """Bool vector over the flat layout: True for normalisation running variances.
+
+    They must stay >= 0, but a delta trained from an old version and added to a
+    newer model can push them below zero (measured: -0.51 at version 2 with
+    FedBuff on digits), after which BatchNorm evaluates to NaN."""
+    return torch.cat([torch.full((t.numel(),), name.endswith("running_var"), dtype=torch.bool, device=t.device)
+                      for name, t in _float_entries(model)])

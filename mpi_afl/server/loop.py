@@ -33,7 +33,7 @@ import torch
 
 from ..algorithms import ALGORITHMS
 from ..algorithms.base import ServerContext, Update
-from ..client.local_train import evaluate
+from ..client.local_train import evaluate_slices
 from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
@@ -85,6 +85,7 @@ class Server:
         self.log = log
         self.flat = flat            # the models.flat module (flatten / param_mask)
         self.x = flat.flatten(model).to(device)
+        self.variances = flat.variance_mask(model).nonzero().squeeze(1).to(device)   # a few hundred indices
         self.version = 0
         self.versions = VersionStore()
         self.versions.put(0, self.x)
@@ -118,6 +119,7 @@ class Server:
         self.t0 = time.perf_counter()
         self.stop_reason = ""
         self.stop_requested = False   # set by the SIGTERM/SIGUSR1 handler (train.py)
+        self.stopped = False          # workers told to stop: nothing more to receive or dispatch
 
     # ----------------------------------------------------------- jobs
     def _new_job(self, client: int | None = None, base_version: int | None = None) -> None:
@@ -236,18 +238,22 @@ class Server:
         print(f"[server] rejected update: {where}: {reason}", flush=True)
 
     def _drive(self, work):
-        """Run an algorithm's sliced work, receiving and dispatching between slices."""
+        """Run sliced work (an algorithm's, or an evaluation), receiving and dispatching between slices."""
         while True:
             try:
                 next(work)
             except StopIteration as done:
                 return done.value
-            self.pump()
-            self.dispatch()
+            if not self.stopped:
+                self.pump()
+                self.dispatch()
 
     def _new_version(self, model: torch.Tensor) -> None:
         self.version += 1
         self.x = model.contiguous()
+        # Running variances are aggregated like any entry, so stale deltas can make them negative:
+        # keep them >= 0 (BatchNorm adds its eps), or evaluation and the next jobs turn NaN.
+        self.x[self.variances] = self.x[self.variances].clamp_(min=0.0)
         self.versions.put(self.version, self.x)
         if self.version % self.cfg.run.eval_every == 0:
             self.evaluate()
@@ -255,8 +261,10 @@ class Server:
     def evaluate(self) -> EvalPoint:
         t0 = time.perf_counter()
         s = self.splits
-        test_loss, test_acc = evaluate(self.model, self.x, s.test_x, s.test_y)
-        val_loss, val_acc = evaluate(self.model, self.x, s.val_x, s.val_y) if len(s.val_y) else (math.nan, math.nan)
+        # In slices with a poll + dispatch between batches: workers get their next jobs meanwhile.
+        test_loss, test_acc = self._drive(evaluate_slices(self.model, self.x, s.test_x, s.test_y))
+        val_loss, val_acc = (self._drive(evaluate_slices(self.model, self.x, s.val_x, s.val_y))
+                             if len(s.val_y) else (math.nan, math.nan))
         point = EvalPoint(self.version, self.wall(), self.now, test_loss, test_acc, val_loss, val_acc)
         self.evals.append(point)
         self.log.eval(**asdict(point))
@@ -315,12 +323,15 @@ class Server:
             self.dispatch()
             if every and self.version != version and self.version % every == 0:
                 self.checkpoint()
-        # Checkpoint first (also after a normal stop, so `--resume` can extend the run), then the
-        # off-schedule final evaluation: a resumed run drops that row, as an uninterrupted run never had it.
+        # Workers stop first, so none waits through the final checkpoint and evaluation (jobs still in
+        # flight are in the checkpoint and run again on resume).
+        self.transport.stop()
+        self.stopped = True
+        # Checkpoint (also after a normal stop, so `--resume` can extend the run), then the off-schedule
+        # final evaluation: a resumed run drops that row, as an uninterrupted run never had it.
         self.checkpoint()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
-        self.transport.stop()
         self.log.close()
         return self.summary()
 
