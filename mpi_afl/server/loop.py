@@ -115,7 +115,9 @@ class Server:
         self.evals: list[EvalPoint] = []
         self.busy_seconds = 0.0
         self.idle_seconds = 0.0
-        self.interval = {"busy": 0.0, "idle": 0.0, "distill": 0.0}   # timing-row accumulators since the last eval
+        self.interval = {"busy": 0.0, "idle": 0.0, "eval": 0.0, "distill": 0.0}   # timing-row sums since the last eval
+        self.eval_queue: deque[tuple[int, torch.Tensor, float, float]] = deque()   # (version, model, wall, virtual)
+        self.eval_task = None                                                      # the evaluation in progress
         self.t0 = time.perf_counter()
         self.stop_reason = ""
         self.stop_requested = False   # set by the SIGTERM/SIGUSR1 handler (train.py)
@@ -258,26 +260,51 @@ class Server:
         if self.version % self.cfg.run.eval_every == 0:
             self.evaluate()
 
-    def evaluate(self) -> EvalPoint:
+    def evaluate(self) -> None:
+        """Evaluate the current version: queued and run in slices between loop turns, so the server keeps
+        aggregating and creating jobs meanwhile (an evaluation pass is seconds of CPU), or at once where the
+        result decides when to stop (virtual clock with a target accuracy: stopping must not depend on timing)."""
+        self.eval_queue.append((self.version, self.x, self.wall(), self.now))
+        if self.virtual and self.cfg.run.target_accuracy:
+            self.finish_evaluations()
+
+    def _eval_step(self) -> None:
+        """Advance the pending evaluations by one slice (one batch)."""
         t0 = time.perf_counter()
+        if self.eval_task is None and self.eval_queue:
+            self.eval_task = self._evaluation(*self.eval_queue.popleft())
+        if self.eval_task is not None:
+            try:
+                next(self.eval_task)
+            except StopIteration:
+                self.eval_task = None
+            self.interval["eval"] += time.perf_counter() - t0
+
+    def finish_evaluations(self) -> None:
+        while self.eval_task is not None or self.eval_queue:
+            self._eval_step()
+            if not self.stopped:
+                self.pump()
+                self.dispatch()
+
+    def _evaluation(self, version: int, x: torch.Tensor, wall: float, now: float):
+        """Evaluate snapshot `x` of `version` (reached at `wall`/`now`) batch by batch, then record it."""
         s = self.splits
-        # In slices with a poll + dispatch between batches: workers get their next jobs meanwhile.
-        test_loss, test_acc = self._drive(evaluate_slices(self.model, self.x, s.test_x, s.test_y))
-        val_loss, val_acc = (self._drive(evaluate_slices(self.model, self.x, s.val_x, s.val_y))
+        test_loss, test_acc = yield from evaluate_slices(self.model, x, s.test_x, s.test_y)
+        val_loss, val_acc = ((yield from evaluate_slices(self.model, x, s.val_x, s.val_y))
                              if len(s.val_y) else (math.nan, math.nan))
-        point = EvalPoint(self.version, self.wall(), self.now, test_loss, test_acc, val_loss, val_acc)
+        point = EvalPoint(version, wall, now, test_loss, test_acc, val_loss, val_acc)
         self.evals.append(point)
         self.log.eval(**asdict(point))
         distill_total = self.ctx.stats.get("distill_seconds", 0.0)
         busy = self.interval["busy"] - (distill_total - self.interval["distill"])
         for phase, seconds in (("aggregate", busy), ("distill", distill_total - self.interval["distill"]),
-                               ("idle", self.interval["idle"]), ("eval", time.perf_counter() - t0)):
-            self.log.timing(version=self.version, wall_time=point.wall_time, phase=phase, seconds=seconds)
-        self.interval.update(busy=0.0, idle=0.0, distill=distill_total)
+                               ("idle", self.interval["idle"]), ("eval", self.interval["eval"])):
+            self.log.timing(version=version, wall_time=self.wall(), phase=phase, seconds=seconds)
+        self.interval.update(busy=0.0, idle=0.0, eval=0.0, distill=distill_total)
         rate = self.accepted / max(self.wall(), 1e-9)
-        print(f"[server] version {self.version:5d}  virtual {self.now:9.2f}  wall {self.wall():8.1f}s  "
+        print(f"[server] version {version:5d}  virtual {now:9.2f}  wall {wall:8.1f}s  "
               f"{rate:7.1f} upd/s  test acc {test_acc:.4f}  loss {test_loss:.4f}", flush=True)
-        return point
 
     def wall(self) -> float:
         return time.perf_counter() - self.t0
@@ -312,6 +339,9 @@ class Server:
             ready = self.next_ready()
             if ready is None:
                 self.dispatch()
+                if self.eval_task is not None or self.eval_queue:
+                    self._eval_step()   # idle time is evaluation time
+                    continue
                 t0 = time.perf_counter()
                 backoff.idle()
                 self.interval["idle"] += time.perf_counter() - t0
@@ -321,6 +351,7 @@ class Server:
             self.process(*ready)
             self.refill()
             self.dispatch()
+            self._eval_step()
             if every and self.version != version and self.version % every == 0:
                 self.checkpoint()
         # Workers stop first, so none waits through the final checkpoint and evaluation (jobs still in
@@ -332,12 +363,14 @@ class Server:
         self.checkpoint()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
+            self.finish_evaluations()
         self.log.close()
         return self.summary()
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
         """Write OUT/checkpoint.h5 atomically; only ever called between two updates."""
+        self.finish_evaluations()   # a checkpoint covers every evaluation of the versions before it
         t0 = time.perf_counter()
         self.log.flush()   # the checkpoint must never count rows that only lived in memory
         state = self.state_dict()
