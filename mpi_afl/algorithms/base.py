@@ -12,6 +12,11 @@ arrival, in processing order, and it returns one of:
   `None`. No other update is processed while a generator is running, so the
   algorithm sees arrivals strictly one at a time.
 
+Ownership: `Update.delta` is borrowed (it may live in a receive buffer that
+is reused after the call): copy what you keep. A returned model tensor is the
+server's from then on (it becomes a version snapshot that jobs are sent from
+without a copy): never modify it afterwards.
+
 Everything an algorithm keeps between calls is in `state_dict()`, so a
 checkpoint covers it and a resumed run continues bit-identically.
 """
@@ -35,7 +40,7 @@ class Update:
     job_index: int
     base_version: int
     staleness: int            # server version at processing time - base_version
-    delta: torch.Tensor       # flat float32 on the server device: w_local - x_base
+    delta: torch.Tensor       # flat float32 on the server device: w_local - x_base (borrowed)
     num_samples: int
     loss: float
 
