@@ -88,8 +88,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = opt("cnn", "model", choices=MODEL_NAMES)
-    norm: str = opt("batchnorm", "normalisation layer: BatchNorm, FedRevive's stat tracker, or none",
-                    choices=["batchnorm", "stat", "none"])
+    # Default "stat", as the FedRevive code uses for every method: BatchNorm's running statistics are
+    # aggregated like weights, and stale deltas drove them to ~0 in wall-clock FedBuff runs on Fashion-MNIST
+    # (test loss 4e5, accuracy 0.10), while the same runs with stat trackers kept learning.
+    norm: str = opt("stat", "normalisation layer: FedRevive's stat tracker (tracks statistics, does not "
+                    "normalise), BatchNorm, or none", choices=["stat", "batchnorm", "none"])
 
 
 @dataclass
@@ -107,7 +110,7 @@ class ClientConfig:
 class ServerConfig:
     algorithm: str = opt("fedbuff", "aggregation algorithm", choices=ALGORITHM_NAMES)
     concurrency: int = opt(8, "jobs in flight K (fedavg: clients per round)", min=1)
-    lr: float = opt(1.0, "server learning rate eta", min=0, min_exclusive=True)
+    lr: float = opt(0.5, "server learning rate eta", min=0, min_exclusive=True)
     buffer_size: int = opt(4, "updates per aggregation B (fedbuff, ca2fl, fedecho)", min=1)
     momentum: float = opt(0.0, "server momentum (fedbuff)", min=0, max=1)
     staleness: str = opt("none", "staleness weight s(tau) for fedasync/fedbuff", choices=STALENESS_NAMES)
