@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -52,6 +51,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from mpi_afl.launch import mpiexec_path
 
 WORKERS = 4
 LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -227,20 +228,11 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
     }), flush=True)
 
 
-def mpiexec() -> str:
-    """The mpiexec next to this Python (the MPICH wheel's), else the one on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    if found is None:
-        raise FileNotFoundError("mpiexec not found next to the Python executable or on PATH")
-    return found
-
-
 def drive(params: list[int], seconds: float, repeats: int) -> None:
     for p in params:
         runs = []
         for _ in range(repeats):
-            cmd = [mpiexec(), "-n", str(WORKERS + 1), sys.executable, __file__, "--params", str(p),
+            cmd = [mpiexec_path(), "-n", str(WORKERS + 1), sys.executable, __file__, "--params", str(p),
                    "--seconds", str(seconds)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith('{"bench"')]

@@ -28,23 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from mpi_afl.launch import mpiexec_path
 from mpi_afl.storage.runlog import PHASES, read_run
-
-
-def mpiexec() -> str:
-    """The mpiexec next to this Python (the MPICH wheel's), else the one on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    if found is None:
-        raise FileNotFoundError("mpiexec not found next to the Python executable or on PATH")
-    return found
 
 
 def run_once(workers: int, max_versions: int, extra: list[str]) -> dict:
@@ -52,7 +43,7 @@ def run_once(workers: int, max_versions: int, extra: list[str]) -> dict:
              "--max-versions", str(max_versions), *extra]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [mpiexec(), "-n", str(workers + 1), sys.executable, *train, "--out", str(out)]
+        cmd = [mpiexec_path(), "-n", str(workers + 1), sys.executable, *train, "--out", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             sys.stderr.write(done.stdout + done.stderr)

@@ -2,12 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+from mpi_afl.launch import mpiexec_path
+
+MPIEXEC = mpiexec_path()
 
 # Small, fast defaults: digits, a few clients, short local training.
 FAST = ["--dataset", "digits", "--data.num_clients=12", "--server.concurrency=4", "--client.iterations=5",
@@ -24,7 +25,6 @@ def launch(ranks: int, args: list[str], timeout: float = 240, **kw) -> subproces
     """Run the trainer on `ranks` processes (1 = plain python, no mpiexec)."""
     cmd = [sys.executable, "-m", "mpi_afl.train", *args]
     if ranks > 1:
-        assert MPIEXEC, "mpiexec not found: pip install mpich (the [mpich] extra)"
         cmd = [MPIEXEC, "-n", str(ranks), *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), **kw)
 
