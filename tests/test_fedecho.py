@@ -1,26 +1,21 @@
 """FedEcho reconstruction (ALGORITHMS.md §4): weights, target, KD and the server flow."""
 
 import math
-from types import GeneratorType
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from mpi_afl.algorithms.base import ServerContext, Update
 from mpi_afl.algorithms.ca2fl import CA2FL
 from mpi_afl.algorithms.fedbuff import FedBuff
 from mpi_afl.algorithms.fedecho import FedEcho, echo_target, entropy_weights, soft_kl
 from mpi_afl.config import Config
-from mpi_afl.models.flat import flatten, load_flat, param_mask
-from mpi_afl.models.layers import make_norm
+from mpi_afl.models.flat import load_flat
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
+
+from fakes import FakeServer, TinyNet, small_distill
 
 torch.set_num_threads(1)
 
-SHAPE = (1, 8, 8)
 CLASSES = 5
 CLIENTS = 6
 
@@ -91,17 +86,9 @@ def test_soft_kl_is_zero_at_the_target_and_its_gradient_moves_towards_it():
 # -- the algorithm on a fake server --------------------------------------------------
 
 
-class Tiny(nn.Module):
-    """conv3x3(4) -> BatchNorm -> relu -> 2x2 average pool -> linear, for 8x8 images."""
-
-    def __init__(self, norm: str = "batchnorm"):
-        super().__init__()
-        self.conv = nn.Conv2d(SHAPE[0], 4, 3, padding=1)
-        self.norm = make_norm(norm, 4)
-        self.fc = nn.Linear(16, CLASSES)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.norm(self.conv(x))), 2).flatten(1))
+def tiny() -> TinyNet:
+    """The test architecture, with BatchNorm as its normalisation layer."""
+    return TinyNet("batchnorm", CLASSES)
 
 
 def make_cfg(inputs="synthetic", backbone="fedbuff", buffer_size=1, **distill) -> Config:
@@ -112,67 +99,16 @@ def make_cfg(inputs="synthetic", backbone="fedbuff", buffer_size=1, **distill) -
     cfg.server.lr = 0.5
     cfg.server.buffer_size = buffer_size
     cfg.echo.inputs, cfg.echo.backbone, cfg.echo.teachers = inputs, backbone, 3
-    d = cfg.distill
-    d.nz, d.ngf, d.synth_batch, d.synth_steps, d.pool_size = 8, 8, 8, 2, 32
-    d.kd_steps, d.kd_batch, d.probes = 3, 4, 8
-    d.freeze_versions, d.warmup_versions = 1, 2
-    for key, value in distill.items():
-        setattr(d, key, value)
-    return cfg
+    return small_distill(cfg, **{"kd_steps": 3, "kd_batch": 4, "freeze_versions": 1, "warmup_versions": 2,
+                                 **distill})
 
 
-class Server:
-    """Versions, snapshots and the context, as the real server loop keeps them."""
+class Server(FakeServer):
+    """The fake server loop with FedEcho's client jobs (larger weight noise: teachers that disagree)."""
 
     def __init__(self, cfg: Config, kd_data: bool = False):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            x0 = flatten(Tiny())
-        self.snapshots = {0: x0}
-        hist = np.zeros((CLIENTS, CLASSES), dtype=np.int64)
-        for c in range(CLIENTS):
-            hist[c, [c % CLASSES, (c + 2) % CLASSES]] = [30, 10]
-        g = torch.Generator().manual_seed(1)
-        self.ctx = ServerContext(
-            cfg=cfg, device=torch.device("cpu"), global_model=x0, version=0, snapshot=self.snapshots.__getitem__,
-            make_model=Tiny, param_mask=param_mask(Tiny()), num_classes=CLASSES, image_shape=SHAPE,
-            data_mean=(0.5,), data_std=(0.25,), client_histograms=hist,
-            kd_x=torch.randn(40, *SHAPE, generator=g) if kd_data else None,
-            kd_y=torch.arange(40) % CLASSES if kd_data else None)
-
-    def client_delta(self, client: int, base: int) -> torch.Tensor:
-        """A job's Delta: perturbed weights and running stats from a few batches of client-specific noise."""
-        g = torch.Generator().manual_seed(1000 * client + base)
-        model = Tiny()
-        load_flat(model, self.snapshots[base])
-        model.train()
-        with torch.no_grad():
-            for _ in range(2):
-                model(torch.randn(8, *SHAPE, generator=g) + client * 0.2)
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        return flatten(model) - self.snapshots[base]
-
-    def arrive(self, alg, client: int, base: int):
-        """One arrival: returns (outcome kind, new model or None, slices, delta)."""
-        delta = self.client_delta(client, base)
-        update = Update(client_id=client, job_index=0, base_version=base, staleness=self.ctx.version - base,
-                        delta=delta, num_samples=40, loss=1.0)
-        outcome = alg.on_update(update, self.ctx)
-        slices, kind = 0, "generator" if isinstance(outcome, GeneratorType) else "direct"
-        if kind == "generator":
-            while True:
-                try:
-                    next(outcome)
-                    slices += 1
-                except StopIteration as stop:
-                    outcome = stop.value
-                    break
-        if outcome is not None:
-            self.ctx.version += 1
-            self.ctx.global_model = outcome
-            self.snapshots[self.ctx.version] = outcome
-        return kind, outcome, slices, delta
+        super().__init__(cfg, tiny, num_classes=CLASSES, num_clients=CLIENTS, stat_batches=2, input_shift=0.2,
+                         weight_noise=0.3, kd_data=kd_data)
 
 
 def test_teachers_are_the_latest_models_of_distinct_recent_clients():
@@ -182,9 +118,9 @@ def test_teachers_are_the_latest_models_of_distinct_recent_clients():
     deltas = {}
     for client, base in [(4, 0), (1, 0), (3, 1), (1, 2), (0, 3), (1, 3)]:
         _, _, _, deltas[client] = server.arrive(alg, client, base)
-    assert alg.teacher_clients == [1, 0, 3]  # client 1 moved to the front each time, never twice
-    assert alg.teacher_versions == [3, 3, 1]
-    assert torch.equal(alg.teacher_models[0], server.snapshots[3] + deltas[1])
+    assert alg.teachers.clients == [1, 0, 3]  # client 1 moved to the front each time, never twice
+    assert alg.teachers.versions == [3, 3, 1]
+    assert torch.equal(alg.teachers.models[0], server.snapshots[3] + deltas[1])
     assert alg.staleness_weights(6) is None
     cfg.echo.staleness_factor = "polynomial"
     torch.testing.assert_close(alg.staleness_weights(6), torch.tensor([4.0, 4.0, 6.0]) ** -0.5)
@@ -228,11 +164,11 @@ def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
     # On the proxy inputs, the new model is closer to the entropy-weighted target than x' was.
     inputs = server.ctx.kd_x
     with torch.no_grad():
-        logits = torch.stack([t(inputs) for t in alg.teachers()])
+        logits = torch.stack([t(inputs) for t in alg.teachers.modules()])
         target = echo_target(logits, entropy_weights(torch.softmax(logits, -1), cfg.echo.gamma), 1.0)
 
         def kl(flat):
-            model = Tiny()
+            model = tiny()
             load_flat(model, flat)
             model.train()  # as during KD (batch statistics)
             return soft_kl(model(inputs), target, 1.0).item()
@@ -246,7 +182,7 @@ def test_reset_norm_stats_option():
     server = Server(cfg, kd_data=True)
     alg = FedEcho(cfg, server.ctx)
     _, new, _, _ = server.arrive(alg, 0, 0)  # version 0: no KD yet, statistics reset all the same
-    model = Tiny()
+    model = tiny()
     load_flat(model, new)
     assert torch.equal(model.norm.running_mean, torch.zeros(4)) and torch.equal(model.norm.running_var, torch.ones(4))
 
@@ -265,7 +201,7 @@ def test_synthetic_inputs_follow_fedrevive_gates():
                      ("generator", d.synth_steps, 2 * d.synth_batch),
                      ("generator", d.synth_steps + d.kd_steps, 3 * d.synth_batch)]  # beyond warm-up: KD
     assert server.ctx.stats["kd_applied"] == 1
-    assert set(alg.proxy.seen) == {0, 1, 2, 3}
+    assert set(alg.teachers.proxy.seen) == {0, 1, 2, 3}
 
 
 def test_proxy_inputs_need_the_kd_split():

@@ -1,40 +1,28 @@
 """FedRevive and DD-FedRevive on a fake server context (ALGORITHMS.md §3.1, §3.4)."""
 
 import math
-from types import GeneratorType
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from mpi_afl.algorithms.base import ServerContext, Update
 from mpi_afl.algorithms.fedrevive import DDFedRevive, FedRevive
 from mpi_afl.algorithms.staleness import beta, cosine_beta, step_beta
 from mpi_afl.config import Config, DistillConfig
-from mpi_afl.models.flat import flatten, load_flat, param_mask
-from mpi_afl.models.layers import make_norm, reset_norm_statistics
+from mpi_afl.models.flat import flatten, load_flat
+from mpi_afl.models.layers import reset_norm_statistics
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
+
+from fakes import FakeServer, TinyNet, small_distill
 
 torch.set_num_threads(1)
 
-SHAPE = (1, 8, 8)
 CLASSES = 10
 CLIENTS = 6
 
 
-class Tiny(nn.Module):
-    """conv3x3(4) -> StatTracker -> relu -> 2x2 average pool -> linear, for 8x8 images."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(SHAPE[0], 4, 3, padding=1)
-        self.norm = make_norm("stat", 4)
-        self.fc = nn.Linear(16, CLASSES)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.norm(self.conv(x))), 2).flatten(1))
+def tiny() -> TinyNet:
+    """The test architecture, with StatTracker as its normalisation layer."""
+    return TinyNet("stat", CLASSES)
 
 
 def make_cfg(**distill) -> Config:
@@ -42,71 +30,27 @@ def make_cfg(**distill) -> Config:
     cfg.run.seed = 7
     cfg.server.lr = 0.5
     cfg.server.s_max = 2.0
-    d = cfg.distill
-    d.nz, d.ngf, d.synth_batch, d.synth_steps, d.pool_size = 8, 8, 8, 2, 32
-    d.kd_steps, d.kd_batch, d.teachers, d.probes = 2, 4, 3, 8
-    d.freeze_versions, d.warmup_versions = 2, 4
-    for key, value in distill.items():
-        setattr(d, key, value)
-    return cfg
+    return small_distill(cfg, **{"kd_steps": 2, "kd_batch": 4, "teachers": 3, "freeze_versions": 2,
+                                 "warmup_versions": 4, **distill})
 
 
-class Server:
-    """The bits of the real server loop an algorithm sees: versions, snapshots, the context."""
+class Server(FakeServer):
+    """The fake server loop with FedRevive's client jobs; every arrival yields a new version."""
 
     def __init__(self, cfg: Config, kd_data: bool = False):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            x0 = flatten(Tiny())
-        self.snapshots = {0: x0}
-        hist = np.zeros((CLIENTS, CLASSES), dtype=np.int64)
-        for c in range(CLIENTS):
-            hist[c, [c % CLASSES, (c + 3) % CLASSES]] = [30, 10]
-        g = torch.Generator().manual_seed(1)
-        self.ctx = ServerContext(
-            cfg=cfg, device=torch.device("cpu"), global_model=x0, version=0, snapshot=self.snapshots.__getitem__,
-            make_model=Tiny, param_mask=param_mask(Tiny()), num_classes=CLASSES, image_shape=SHAPE,
-            data_mean=(0.5,), data_std=(0.25,), client_histograms=hist,
-            kd_x=torch.randn(40, *SHAPE, generator=g) if kd_data else None,
-            kd_y=torch.arange(40) % CLASSES if kd_data else None)
-
-    def client_delta(self, client: int, base: int) -> torch.Tensor:
-        """A client job's Delta: perturbed weights and the running stats of a few batches of noise."""
-        g = torch.Generator().manual_seed(1000 * client + base)
-        model = Tiny()
-        load_flat(model, self.snapshots[base])
-        model.train()
-        with torch.no_grad():
-            for _ in range(3):
-                model(torch.randn(8, *SHAPE, generator=g) + client * 0.1)
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        return flatten(model) - self.snapshots[base]
+        super().__init__(cfg, tiny, num_classes=CLASSES, num_clients=CLIENTS, stat_batches=3, input_shift=0.1,
+                         weight_noise=0.05, kd_data=kd_data)
 
     def arrive(self, alg, client: int, base: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Process one arrival as the server loop would; returns (new model, slices, delta)."""
-        delta = self.client_delta(client, base)
-        update = Update(client_id=client, job_index=0, base_version=base, staleness=self.ctx.version - base,
-                        delta=delta, num_samples=40, loss=1.0)
-        outcome = alg.on_update(update, self.ctx)
-        assert isinstance(outcome, GeneratorType)
-        slices = 0
-        while True:
-            try:
-                next(outcome)
-                slices += 1
-            except StopIteration as stop:
-                new = stop.value
-                break
-        self.ctx.version += 1
-        self.ctx.global_model = new
-        self.snapshots[self.ctx.version] = new
+        """Process one arrival; returns (new model, slices, delta)."""
+        kind, new, slices, delta = super().arrive(alg, client, base)
+        assert kind == "generator"
         return new, slices, delta
 
 
 def plain_step(x: torch.Tensor, lr: float, delta: torch.Tensor) -> torch.Tensor:
     """x + lr * delta with the normalisation statistics reset: the result when KD does not blend."""
-    model = Tiny()
+    model = tiny()
     load_flat(model, x + lr * delta)
     reset_norm_statistics(model)
     return flatten(model)
@@ -154,7 +98,7 @@ def test_warmup_gates_and_blend():
     assert server.ctx.stats["distill_seconds"] > 0
     assert not torch.allclose(new, plain_step(x, 0.5, delta))
     # Statistics of the new global model are reset (mean 0, var 1).
-    model = Tiny()
+    model = tiny()
     load_flat(model, new)
     assert torch.equal(model.norm.running_mean, torch.zeros(4)) and torch.equal(model.norm.running_var, torch.ones(4))
 
@@ -207,10 +151,10 @@ def test_teacher_buffer_holds_the_c_most_recent_client_models():
     for v, client in enumerate([4, 1, 3, 0, 2]):
         base = max(0, v - 1)
         _, _, deltas[client] = server.arrive(alg, client=client, base=base)
-    assert alg.teacher_clients == [2, 0, 3]
-    assert torch.equal(alg.teacher_models[0], server.snapshots[3] + deltas[2])
+    assert alg.teachers.clients == [2, 0, 3]
+    assert torch.equal(alg.teachers.models[0], server.snapshots[3] + deltas[2])
     # The probe proxy saw every client's first upload.
-    assert set(alg.proxy.seen) == {0, 1, 2, 3, 4} and all(n == 1 for n in alg.proxy.seen.values())
+    assert set(alg.teachers.proxy.seen) == {0, 1, 2, 3, 4} and all(n == 1 for n in alg.teachers.proxy.seen.values())
 
 
 def test_histogram_proxy_uses_true_label_proportions():
@@ -219,10 +163,10 @@ def test_histogram_proxy_uses_true_label_proportions():
     alg = FedRevive(cfg, server.ctx)
     server.arrive(alg, client=0, base=0)
     server.arrive(alg, client=4, base=0)
-    q = alg.proportions()
+    q = alg.teachers.proportions()
     assert q.shape == (2, CLASSES)
     assert q[0].tolist() == pytest.approx([0.0] * 4 + [0.75, 0.0, 0.0, 0.25, 0.0, 0.0])
-    assert alg.proxy.seen == {}
+    assert alg.teachers.proxy.seen == {}
     assert server.ctx.stats["kd_applied"] == 1
 
 

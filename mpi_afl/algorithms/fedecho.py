@@ -62,11 +62,11 @@ from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mpi_afl.distill.kd import OutlierFilter
-from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions
+from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
+from mpi_afl.distill.teachers import TeacherBuffer
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics
 
@@ -134,29 +134,27 @@ class FedEcho(Algorithm):
         # §4 step 1: the buffered step has no staleness discount, whatever server.staleness says.
         plain = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, staleness="none"))
         self.backbone = BACKBONES[echo.backbone](plain, ctx)
-        self.capacity = echo.teachers
-        self.teacher_clients: list[int] = []    # most recently heard-from first, distinct
-        self.teacher_versions: list[int] = []   # base version v_k of each teacher's model
-        self.teacher_models: list[torch.Tensor] = []
         self.rng = torch.Generator()
         self.rng.manual_seed(stream_seed(cfg.run.seed, _SERVER_STREAM))
         self.student = ctx.make_model()
-        self._modules: list[nn.Module] = []     # reusable teacher modules, made on first use
-        self._make_model = ctx.make_model
         self.param_mask = ctx.param_mask
         self.kd_filter = OutlierFilter()
         self.synthetic = echo.inputs == "synthetic"
         self.kd_x = ctx.kd_x
-        self._histograms = ctx.client_histograms
+        # q_k only steers synthetic inputs, so only then is the probe proxy fed.
+        self.teachers = TeacherBuffer(echo.teachers, ctx.make_model, ctx.device, ctx.client_histograms,
+                                      ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature),
+                                      probe=self.synthetic and d.proxy == "probe", distinct=True,
+                                      generator=self.rng)
         self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
                                  stream_seed(cfg.run.seed, _SYNTHESIS_STREAM)) if self.synthetic else None
-        self.proxy = ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature)
         self.last_synthesis = -1  # version of the last synthesis, -1 = never
 
     # -- arrivals -------------------------------------------------------------
 
     def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
-        self.remember(update, ctx)
+        # §4 step 2: the client's new model w = x_v + Δ becomes its teacher, at the front of the buffer.
+        self.teachers.push(update.client_id, update.base_version, ctx.snapshot(update.base_version) + update.delta)
         x_new = self.backbone.on_update(update, ctx)
         self.last_weight = self.backbone.last_weight
         if x_new is None:
@@ -167,57 +165,27 @@ class FedEcho(Algorithm):
             return self.finish(x_new, x_new)
         return self.distill(ctx, x_new)
 
-    def remember(self, update: Update, ctx: ServerContext) -> None:
-        """Make the client's new model w = x_v + Δ its teacher, at the front of the buffer (§4 step 2)."""
-        model = ctx.snapshot(update.base_version) + update.delta
-        if update.client_id in self.teacher_clients:
-            i = self.teacher_clients.index(update.client_id)
-            del self.teacher_clients[i], self.teacher_versions[i], self.teacher_models[i]
-        self.teacher_clients.insert(0, update.client_id)
-        self.teacher_versions.insert(0, update.base_version)
-        self.teacher_models.insert(0, model)
-        del self.teacher_clients[self.capacity:], self.teacher_versions[self.capacity:]
-        del self.teacher_models[self.capacity:]
-        if self.synthetic and self.cfg.distill.proxy == "probe":
-            load_flat(self.student, model)
-            self.proxy.observe(update.client_id, self.student, self.rng)
-
     # -- distillation ---------------------------------------------------------
-
-    def teachers(self) -> list[nn.Module]:
-        """Modules holding the buffered client models, most recent first."""
-        while len(self._modules) < len(self.teacher_models):
-            self._modules.append(self._make_model())
-        for module, model in zip(self._modules, self.teacher_models):
-            load_flat(module, model)
-        return self._modules[:len(self.teacher_models)]
-
-    def proportions(self) -> torch.Tensor:
-        """Class proportions q_k of the teachers (K, classes), which steer the synthesis and the draws."""
-        device = self.param_mask.device
-        if self.cfg.distill.proxy == "probe":
-            return torch.stack([self.proxy.proportions(c).to(device) for c in self.teacher_clients])
-        return torch.stack([histogram_proportions(self._histograms[c]).to(device) for c in self.teacher_clients])
 
     def staleness_weights(self, version: int) -> torch.Tensor | None:
         """s(τ_k) of every teacher, τ_k = version − v_k, or None without a staleness factor."""
         name = self.cfg.echo.staleness_factor
         if name == "none":
             return None
-        return torch.tensor([discount(name, version - v, self.cfg.server) for v in self.teacher_versions])
+        return torch.tensor([discount(name, version - v, self.cfg.server) for v in self.teachers.versions])
 
     def draw(self, q: torch.Tensor | None) -> torch.Tensor:
         """One KD batch shared by all teachers (§4 step 3; see the module docstring)."""
         n = self.cfg.distill.kd_batch
         if self.synthetic:
             return torch.cat([self.synth.sample(q[k], n)[0] for k in range(len(q))])
-        indices = torch.randint(len(self.kd_x), (n * len(self.teacher_models),), generator=self.rng)
+        indices = torch.randint(len(self.kd_x), (n * len(self.teachers),), generator=self.rng)
         return self.kd_x[indices.to(self.kd_x.device)]
 
     def distill(self, ctx: ServerContext, x_new: torch.Tensor) -> Generator[None, None, torch.Tensor]:
         d, echo, version = self.cfg.distill, self.cfg.echo, ctx.version
-        teachers = self.teachers()
-        q = self.proportions() if self.synthetic else None
+        teachers = self.teachers.modules()
+        q = self.teachers.proportions() if self.synthetic else None
         load_flat(self.student, x_new)
         if self.synthetic and (self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every):
             yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions)
@@ -256,26 +224,16 @@ class FedEcho(Algorithm):
     # -- state ----------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        models = (torch.stack(self.teacher_models) if self.teacher_models
-                  else torch.zeros(0, self.param_mask.numel()))
-        state = {"backbone": self.backbone.state_dict(),
-                 "teacher_clients": torch.tensor(self.teacher_clients, dtype=torch.int64),
-                 "teacher_versions": torch.tensor(self.teacher_versions, dtype=torch.int64),
-                 "teacher_models": models.clone(), "rng": self.rng.get_state(),
-                 "proxy": self.proxy.state_dict(), "kd_filter": self.kd_filter.state_dict(),
-                 "last_synthesis": self.last_synthesis}
+        state = {"backbone": self.backbone.state_dict(), **self.teachers.state_dict(), "rng": self.rng.get_state(),
+                 "kd_filter": self.kd_filter.state_dict(), "last_synthesis": self.last_synthesis}
         if self.synth is not None:
             state["synthesizer"] = self.synth.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.param_mask.device
         self.backbone.load_state_dict(state["backbone"])
-        self.teacher_clients = torch.as_tensor(state["teacher_clients"]).tolist()
-        self.teacher_versions = torch.as_tensor(state["teacher_versions"]).tolist()
-        self.teacher_models = [m.clone() for m in torch.as_tensor(state["teacher_models"]).to(device)]
+        self.teachers.load_state_dict(state)
         self.rng.set_state(torch.as_tensor(state["rng"]).to(torch.uint8).cpu())
-        self.proxy.load_state_dict(state["proxy"], device)
         self.kd_filter.load_state_dict(state["kd_filter"])
         self.last_synthesis = int(state["last_synthesis"])
         if self.synth is not None:

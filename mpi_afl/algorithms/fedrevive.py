@@ -29,12 +29,12 @@ from collections.abc import Generator
 
 import numpy as np
 import torch
-from torch import nn
 
 from mpi_afl.distill import kd
 from mpi_afl.distill.pool import sample_by_class
-from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions
+from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
+from mpi_afl.distill.teachers import TeacherBuffer
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics
 
@@ -54,16 +54,16 @@ def stream_seed(seed: int, stream: int) -> int:
 class _TeacherDistillation(Algorithm):
     """The flow shared by FedRevive and DD-FedRevive: teacher buffer, blend, aggregation, timing."""
 
-    def __init__(self, cfg, ctx: ServerContext):
+    def __init__(self, cfg, ctx: ServerContext, probe: bool):
         super().__init__(cfg, ctx)
-        self.capacity = cfg.distill.teachers
-        self.teacher_clients: list[int] = []      # most recent first
-        self.teacher_models: list[torch.Tensor] = []
+        d = cfg.distill
         self.rng = torch.Generator()
         self.rng.manual_seed(stream_seed(cfg.run.seed, _SERVER_STREAM))
         self.student = ctx.make_model()
-        self._modules: list[nn.Module] = []       # reusable teacher modules, made on first use
-        self._make_model = ctx.make_model
+        # `probe`: q_k from the probe proxy (fed every arrival) rather than the true histograms.
+        self.teachers = TeacherBuffer(d.teachers, ctx.make_model, ctx.device, ctx.client_histograms,
+                                      ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature),
+                                      probe=probe, distinct=False, generator=self.rng)
 
     def beta(self, tau: int) -> float:
         raise NotImplementedError
@@ -72,9 +72,6 @@ class _TeacherDistillation(Algorithm):
         """Distil the teachers into a student from x_t; returns Delta_KD, or None when KD did not run."""
         raise NotImplementedError
 
-    def observe(self, client_id: int, model: torch.Tensor, ctx: ServerContext) -> None:
-        """Hook for what an arrival teaches about its client (FedRevive's probe proxy)."""
-
     def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         return self._arrive(update, ctx)
 
@@ -82,10 +79,7 @@ class _TeacherDistillation(Algorithm):
         weight = self.beta(update.staleness)
         self.last_weight = weight
         model = ctx.snapshot(update.base_version) + update.delta
-        self.teacher_clients.insert(0, update.client_id)
-        self.teacher_models.insert(0, model)
-        del self.teacher_clients[self.capacity:], self.teacher_models[self.capacity:]
-        self.observe(update.client_id, model, ctx)
+        self.teachers.push(update.client_id, update.base_version, model)
         x_t = ctx.global_model
         step = update.delta
         if weight > 0:
@@ -115,24 +109,11 @@ class _TeacherDistillation(Algorithm):
             steps.close()  # if the server abandons us mid-way, let the inner slices clean up (hooks)
             ctx.stats["distill_seconds"] = ctx.stats.get("distill_seconds", 0.0) + spent
 
-    def teachers(self) -> list[nn.Module]:
-        """Modules holding the buffered client models, most recent first."""
-        while len(self._modules) < len(self.teacher_models):
-            self._modules.append(self._make_model())
-        for module, model in zip(self._modules, self.teacher_models):
-            load_flat(module, model)
-        return self._modules[:len(self.teacher_models)]
-
     def state_dict(self) -> dict:
-        models = (torch.stack(self.teacher_models) if self.teacher_models  # stack copies
-                  else torch.zeros(0, flatten(self.student).numel()))
-        return {"teacher_clients": torch.tensor(self.teacher_clients, dtype=torch.int64),
-                "teacher_models": models, "rng": self.rng.get_state()}
+        return {**self.teachers.state_dict(), "rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        device = next(self.student.parameters()).device
-        self.teacher_clients = torch.as_tensor(state["teacher_clients"]).tolist()
-        self.teacher_models = [m.clone() for m in torch.as_tensor(state["teacher_models"]).to(device)]
+        self.teachers.load_state_dict(state)
         self.rng.set_state(torch.as_tensor(state["rng"]).to(torch.uint8).cpu())
 
 
@@ -142,35 +123,21 @@ class FedRevive(_TeacherDistillation):
     name = "fedrevive"
 
     def __init__(self, cfg, ctx: ServerContext):
-        super().__init__(cfg, ctx)
+        super().__init__(cfg, ctx, probe=cfg.distill.proxy == "probe")
         d = cfg.distill
         self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
                                  stream_seed(cfg.run.seed, _SYNTHESIS_STREAM))
-        self.proxy = ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature)
         self.kd_filter = kd.OutlierFilter()
         self.last_synthesis = -1  # version of the last synthesis, -1 = never
-        self._histograms = ctx.client_histograms
 
     def beta(self, tau: int) -> float:
         return staleness_beta(tau, self.cfg.distill, self.cfg.server.s_max)
-
-    def observe(self, client_id: int, model: torch.Tensor, ctx: ServerContext) -> None:
-        if self.cfg.distill.proxy == "probe":
-            load_flat(self.student, model)
-            self.proxy.observe(client_id, self.student, self.rng)
-
-    def proportions(self) -> torch.Tensor:
-        """q_k of every buffered teacher, (teachers, classes), on the server device."""
-        device = next(self.student.parameters()).device
-        if self.cfg.distill.proxy == "probe":
-            return torch.stack([self.proxy.proportions(c).to(device) for c in self.teacher_clients])
-        return torch.stack([histogram_proportions(self._histograms[c]).to(device) for c in self.teacher_clients])
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
         d, version = self.cfg.distill, ctx.version
         if version < d.freeze_versions:
             return None
-        teachers, q = self.teachers(), self.proportions()
+        teachers, q = self.teachers.modules(), self.teachers.proportions()
         load_flat(self.student, x_t)
         if self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every:
             # L_adv only once the KD warm-up is over (§3.3, step 3).
@@ -186,14 +153,13 @@ class FedRevive(_TeacherDistillation):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update(synthesizer=self.synth.state_dict(), proxy=self.proxy.state_dict(),
-                     kd_filter=self.kd_filter.state_dict(), last_synthesis=self.last_synthesis)
+        state.update(synthesizer=self.synth.state_dict(), kd_filter=self.kd_filter.state_dict(),
+                     last_synthesis=self.last_synthesis)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.synth.load_state_dict(state["synthesizer"])
-        self.proxy.load_state_dict(state["proxy"], next(self.student.parameters()).device)
         self.kd_filter.load_state_dict(state["kd_filter"])
         self.last_synthesis = int(state["last_synthesis"])
 
@@ -210,21 +176,19 @@ class DDFedRevive(_TeacherDistillation):
     name = "dd_fedrevive"
 
     def __init__(self, cfg, ctx: ServerContext):
-        super().__init__(cfg, ctx)
+        super().__init__(cfg, ctx, probe=False)  # batches match the true label histograms
         if ctx.kd_x is None or ctx.kd_y is None or len(ctx.kd_x) == 0:
             raise ValueError("dd_fedrevive distils on the real KD split, but the server context has none; "
                              "set data.kd_fraction > 0 (the paper uses 0.1)")
         self.kd_x = ctx.kd_x
         self.kd_labels = ctx.kd_y.cpu()
-        self._histograms = ctx.client_histograms
 
     def beta(self, tau: int) -> float:
         return self.cfg.distill.dd_beta
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
         d = self.cfg.distill
-        teachers = self.teachers()
-        q = [histogram_proportions(self._histograms[c]) for c in self.teacher_clients]
+        teachers, q = self.teachers.modules(), self.teachers.proportions()
         load_flat(self.student, x_t)
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.dd_lr)
 

@@ -1,0 +1,97 @@
+"""The teacher buffer of the distillation algorithms: recent client models and their class proportions.
+
+FedRevive (ALGORITHMS.md §3.1 step 2) pushes every reconstructed client model
+w_i = x_v + Δ_i to the front of a buffer of the c most recent client models,
+the same client possibly several times. FedEcho (§4 step 2) keeps the latest
+model of each of the C most recently heard-from *distinct* clients, with the
+base version v_k of each model for its staleness τ_k = t − v_k. Both steer
+their synthesis and KD draws by the teachers' class proportions q_k (§3.3):
+the Gaussian-probe proxy, fed the first two uploads of every client, or, as
+ablation, the true label histograms.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpi_afl.models.flat import flat_size, load_flat
+
+from .proxy import ProbeProxy, histogram_proportions
+
+
+class TeacherBuffer:
+    """The `capacity` most recent client models (flat vectors), most recent first.
+
+    `distinct=True` keeps one model per client (FedEcho): a client already in
+    the buffer moves to the front with its new model. `probe=True` feeds
+    every pushed model to the probe proxy (which keeps only a client's first
+    two) and takes q_k from it; otherwise q_k is the client's true label
+    histogram. `generator` (CPU) draws the probe inputs; it belongs to the
+    caller, which saves its state."""
+
+    def __init__(self, capacity: int, make_model: Callable[[], nn.Module], device: torch.device, histograms: np.ndarray,
+                 proxy: ProbeProxy, *, probe: bool, distinct: bool, generator: torch.Generator):
+        if capacity < 1:
+            raise ValueError(f"teacher buffer capacity must be >= 1, got {capacity}")
+        self.capacity, self.distinct, self.probe = capacity, distinct, probe
+        self.device = torch.device(device)
+        self.proxy = proxy
+        self.clients: list[int] = []
+        self.versions: list[int] = []             # base version v_k of each model
+        self.models: list[torch.Tensor] = []
+        self._histograms = histograms
+        self._generator = generator
+        self._make_model = make_model
+        self._modules: list[nn.Module] = []       # reusable teacher modules, made on first use
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def push(self, client_id: int, version: int, model: torch.Tensor) -> None:
+        """Make `model`, the client's upload based on `version`, the most recent teacher; drop the oldest."""
+        if self.distinct and client_id in self.clients:
+            i = self.clients.index(client_id)
+            del self.clients[i], self.versions[i], self.models[i]
+        self.clients.insert(0, client_id)
+        self.versions.insert(0, version)
+        self.models.insert(0, model)
+        del self.clients[self.capacity:], self.versions[self.capacity:], self.models[self.capacity:]
+        if self.probe:
+            # Module 0 is scratch space here: modules() reloads every module before handing them out.
+            module = self._module_pool(1)[0]
+            load_flat(module, model)
+            self.proxy.observe(client_id, module, self._generator)
+
+    def modules(self) -> list[nn.Module]:
+        """Modules holding the buffered client models, most recent first."""
+        modules = self._module_pool(len(self.models))
+        for module, model in zip(modules, self.models):
+            load_flat(module, model)
+        return modules
+
+    def proportions(self) -> torch.Tensor:
+        """q_k of every buffered teacher, (teachers, classes), on the buffer's device."""
+        if self.probe:
+            return torch.stack([self.proxy.proportions(c).to(self.device) for c in self.clients])
+        return torch.stack([histogram_proportions(self._histograms[c]).to(self.device) for c in self.clients])
+
+    def _module_pool(self, n: int) -> list[nn.Module]:
+        while len(self._modules) < n:
+            self._modules.append(self._make_model())
+        return self._modules[:n]
+
+    def state_dict(self) -> dict:
+        """The buffer and the proxy's estimates (the generator is the caller's to save)."""
+        models = (torch.stack(self.models) if self.models  # stack copies
+                  else torch.zeros(0, flat_size(self._module_pool(1)[0])))
+        return {"teacher_clients": torch.tensor(self.clients, dtype=torch.int64),
+                "teacher_versions": torch.tensor(self.versions, dtype=torch.int64),
+                "teacher_models": models, "proxy": self.proxy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clients = torch.as_tensor(state["teacher_clients"]).tolist()
+        self.versions = torch.as_tensor(state["teacher_versions"]).tolist()
+        self.models = [m.clone() for m in torch.as_tensor(state["teacher_models"]).to(self.device)]
+        self.proxy.load_state_dict(state["proxy"], self.device)
