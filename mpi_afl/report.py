@@ -108,7 +108,7 @@ def plot_accuracy(runs: list[Run], clock: str, target: float | None, path: Path)
         ax.plot(run.evals[f"{clock}_time"], run.evals["test_accuracy"], marker=".", label=run.label)
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-    ax.set_xlabel(f"{clock} time (s)")
+    ax.set_xlabel("wall time (s)" if clock == "wall" else "virtual time (delay-model units)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Test accuracy vs {clock} time")
     _finish(fig, ax, path)
