@@ -1,0 +1,307 @@
+"""Accuracy of FedRevive / FedEcho against the baselines on Fashion-MNIST (virtual clock).
+
+    python bench/accuracy.py                                          # issue-5 setting, 3 seeds, 2 runs at a time
+    python bench/accuracy.py --algorithms fedecho,fedbuff,ca2fl,fedasync,fedrevive --alphas 0.1,0.5 \\
+        --schedules paper,high --out bench/runs/accuracy
+    python bench/accuracy.py --algorithms afl_dw --seeds 0 --override server.lr=0.5   # one point of an lr sweep
+
+Every run is ONE process, `python -m mpi_afl.train --preset fmnist_cpu ... --out DIR` without mpiexec: the
+virtual clock makes the final model and every recorded value except wall times bit-identical for any number
+of ranks (README, "The two clocks"), so more ranks would only change the wall time. `--jobs` runs that many
+runs side by side. A run whose DIR/summary.json exists is not run again, so an interrupted grid continues
+where it stopped and the tables can be rebuilt from finished runs alone.
+
+Runs live in OUT/<schedule>-alpha<alpha>/<algorithm>-<server settings>-s<seed>/ (use a new OUT after
+changing the preset). The script prints one JSON line per run (fields below), then one per (algorithm,
+setting) with the mean and sample std over seeds:
+
+  final_accuracy, best_accuracy         summary.json (test split)
+  tail_accuracy                         mean test accuracy of the evaluations in the last quarter of the budget:
+                                        less noisy than the last evaluation alone (used to pick the server lrs)
+  virtual_time_to_fedbuff_final         virtual time of the first evaluation whose test accuracy >= FedBuff's
+                                        final accuracy for the same seed and setting (null: never reached, or
+                                        no FedBuff run); the time-to-accuracy measure of the FedRevive paper
+  distill_seconds_per_update            server seconds spent in synthesis + KD per accepted update (null when
+                                        the algorithm does not distil)
+  kd_applied                            updates (FedRevive) or new models (FedEcho) that KD changed
+  staleness_mean, staleness_p90, staleness_max   of the accepted updates (run.h5 arrivals): compare with
+                                        server.s_max, which sets FedRevive's and AFL-DW's beta(tau)
+  wall_seconds, versions                summary.json
+  cpu_seconds                           user + system CPU seconds of the run's process (null for runs this
+                                        script did not start)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/accuracy.py` from anywhere
+
+from mpi_afl.config import ConfigError, DelayConfig, load_toml, preset_path  # noqa: E402
+from mpi_afl.delays import schedule_from  # noqa: E402
+from mpi_afl.storage.runlog import read_run  # noqa: E402
+
+PRESET = "fmnist_cpu"
+
+# Per-algorithm server settings on top of the preset, tuned by a sweep on seed 0, alpha 0.5, paper schedule,
+# the preset's 20-unit budget, picking the best tail_accuracy (mean of the last quarter's evaluations); the
+# sweep's lines are bench/results/accuracy_sweep.jsonl (tuned value marked *):
+#   fedrevive, afl_dw  B = 1, server.lr in {0.1, 0.2*, 0.5}
+#   fedbuff            B = 4 with FedBuff's own 1/sqrt(1 + tau) discount, server.lr in {0.25, 0.5*, 1, 2}
+#   ca2fl              B = 4, no discount (the cache replaces it), server.lr in {0.125, 0.25*, 0.5, 1}
+#   fedecho            B = 4 FedBuff backbone without discount (ALGORITHMS.md §4), server.lr in {0.25, 0.5*, 1}
+#   fedasync           polynomial s(tau) = (tau + 1)^-0.5, mixing alpha in {0.1, 0.3, 0.6*, 0.9}
+#   fedavg             K = 20 clients per round, server.lr in {1.0, 1.4*} (2-3 rounds fit in the budget)
+SERVER_SETTINGS: dict[str, dict[str, str]] = {
+    "fedrevive": {"server.buffer_size": "1", "server.lr": "0.2"},
+    "afl_dw": {"server.buffer_size": "1", "server.lr": "0.2"},
+    "fedbuff": {"server.buffer_size": "4", "server.staleness": "sqrt", "server.lr": "0.5"},
+    "ca2fl": {"server.buffer_size": "4", "server.lr": "0.25"},
+    "fedecho": {"server.buffer_size": "4", "server.lr": "0.5"},
+    "fedasync": {"server.staleness": "polynomial", "server.mixing": "0.6"},
+    "fedavg": {"server.lr": "1.4"},
+}
+
+
+# Delay settings. "paper" is ALGORITHMS.md §3.5. "high" has longer and heavier-tailed training times: a
+# fifth of the clients average 6 units (the paper's means are <= 1.6) and the Pareto(1.5) tail (infinite
+# variance) gives occasional jobs many times their mean. By Little's law the mean staleness stays about K
+# (the jobs in flight) whatever the delays; what grows is the tail (stragglers return hundreds of versions
+# late) and the skew of participation towards fast clients, which is what FedEcho and CA2FL target.
+SCHEDULES: dict[str, DelayConfig] = {
+    "paper": DelayConfig(schedule="paper"),
+    "high": DelayConfig(schedule="custom", train_shape="pareto", pareto_shape=1.5,
+                        train_means=[1.0, 2.0, 6.0], train_probs=[0.5, 0.3, 0.2]),
+}
+
+
+def delay_overrides(cfg: DelayConfig) -> dict[str, str]:
+    """`delays.*` overrides that give `cfg`: the schedule, and every field that differs from the default."""
+    default = DelayConfig()
+    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if k == "schedule" or v != getattr(default, k)}
+    return {f"delays.{k}": ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in changed.items()}
+
+
+def mean_duration(cfg: DelayConfig) -> float:
+    """E[download + train + upload] of a job in virtual time units (every train shape keeps its mean)."""
+    s = schedule_from(cfg)
+    train = sum(m * p for m, p in zip(s.train_means, s.train_probs))
+    return s.download + train + sum(s.upload_means) / len(s.upload_means)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    algorithm: str
+    seed: int
+    alpha: float
+    schedule: str
+    budget: float              # virtual time of this run (scaled for its schedule)
+    overrides: tuple[str, ...]  # extra KEY=VALUE from --override
+
+    @property
+    def setting(self) -> str:
+        return f"{self.schedule}-alpha{self.alpha:g}"
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The algorithm's tuned server settings with the --override values on top."""
+        return {**SERVER_SETTINGS[self.algorithm], **dict(o.split("=", 1) for o in self.overrides)}
+
+    def directory(self, out: Path) -> Path:
+        # The settings are part of the name, so a sweep point equal to the tuned value is the grid's run
+        # (it runs once), and retuning SERVER_SETTINGS never picks up a run made with other values.
+        tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in sorted(self.settings.items()))
+        return out / self.setting / f"{self.algorithm}-{tag}-s{self.seed}"
+
+    def command(self, out: Path) -> list[str]:
+        keys = {"data.alpha": f"{self.alpha:g}", "run.max_virtual_time": f"{self.budget:g}",
+                **delay_overrides(SCHEDULES[self.schedule]), **self.settings}
+        return [sys.executable, "-m", "mpi_afl.train", "--preset", PRESET, "--algorithm", self.algorithm,
+                "--seed", str(self.seed), *(f"--{k}={v}" for k, v in keys.items()),
+                "--run.overwrite=true", "--out", str(self.directory(out))]
+
+
+def usage_path(directory: Path) -> Path:
+    return directory.parent / f"{directory.name}.usage.json"
+
+
+def run_one(spec: RunSpec, out: Path) -> str | None:
+    """Run `spec` unless its summary.json exists; returns an error message or None.
+
+    The run's CPU seconds (user + system, from wait4) go to DIR.usage.json: on a shared machine they
+    measure its cost where its wall time also counts the other processes."""
+    directory = spec.directory(out)
+    if (directory / "summary.json").exists():
+        return None
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    log = directory.parent / f"{directory.name}.log"
+    cmd = spec.command(out)
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        return f"{directory}: exit code {proc.returncode} after {elapsed:.0f}s; see {log}"
+    usage_path(directory).write_text(json.dumps({"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+                                                 "max_rss_mb": round(usage.ru_maxrss / 1024)}))
+    print(f"# done {directory} in {elapsed:.0f}s", file=sys.stderr, flush=True)
+    return None
+
+
+def time_to_reach(evals: list[dict], target: float) -> float | None:
+    """Virtual time of the first evaluation with test accuracy >= target, or None."""
+    for e in evals:
+        if e["test_accuracy"] >= target:
+            return float(e["virtual_time"])
+    return None
+
+
+def tail_accuracy(evals: list[dict], budget: float) -> float | None:
+    """Mean test accuracy of the evaluations at virtual time >= 3/4 of the budget (None if there are none)."""
+    tail = [e["test_accuracy"] for e in evals if e["virtual_time"] >= 0.75 * budget]
+    return round(statistics.fmean(tail), 4) if tail else None
+
+
+def run_row(spec: RunSpec, out: Path) -> dict | None:
+    """The JSON line of one finished run (None when it has no summary.json)."""
+    path = spec.directory(out) / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, ()).directory(out)
+    fedbuff_final = None
+    if (reference / "summary.json").exists():
+        fedbuff_final = json.loads((reference / "summary.json").read_text())["final_accuracy"]
+    stats = summary.get("algorithm_stats", {})
+    arrivals = read_run(spec.directory(out) / "run.h5")["arrivals"]
+    staleness = arrivals["staleness"][arrivals["accepted"].astype(bool)]
+    distill = stats.get("distill_seconds")
+    usage = usage_path(spec.directory(out))
+    cpu_seconds = json.loads(usage.read_text())["cpu_seconds"] if usage.exists() else None
+    return {
+        "bench": "accuracy", "algorithm": spec.algorithm, "seed": spec.seed, "alpha": spec.alpha,
+        "schedule": spec.schedule, "settings": spec.settings,
+        "final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
+        "tail_accuracy": tail_accuracy(summary["evals"], spec.budget),
+        "fedbuff_final_accuracy": fedbuff_final,
+        "virtual_time_to_fedbuff_final": (time_to_reach(summary["evals"], fedbuff_final)
+                                          if fedbuff_final is not None else None),
+        "distill_seconds_per_update": (round(distill / summary["updates_accepted"], 4)
+                                       if distill is not None else None),
+        "kd_applied": stats.get("kd_applied"),
+        "staleness_mean": round(float(staleness.mean()), 2), "staleness_p90": float(np.percentile(staleness, 90)),
+        "staleness_max": int(staleness.max()),
+        "wall_seconds": round(summary["wall_seconds"], 1), "cpu_seconds": cpu_seconds,
+        "versions": summary["versions"],
+        "updates": summary["updates_accepted"], "virtual_time": round(summary["virtual_time"], 2),
+        "budget": spec.budget, "ranks": 1,
+    }
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    std = statistics.stdev(present) if len(present) > 1 else None
+    return round(statistics.fmean(present), 4), (round(std, 4) if std is not None else None)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One line per (algorithm, alpha, schedule, settings): mean and sample std over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = json.dumps([r["algorithm"], r["alpha"], r["schedule"], r["settings"]], sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    lines = []
+    for members in groups.values():
+        first = members[0]
+        line = {"bench": "accuracy_mean", **{k: first[k] for k in ("algorithm", "alpha", "schedule", "settings")},
+                "seeds": sorted(r["seed"] for r in members)}
+        for field in ("final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final",
+                      "distill_seconds_per_update", "staleness_mean", "wall_seconds", "cpu_seconds", "versions"):
+            line[f"{field}_mean"], line[f"{field}_std"] = _mean_std([r[field] for r in members])
+        line["reached_fedbuff_final"] = sum(r["virtual_time_to_fedbuff_final"] is not None for r in members)
+        lines.append(line)
+    return lines
+
+
+def _csv(text: str, cast) -> list:
+    return [cast(v) for v in text.split(",") if v.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithms", default="fedrevive,fedbuff,afl_dw,fedasync,fedavg",
+                        help=f"comma-separated, from {', '.join(SERVER_SETTINGS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
+    parser.add_argument("--alphas", default="0.5", help="comma-separated Dirichlet alphas")
+    parser.add_argument("--schedules", default="paper", help=f"comma-separated, from {', '.join(SCHEDULES)}")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="virtual time of a paper-schedule run (default: the preset's run.max_virtual_time); "
+                             "other schedules get the budget with the same expected number of updates")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, on top of the tuned settings (repeatable; "
+                             "part of the run directory name)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "runs" / "accuracy"),
+                        help="root of the run directories (default bench/runs/accuracy, git-ignored)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2 = the cores of a small box)")
+    parser.add_argument("--no-run", action="store_true", help="only report the runs that exist")
+    args = parser.parse_args()
+
+    algorithms = _csv(args.algorithms, str)
+    schedules = _csv(args.schedules, str)
+    for kind, names, allowed in (("algorithm", algorithms, SERVER_SETTINGS), ("schedule", schedules, SCHEDULES)):
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            parser.error(f"unknown {kind} {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    bad = [o for o in args.override if "=" not in o]
+    if bad:
+        parser.error(f"--override needs KEY=VALUE, got {bad}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        budget = args.budget if args.budget is not None else load_toml(preset_path(PRESET))["run.max_virtual_time"]
+    except (ConfigError, KeyError) as e:
+        parser.error(f"no budget: {e}")
+    out = Path(args.out).resolve()
+    paper = mean_duration(SCHEDULES["paper"])
+    # Setting by setting, seed by seed, so the first settings/seeds complete first; within one, the
+    # slowest algorithms (the distilling ones) start first.
+    specs = [RunSpec(a, seed, alpha, s, round(budget * mean_duration(SCHEDULES[s]) / paper, 3), tuple(args.override))
+             for s in schedules for alpha in _csv(args.alphas, float) for seed in _csv(args.seeds, int)
+             for a in sorted(algorithms, key=lambda a: a not in ("fedrevive", "fedecho"))]
+
+    errors = []
+    if not args.no_run:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            errors = [e for e in pool.map(lambda s: run_one(s, out), specs) if e]
+    rows = [row for row in (run_row(s, out) for s in specs) if row is not None]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    for line in aggregate(rows):
+        print(json.dumps(line), flush=True)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
