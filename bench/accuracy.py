@@ -24,6 +24,8 @@ setting) with the mean and sample std over seeds:
   distill_seconds_per_update            server seconds spent in synthesis + KD per accepted update (null when
                                         the algorithm does not distil)
   kd_applied                            updates (FedRevive) or new models (FedEcho) that KD changed
+  kd_norm_ratio, kd_cosine              FedRevive: mean ||Delta_KD|| / ||Delta_i|| and mean cosine of the two
+                                        over the blended updates (null for older runs and other algorithms)
   staleness_mean, staleness_p90, staleness_max   of the accepted updates (run.h5 arrivals): compare with
                                         server.s_max, which sets FedRevive's and AFL-DW's beta(tau)
   wall_seconds, versions                summary.json
@@ -206,6 +208,8 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
         "distill_seconds_per_update": (round(distill / summary["updates_accepted"], 4)
                                        if distill is not None else None),
         "kd_applied": stats.get("kd_applied"),
+        "kd_norm_ratio": stats.get("kd_norm_ratio"),
+        "kd_cosine": stats.get("kd_cosine"),
         "staleness_mean": round(float(staleness.mean()), 2), "staleness_p90": float(np.percentile(staleness, 90)),
         "staleness_max": int(staleness.max()),
         "wall_seconds": round(summary["wall_seconds"], 1), "cpu_seconds": cpu_seconds,

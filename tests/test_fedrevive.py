@@ -8,6 +8,7 @@ import torch
 from mpi_afl.algorithms.fedrevive import DDFedRevive, FedRevive
 from mpi_afl.algorithms.staleness import beta, cosine_beta, step_beta
 from mpi_afl.config import Config, DistillConfig
+from mpi_afl.distill.kd import record_kd
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
@@ -128,6 +129,15 @@ def test_blend_is_one_minus_beta_raw_plus_beta_kd():
     assert alg.last_weight == 1.0
     assert torch.allclose(new, plain_step(x, 0.5, torch.full_like(x, 0.25)))
     assert server.ctx.stats["kd_applied"] == 2  # the tau = 0 arrival skipped KD
+
+
+def test_kd_diagnostics_are_running_means_of_norm_ratio_and_cosine():
+    stats = {}
+    record_kd(stats, torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))  # ratio 2, orthogonal
+    assert stats == {"kd_applied": 1, "kd_norm_ratio": 2.0, "kd_cosine": 0.0}
+    record_kd(stats, torch.tensor([-3.0, 0.0]), torch.tensor([3.0, 0.0]))  # ratio 1, opposite
+    assert stats["kd_applied"] == 2
+    assert stats["kd_norm_ratio"] == pytest.approx(1.5) and stats["kd_cosine"] == pytest.approx(-0.5)
 
 
 def test_synthesis_every_n_versions():

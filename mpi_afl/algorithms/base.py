@@ -62,7 +62,7 @@ class ServerContext:
     client_histograms: np.ndarray               # (num_clients, num_classes) true label counts (ablations only)
     kd_x: torch.Tensor | None = None            # real KD split (DD-FedRevive / proxy inputs), on device
     kd_y: torch.Tensor | None = None
-    stats: dict = field(default_factory=dict)   # counters an algorithm reports (summed into summary.json)
+    stats: dict = field(default_factory=dict)   # counters and diagnostics an algorithm reports (summary.json)
 
 
 Result = Union[torch.Tensor, None]

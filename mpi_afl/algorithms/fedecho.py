@@ -63,7 +63,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
-from mpi_afl.distill.kd import OutlierFilter
+from mpi_afl.distill.kd import OutlierFilter, record_kd
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
 from mpi_afl.distill.teachers import TeacherBuffer
@@ -209,8 +209,9 @@ class FedEcho(Algorithm):
                 loss.backward()
                 optimizer.step()
             yield
-        ctx.stats["kd_applied"] = ctx.stats.get("kd_applied", 0) + 1
-        return self.finish(flatten(self.student), x_new)
+        student = flatten(self.student)
+        record_kd(ctx.stats, (student - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
+        return self.finish(student, x_new)
 
     def finish(self, student: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """The new global model: the student's parameters with the statistics `echo.norm_stats` picks."""

@@ -86,7 +86,7 @@ class _TeacherDistillation(Algorithm):
             kd_delta = yield from self._timed(self.knowledge(ctx, x_t), ctx)
             if kd_delta is not None:
                 step = (1.0 - weight) * update.delta + weight * kd_delta
-                ctx.stats["kd_applied"] = ctx.stats.get("kd_applied", 0) + 1
+                kd.record_kd(ctx.stats, kd_delta[ctx.param_mask], update.delta[ctx.param_mask])
         load_flat(self.student, x_t + self.cfg.server.lr * step)
         reset_norm_statistics(self.student)
         return flatten(self.student)

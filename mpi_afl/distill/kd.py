@@ -37,6 +37,24 @@ def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     raise ValueError(f"unknown reduction {reduction!r}; allowed: none, sum, batchmean")
 
 
+def record_kd(stats: dict, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
+    """Count one KD application in `stats` and keep running means of ||kd_delta|| / ||delta|| and of their
+    cosine: `kd_delta` is the change KD made, `delta` the update it joins (FedRevive: the raw client delta
+    it is blended with; FedEcho: the backbone's step). Pass trainable parameters only; statistics are
+    reset or kept, not distilled.
+
+    A diagnostic, not part of any method: a small ratio means KD barely moves the model next to the
+    update (FedRevive's blend is then mostly a shrink of the stale delta, which AFL-DW does without KD;
+    bench/ACCURACY.md)."""
+    n = stats.get("kd_applied", 0) + 1
+    delta_norm, kd_norm = float(delta.norm()), float(kd_delta.norm())
+    ratio = kd_norm / max(delta_norm, 1e-30)
+    cosine = float(torch.dot(kd_delta, delta)) / max(kd_norm * delta_norm, 1e-30)
+    stats["kd_applied"] = n
+    stats["kd_norm_ratio"] = stats.get("kd_norm_ratio", 0.0) + (ratio - stats.get("kd_norm_ratio", 0.0)) / n
+    stats["kd_cosine"] = stats.get("kd_cosine", 0.0) + (cosine - stats.get("kd_cosine", 0.0)) / n
+
+
 def class_weights(proportions: torch.Tensor) -> torch.Tensor:
     """Per-class teacher weights w_k(y) = q_k(y) / sum_j q_j(y) from q of shape (teachers, classes).
 

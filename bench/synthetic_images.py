@@ -1,0 +1,185 @@
+"""Look at a FedRevive (or synthetic-input FedEcho) run's synthetic images and measure how its models see them.
+
+    python bench/synthetic_images.py RUN_DIR [RUN_DIR ...] [--out DIR] [--per-class 8] [--synth-steps 2,10,50]
+
+Reads each RUN_DIR/checkpoint.h5 (the synthetic pool, the teacher buffer and the global model are all in
+the algorithm's checkpointed state), writes DIR/<run name>-pool.png (one row per class, the newest pool
+images conditioned on that class, as the teachers see them before normalisation) and prints one JSON line
+per run:
+
+  pool_images, pool_per_class        size of the FIFO pool and its label counts
+  teacher_agreement                  fraction of pool images whose teacher-ensemble (mean logits of the
+                                     buffered client models) argmax is the image's conditioning label
+  global_agreement                   the same for the run's final global model
+  global_confidence                  mean max-softmax of the global model on the pool images
+  global_test_accuracy               the global model on the real test split, for comparison
+  pool_pixel_mean/std, real_pixel_mean/std   in [0, 1] units: synthetic vs real training images
+  pool_within_class_distance         mean pairwise L2 distance between pool images of one class (diversity),
+  real_within_class_distance         the same for real training images (up to 256 per class)
+
+With --synth-steps, also one line per step count N: the run's final meta-generator synthesises one batch
+from the final teachers with N fast-generator steps (the run's other synthesis settings, no L_adv), and
+`batch_teacher_agreement` is the teacher-ensemble agreement of the kept batch with its labels: how far a
+synthesis call gets from the meta-generator the run ended with.
+
+High agreement with high confidence means the images carry the teachers' class evidence; it says nothing
+about whether they cover what the stale teachers know that the global model lacks, which is what KD needs.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/synthetic_images.py` from anywhere
+
+from mpi_afl.config import from_dict  # noqa: E402
+from mpi_afl.data.datasets import load_splits  # noqa: E402
+from mpi_afl.distill.synthesizer import Synthesizer, drain  # noqa: E402
+from mpi_afl.models import build_model  # noqa: E402
+from mpi_afl.models.flat import load_flat  # noqa: E402
+from mpi_afl.storage.checkpoint import load_checkpoint  # noqa: E402
+
+
+def logits(model: torch.nn.Module, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    load_flat(model, flat)
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + 512]) for i in range(0, len(images), 512)])
+
+
+def within_class_distance(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cap: int = 256) -> float:
+    """Mean pairwise L2 distance between images of the same class (at most `cap` per class)."""
+    distances = []
+    for c in range(num_classes):
+        members = images[labels == c][:cap].flatten(1)
+        if len(members) > 1:
+            d = torch.cdist(members, members)
+            distances.append(d.sum() / (len(members) * (len(members) - 1)))
+    return float(torch.stack(distances).mean()) if distances else float("nan")
+
+
+def grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(num_classes, per_class, figsize=(per_class * 0.9, num_classes * 0.9))
+    for c in range(num_classes):
+        newest = images[labels == c][-per_class:]  # pool order: the ring's slots, newest last once full
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(newest):
+                picture = newest[j].permute(1, 2, 0).clamp(0, 1).numpy()
+                ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+        axes[c, 0].set_title(f"class {c}", fontsize=6, loc="left")
+    fig.tight_layout(pad=0.1)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def synthesis_probe(cfg, algorithm: dict, info, make_model, steps: int) -> dict:
+    """One synthesis call with `steps` fast-generator steps from the run's final meta-generator and teachers."""
+    d = dataclasses.replace(cfg.distill, synth_steps=steps)
+    synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
+                        info.std, torch.device("cpu"), cfg.run.seed)
+    synth.load_state_dict(algorithm["synthesizer"])
+    teachers = []
+    for flat in torch.as_tensor(algorithm["teacher_models"]).float():
+        teachers.append(make_model())
+        load_flat(teachers[-1], flat)
+    proxy = algorithm["proxy"]
+    row = {int(c): i for i, c in enumerate(torch.as_tensor(proxy["clients"]).tolist())}
+    estimates = torch.as_tensor(proxy["estimates"]).float()
+    q = torch.stack([estimates[row[int(c)]] if int(c) in row else torch.full((info.num_classes,), 1 / info.num_classes)
+                     for c in torch.as_tensor(algorithm["teacher_clients"]).tolist()])
+    start = time.perf_counter()
+    images, labels = drain(synth.synthesize(teachers, q))
+    seconds = time.perf_counter() - start
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        ensemble = torch.stack([t((images - mean) / std) for t in teachers]).mean(0)
+    return {"synth_steps": steps, "batch": len(labels), "seconds": round(seconds, 3),
+            "batch_teacher_agreement": round(float((ensemble.argmax(1) == labels).float().mean()), 4),
+            "batch_teacher_confidence": round(float(ensemble.softmax(1).max(1).values.mean()), 4)}
+
+
+def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) -> dict:
+    state = load_checkpoint(run_dir / "checkpoint.h5")
+    cfg = from_dict(json.loads(state["config"]))
+    algorithm = state["algorithm"]
+    if "synthesizer" not in algorithm:
+        raise SystemExit(f"{run_dir}: {cfg.server.algorithm} keeps no synthetic pool")
+    pool = algorithm["synthesizer"]["pool"]
+    images, labels = torch.as_tensor(pool["images"]).float(), torch.as_tensor(pool["labels"]).long()
+    # Pool rows are ring slots; put them oldest-first so "newest" means the last rows.
+    head = int(pool["head"])
+    if len(labels) and head:
+        images, labels = torch.roll(images, -head, 0), torch.roll(labels, -head, 0)
+
+    d = cfg.data
+    splits = load_splits(d.dataset, d.root or None, seed=cfg.run.seed, val_fraction=d.val_fraction,
+                         test_fraction=d.test_fraction, kd_fraction=d.kd_fraction)
+    info = splits.info
+
+    def make_model() -> torch.nn.Module:
+        return build_model(cfg.model.name, in_channels=info.channels, image_size=info.image_size,
+                           num_classes=info.num_classes, norm=cfg.model.norm)
+
+    model = make_model()
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    normalised = (images - mean) / std
+
+    teachers = torch.as_tensor(algorithm["teacher_models"]).float()
+    ensemble = torch.stack([logits(model, t, normalised) for t in teachers]).mean(0)
+    global_model = torch.as_tensor(state["global_model"]).float()
+    global_logits = logits(model, global_model, normalised)
+    test_accuracy = float((logits(model, global_model, splits.test_x).argmax(1) == splits.test_y).float().mean())
+    real = splits.train_x * std + mean  # back to [0, 1]
+
+    name = f"{run_dir.parent.name}-{run_dir.name}"
+    grid(images, labels, info.num_classes, per_class, out / f"{name}-pool.png")
+    return {
+        "bench": "synthetic_images", "run": str(run_dir), "algorithm": cfg.server.algorithm,
+        "version": int(state["version"]), "pool_images": len(labels),
+        "pool_per_class": torch.bincount(labels, minlength=info.num_classes).tolist(),
+        "teachers": len(teachers),
+        "teacher_agreement": round(float((ensemble.argmax(1) == labels).float().mean()), 4),
+        "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
+        "global_confidence": round(float(global_logits.softmax(1).max(1).values.mean()), 4),
+        "global_test_accuracy": round(test_accuracy, 4),
+        "pool_pixel_mean": round(float(images.mean()), 4), "pool_pixel_std": round(float(images.std()), 4),
+        "real_pixel_mean": round(float(real.mean()), 4), "real_pixel_std": round(float(real.std()), 4),
+        "pool_within_class_distance": round(within_class_distance(images, labels, info.num_classes), 3),
+        "real_within_class_distance": round(within_class_distance(real, splits.train_y, info.num_classes), 3),
+        "png": str(out / f"{name}-pool.png"),
+        "synthesis_probes": [synthesis_probe(cfg, algorithm, info, make_model, n) for n in probe_steps],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories holding checkpoint.h5")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/synthetic"), help="where PNGs go")
+    parser.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
+    parser.add_argument("--synth-steps", default="", help="comma-separated fast-generator step counts to probe")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for run_dir in args.runs:
+        if not (run_dir / "checkpoint.h5").exists():
+            raise SystemExit(f"{run_dir}: no checkpoint.h5 (not a finished run directory?)")
+        steps = [int(n) for n in args.synth_steps.split(",") if n.strip()]
+        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
