@@ -239,11 +239,33 @@ def aggregate(rows: list[dict]) -> list[dict]:
         line = {"bench": "accuracy_mean", **{k: first[k] for k in ("algorithm", "alpha", "schedule", "settings")},
                 "seeds": sorted(r["seed"] for r in members)}
         for field in ("final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final",
-                      "distill_seconds_per_update", "staleness_mean", "wall_seconds", "cpu_seconds", "versions"):
+                      "distill_seconds_per_update", "kd_norm_ratio", "kd_cosine", "staleness_mean", "wall_seconds",
+                      "cpu_seconds", "versions"):
             line[f"{field}_mean"], line[f"{field}_std"] = _mean_std([r[field] for r in members])
         line["reached_fedbuff_final"] = sum(r["virtual_time_to_fedbuff_final"] is not None for r in members)
         lines.append(line)
     return lines
+
+
+def markdown(lines: list[dict]) -> str:
+    """The accuracy_mean lines as a table: a row per algorithm setting, a column per (schedule, alpha) cell,
+    each entry "final mean ± std (best mean)" over the seeds, with the seed count when it is not 3."""
+    cells = sorted({(m["schedule"], m["alpha"]) for m in lines}, key=lambda c: (list(SCHEDULES).index(c[0]), c[1]))
+    rows: dict[str, dict] = {}
+    for m in lines:
+        settings = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in m["settings"].items())
+        entry = f"{m['final_accuracy_mean']:.3f}"
+        if m["final_accuracy_std"] is not None:
+            entry += f" ± {m['final_accuracy_std']:.3f}"
+        entry += f" ({m['best_accuracy_mean']:.3f})"
+        if len(m["seeds"]) != 3:
+            entry += f" [seeds {', '.join(map(str, m['seeds']))}]"
+        rows.setdefault(f"{m['algorithm']} ({settings})", {})[(m["schedule"], m["alpha"])] = entry
+    header = "| algorithm | " + " | ".join(f"{s}, alpha {a}" for s, a in cells) + " |"
+    table = [header, "|" + " --- |" * (len(cells) + 1)]
+    for name, entries in rows.items():
+        table.append(f"| {name} | " + " | ".join(entries.get(c, "-") for c in cells) + " |")
+    return "\n".join(table)
 
 
 def _csv(text: str, cast) -> list:
@@ -267,6 +289,8 @@ def main() -> None:
                         help="root of the run directories (default bench/runs/accuracy, git-ignored)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2 = the cores of a small box)")
     parser.add_argument("--no-run", action="store_true", help="only report the runs that exist")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the per-setting means as a Markdown table instead of JSON lines")
     args = parser.parse_args()
 
     algorithms = _csv(args.algorithms, str)
@@ -297,10 +321,11 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             errors = [e for e in pool.map(lambda s: run_one(s, out), specs) if e]
     rows = [row for row in (run_row(s, out) for s in specs) if row is not None]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    for line in aggregate(rows):
-        print(json.dumps(line), flush=True)
+    if args.markdown:
+        print(markdown(aggregate(rows)))
+    else:
+        for line in rows + aggregate(rows):
+            print(json.dumps(line), flush=True)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if errors:
