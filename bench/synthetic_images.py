@@ -10,6 +10,10 @@ per run:
   pool_images, pool_per_class        size of the FIFO pool and its label counts
   teacher_agreement                  fraction of pool images whose teacher-ensemble (mean logits of the
                                      buffered client models) argmax is the image's conditioning label
+  mean_target_agreement              the same for the plain mean of the teachers' softmaxes
+  echo_target_agreement              the same for FedEcho's entropy-weighted target (the run's echo.gamma)
+  test_mean_target_accuracy, test_echo_target_accuracy   both targets on 2,000 real test images: does
+                                     weighting by certainty pick the right teachers on real data, on synthetic?
   global_agreement                   the same for the run's final global model
   global_confidence                  mean max-softmax of the global model on the pool images
   global_test_accuracy               the global model on the real test split, for comparison
@@ -38,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/synthetic_images.py` from anywhere
 
+from mpi_afl.algorithms.fedecho import echo_target, entropy_weights  # noqa: E402
 from mpi_afl.config import from_dict  # noqa: E402
 from mpi_afl.data.datasets import load_splits  # noqa: E402
 from mpi_afl.distill.synthesizer import Synthesizer, drain  # noqa: E402
@@ -51,6 +56,16 @@ def logits(model: torch.nn.Module, flat: torch.Tensor, images: torch.Tensor) -> 
     model.eval()
     with torch.no_grad():
         return torch.cat([model(images[i:i + 512]) for i in range(0, len(images), 512)])
+
+
+def target_agreement(teacher_logits: torch.Tensor, labels: torch.Tensor, gamma: float | None) -> float:
+    """How often the argmax of the teachers' combined prediction is `labels`: the plain mean of their
+    softmaxes (gamma None) or FedEcho's entropy-weighted target with temperature gamma (ALGORITHMS.md §4)."""
+    probs = teacher_logits.softmax(-1)
+    weights = (torch.full(probs.shape[:2], 1 / len(probs)) if gamma is None
+               else entropy_weights(probs, gamma))
+    target = echo_target(teacher_logits, weights, 1.0)
+    return round(float((target.argmax(1) == labels).float().mean()), 4)
 
 
 def within_class_distance(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cap: int = 256) -> float:
@@ -139,7 +154,10 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
     normalised = (images - mean) / std
 
     teachers = torch.as_tensor(algorithm["teacher_models"]).float()
-    ensemble = torch.stack([logits(model, t, normalised) for t in teachers]).mean(0)
+    teacher_logits = torch.stack([logits(model, t, normalised) for t in teachers])
+    ensemble = teacher_logits.mean(0)
+    test_x, test_y = splits.test_x[:2000], splits.test_y[:2000]
+    test_logits = torch.stack([logits(model, t, test_x) for t in teachers])
     global_model = torch.as_tensor(state["global_model"]).float()
     global_logits = logits(model, global_model, normalised)
     test_accuracy = float((logits(model, global_model, splits.test_x).argmax(1) == splits.test_y).float().mean())
@@ -153,6 +171,10 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
         "pool_per_class": torch.bincount(labels, minlength=info.num_classes).tolist(),
         "teachers": len(teachers),
         "teacher_agreement": round(float((ensemble.argmax(1) == labels).float().mean()), 4),
+        "mean_target_agreement": target_agreement(teacher_logits, labels, None),
+        "echo_target_agreement": target_agreement(teacher_logits, labels, cfg.echo.gamma),
+        "test_mean_target_accuracy": target_agreement(test_logits, test_y, None),
+        "test_echo_target_accuracy": target_agreement(test_logits, test_y, cfg.echo.gamma),
         "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
         "global_confidence": round(float(global_logits.softmax(1).max(1).values.mean()), 4),
         "global_test_accuracy": round(test_accuracy, 4),
