@@ -82,7 +82,8 @@ class DataConfig:
                                   "(the papers use 350; 0 = split the whole training set)", min=0)
     val_fraction: float = opt(0.15, "validation share of the pooled data", min=0, max=0.9)
     test_fraction: float = opt(0.15, "test share of the pooled data", min=0, min_exclusive=True, max=0.9)
-    kd_fraction: float = opt(0.0, "held-out KD share (only dd_fedrevive uses it)", min=0, max=0.9)
+    kd_fraction: float = opt(0.0, "held-out KD share: dd_fedrevive's real KD data and fedecho's unlabeled "
+                                  "proxy inputs (echo.inputs=proxy)", min=0, max=0.9)
 
 
 @dataclass
