@@ -225,6 +225,29 @@ def test_synthesize_fills_pool_and_moves_meta_generator_towards_fast():
     assert all(not m._forward_hooks for t in teachers for m in t.modules())
 
 
+class Constant(nn.Module):
+    """A teacher that predicts class `label` for every input (its logits ignore the image)."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.label = label
+
+    def forward(self, x):
+        return self.scale * 10 * F.one_hot(torch.full((len(x),), self.label), CLASSES).float() + 0 * x.sum()
+
+
+@pytest.mark.parametrize("label, expected", [(0, 1.0), (1, 0.0)])
+def test_synthesis_records_teacher_agreement_of_the_kept_batch(label, expected):
+    synth = make_synth(tiny_cfg(bn=0.0))
+    q = torch.zeros(1, CLASSES)
+    q[0, 0] = 1.0  # every synthetic label is class 0
+    stats = {}
+    drain(synth.synthesize([Constant(label)], q, stats=stats))
+    drain(synth.synthesize([Constant(label)], q, stats=stats))
+    assert stats == {"syntheses": 2, "synth_agreement": expected}
+
+
 def test_fomaml_meta_update_changes_meta_generator():
     synth = make_synth(tiny_cfg(meta="fomaml"))
     teachers, q = teachers_and_q()

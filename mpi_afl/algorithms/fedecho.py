@@ -188,7 +188,8 @@ class FedEcho(Algorithm):
         q = self.teachers.proportions() if self.synthetic else None
         load_flat(self.student, x_new)
         if self.synthetic and (self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every):
-            yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions)
+            yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
+                                             stats=ctx.stats)
             self.last_synthesis = version
         if version <= d.warmup_versions:
             return self.finish(x_new, x_new)

@@ -141,7 +141,8 @@ class FedRevive(_TeacherDistillation):
         load_flat(self.student, x_t)
         if self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every:
             # L_adv only once the KD warm-up is over (§3.3, step 3).
-            yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions)
+            yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
+                                             stats=ctx.stats)
             self.last_synthesis = version
         if version <= d.warmup_versions:
             return None

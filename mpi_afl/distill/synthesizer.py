@@ -112,12 +112,17 @@ class Synthesizer:
         return self.prepare(images), labels
 
     def synthesize(self, teachers: Sequence[nn.Module], proportions: torch.Tensor, student: nn.Module | None = None,
-                   adversarial: bool = False) -> Steps[None, None, tuple[torch.Tensor, torch.Tensor]]:
+                   adversarial: bool = False,
+                   stats: dict | None = None) -> Steps[None, None, tuple[torch.Tensor, torch.Tensor]]:
         """Synthesise one batch from `teachers` with class proportions `proportions` (K, classes).
 
         `adversarial` adds L_adv against `student` (after the KD warm-up).
         Returns the kept images in [0, 1] (on the device) and their labels (on
-        the CPU), which are also added to the pool. Teachers are switched to
+        the CPU), which are also added to the pool. With `stats`, counts the call
+        in stats["syntheses"] and keeps in stats["synth_agreement"] the running
+        mean of the kept batch's agreement: the fraction of its images whose
+        teacher-ensemble (mean logits) argmax is their label, a diagnostic of
+        generator quality (bench/ACCURACY.md). Teachers are switched to
         eval mode and their parameters to requires_grad=False (they stay so);
         the student is used in eval mode and its mode and requires_grad flags
         are restored afterwards."""
@@ -151,7 +156,7 @@ class Synthesizer:
             student.eval()
             student.requires_grad_(False)
         hooks = [FeatureHooks(t) for t in teachers] if cfg.bn > 0 else []
-        best_cost, best = math.inf, None
+        best_cost, best, agreement = math.inf, None, math.nan
         try:
             for step in range(cfg.synth_steps):
                 images = self.fast(z, labels, embeddings, cfg.embed_weight)
@@ -173,6 +178,7 @@ class Synthesizer:
                 cost = float(loss.detach()) if loss is not None else math.nan
                 if cost < best_cost:
                     best_cost, best = cost, images.detach().clone()
+                    agreement = float((teacher_logits.detach().mean(0).argmax(1) == labels).float().mean())
                 optimizer.zero_grad(set_to_none=True)
                 if loss is not None and loss.requires_grad:
                     loss.backward()
@@ -191,6 +197,11 @@ class Synthesizer:
         if best is None:  # every step's loss was dropped or NaN: keep the last batch, as the research code
             best = images.detach().clone()
         self.pool.add(best, labels_cpu)
+        if stats is not None and not math.isnan(agreement):
+            n = stats.get("syntheses", 0) + 1
+            stats["syntheses"] = n
+            mean = stats.get("synth_agreement", 0.0)
+            stats["synth_agreement"] = mean + (agreement - mean) / n
         return best, labels_cpu
 
     def _fast_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
