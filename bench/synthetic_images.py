@@ -14,6 +14,9 @@ per run:
   echo_target_agreement              the same for FedEcho's entropy-weighted target (the run's echo.gamma)
   test_mean_target_accuracy, test_echo_target_accuracy   both targets on 2,000 real test images: does
                                      weighting by certainty pick the right teachers on real data, on synthetic?
+  echo_weight_skew_correlation       Pearson r between each teacher's mean entropy weight on the pool images
+                                     and the largest-class share of its client's data (clients.txt): > 0 means
+                                     the certainty weighting leans on the most class-skewed clients
   global_agreement                   the same for the run's final global model
   global_confidence                  mean max-softmax of the global model on the pool images
   global_test_accuracy               the global model on the real test split, for comparison
@@ -33,6 +36,7 @@ about whether they cover what the stale teachers know that the global model lack
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,6 +70,27 @@ def target_agreement(teacher_logits: torch.Tensor, labels: torch.Tensor, gamma: 
                else entropy_weights(probs, gamma))
     target = echo_target(teacher_logits, weights, 1.0)
     return round(float((target.argmax(1) == labels).float().mean()), 4)
+
+
+def largest_class_shares(run_dir: Path) -> dict[int, float]:
+    """Client id -> share of its largest class, from the run's clients.txt."""
+    shares = {}
+    for line in (run_dir / "clients.txt").read_text().splitlines():
+        match = re.match(r"client (\d+): (\d+) samples, classes \[(.*)\]", line)
+        if match and int(match.group(2)):
+            counts = [int(item.split(":")[1]) for item in match.group(3).split()]
+            shares[int(match.group(1))] = max(counts) / int(match.group(2))
+    return shares
+
+
+def weight_skew_correlation(teacher_logits: torch.Tensor, clients: list[int], shares: dict[int, float],
+                            gamma: float) -> float | None:
+    """Pearson r between each teacher's mean FedEcho weight on the images and its client's largest-class share."""
+    weights = entropy_weights(teacher_logits.softmax(-1), gamma).mean(1)
+    skew = torch.tensor([shares[c] for c in clients])
+    if len(clients) < 3 or float(skew.std()) == 0:
+        return None
+    return round(float(torch.corrcoef(torch.stack([weights, skew]))[0, 1]), 3)
 
 
 def within_class_distance(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cap: int = 256) -> float:
@@ -175,6 +200,9 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
         "echo_target_agreement": target_agreement(teacher_logits, labels, cfg.echo.gamma),
         "test_mean_target_accuracy": target_agreement(test_logits, test_y, None),
         "test_echo_target_accuracy": target_agreement(test_logits, test_y, cfg.echo.gamma),
+        "echo_weight_skew_correlation": weight_skew_correlation(
+            teacher_logits, torch.as_tensor(algorithm["teacher_clients"]).tolist(), largest_class_shares(run_dir),
+            cfg.echo.gamma),
         "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
         "global_confidence": round(float(global_logits.softmax(1).max(1).values.mean()), 4),
         "global_test_accuracy": round(test_accuracy, 4),
