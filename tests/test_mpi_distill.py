@@ -75,7 +75,11 @@ def test_fedrevive_learns_and_blends_kd_into_stale_updates(full_run):
     stale_after_warmup = (tau > 0) & (at_arrival > WARMUP)
     assert stale_after_warmup.sum() >= 5
     assert s["algorithm_stats"]["kd_applied"] == int(stale_after_warmup.sum())
-    assert s["algorithm_stats"]["distill_seconds"] > 0
+    stats = s["algorithm_stats"]
+    assert stats["distill_seconds"] > 0
+    # Diagnostics (distill/kd.record_kd, Synthesizer.synthesize): present and in range.
+    assert stats["kd_norm_ratio"] > 0 and -1 <= stats["kd_cosine"] <= 1
+    assert stats["syntheses"] > 0 and 0 <= stats["synth_agreement"] <= 1
 
 
 def test_fedrevive_virtual_clock_identical_across_rank_counts(full_run):
