@@ -112,6 +112,7 @@ class RunSpec:
     schedule: str
     budget: float              # virtual time of this run (scaled for its schedule)
     overrides: tuple[str, ...]  # extra KEY=VALUE from --override
+    budget_tag: str = ""        # "budgetB" when --budget is not the preset's: such runs get their own directories
 
     @property
     def setting(self) -> str:
@@ -126,7 +127,8 @@ class RunSpec:
         # The settings are part of the name, so a sweep point equal to the tuned value is the grid's run
         # (it runs once), and retuning SERVER_SETTINGS never picks up a run made with other values.
         tag = "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in sorted(self.settings.items()))
-        return out / self.setting / f"{self.algorithm}-{tag}-s{self.seed}"
+        suffix = f"-{self.budget_tag}" if self.budget_tag else ""
+        return out / self.setting / f"{self.algorithm}-{tag}{suffix}-s{self.seed}"
 
     def command(self, out: Path) -> list[str]:
         keys = {"data.alpha": f"{self.alpha:g}", "run.max_virtual_time": f"{self.budget:g}",
@@ -187,7 +189,8 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, ()).directory(out)
+    reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, (),
+                        spec.budget_tag).directory(out)
     fedbuff_final = None
     if (reference / "summary.json").exists():
         fedbuff_final = json.loads((reference / "summary.json").read_text())["final_accuracy"]
@@ -305,14 +308,17 @@ def main() -> None:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
-        budget = args.budget if args.budget is not None else load_toml(preset_path(PRESET))["run.max_virtual_time"]
+        preset_budget = load_toml(preset_path(PRESET))["run.max_virtual_time"]
     except (ConfigError, KeyError) as e:
         parser.error(f"no budget: {e}")
+    budget = args.budget if args.budget is not None else preset_budget
     out = Path(args.out).resolve()
     paper = mean_duration(SCHEDULES["paper"])
     # Setting by setting, seed by seed, so the first settings/seeds complete first; within one, the
     # slowest algorithms (the distilling ones) start first.
-    specs = [RunSpec(a, seed, alpha, s, round(budget * mean_duration(SCHEDULES[s]) / paper, 3), tuple(args.override))
+    budget_tag = f"budget{budget:g}" if budget != preset_budget else ""
+    specs = [RunSpec(a, seed, alpha, s, round(budget * mean_duration(SCHEDULES[s]) / paper, 3), tuple(args.override),
+                     budget_tag)
              for s in schedules for alpha in _csv(args.alphas, float) for seed in _csv(args.seeds, int)
              for a in sorted(algorithms, key=lambda a: a not in ("fedrevive", "fedecho"))]
 
