@@ -11,8 +11,8 @@ of ranks (README, "The two clocks"), so more ranks would only change the wall ti
 runs side by side. A run whose DIR/summary.json exists is not run again, so an interrupted grid continues
 where it stopped and the tables can be rebuilt from finished runs alone.
 
-Runs live in OUT/<schedule>-alpha<alpha>/<algorithm>-<server settings>-s<seed>/ (use a new OUT after
-changing the preset). The script prints one JSON line per run (fields below), then one per (algorithm,
+Runs live in OUT/<schedule>-alpha<alpha>/<algorithm>-<server settings>[-budget<B>]-s<seed>/ (the budget part
+only when --budget is not the preset's; use a new OUT after changing the preset). The script prints one JSON line per run (fields below), then one per (algorithm,
 setting) with the mean and sample std over seeds:
 
   final_accuracy, best_accuracy         summary.json (test split)
