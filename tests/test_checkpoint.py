@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mpi_afl.server.loop import CHECKPOINT_FORMAT, check_server_format
 from mpi_afl.storage import checkpoint
 from mpi_afl.storage.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 
@@ -180,6 +181,13 @@ def test_wrong_format_version(tmp_path):
         f.attrs["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(CheckpointError, match=rf"ckpt\.h5 has checkpoint format_version {FORMAT_VERSION + 1}"):
         load_checkpoint(path)
+
+
+def test_server_state_of_another_layout_is_refused():
+    check_server_format({"server_format": CHECKPOINT_FORMAT})
+    for other in (CHECKPOINT_FORMAT - 1, None):
+        with pytest.raises(CheckpointError, match=rf"server state format {other!r}; this version reads"):
+            check_server_format({"server_format": other} if other is not None else {})
 
 
 def test_colliding_keys_rejected(tmp_path):

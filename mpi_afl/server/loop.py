@@ -44,7 +44,7 @@ from ..transport.backoff import Backoff
 from .versions import VersionStore
 
 _CLIENT_STREAM = 0x5E7  # separates client sampling from other uses of the run seed
-CHECKPOINT_FORMAT = 1   # bump when the server state layout changes
+CHECKPOINT_FORMAT = 2   # bump when the server state layout changes (2: FedRevive's teachers keep their versions)
 EVAL_BATCH = 256        # images per evaluation slice: ~0.1 s of CPU for the 28x28 CNN, so arrivals wait little
 
 
@@ -60,6 +60,13 @@ class Job:
 
     def spec(self) -> JobSpec:
         return JobSpec(self.index, self.client_id, self.base_version, self.sleep_seconds)
+
+
+def check_server_format(state: dict) -> None:
+    """Refuse a checkpoint whose server state was written with another layout (CheckpointError)."""
+    if state.get("server_format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint server state format {state.get('server_format')!r}; "
+                              f"this version reads {CHECKPOINT_FORMAT}")
 
 
 @dataclass
@@ -404,9 +411,7 @@ class Server:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint: every job that was in flight is sent again (workers lost them)."""
-        if state.get("server_format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint server state format {state.get('server_format')!r}; "
-                                  f"this version reads {CHECKPOINT_FORMAT}")
+        check_server_format(state)
         self.version, self.now, self.next_job = int(state["version"]), float(state["now"]), int(state["next_job"])
         self.t0 = time.perf_counter() - float(state["wall"])
         self.x = state["global_model"].to(self.device)
