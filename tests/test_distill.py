@@ -15,8 +15,9 @@ from mpi_afl.distill.generator import Generator
 from mpi_afl.distill.pool import SyntheticPool, sample_by_class
 from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions, probe_proportions
 from mpi_afl.distill.stats import FeatureHooks
-from mpi_afl.distill.synthesizer import Synthesizer, adversarial_loss, drain, feature_loss, one_hot_loss
+from mpi_afl.distill.synthesizer import Synthesizer, adversarial_loss, feature_loss, one_hot_loss
 from mpi_afl.models.layers import StatTracker, make_norm
+from mpi_afl.slices import drain
 
 torch.set_num_threads(1)
 

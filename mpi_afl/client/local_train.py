@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mpi_afl.augment import random_crop_flip
 from mpi_afl.models.flat import flatten, load_flat
+from mpi_afl.slices import drain
 
 
 @dataclass
@@ -106,12 +106,7 @@ def evaluate(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Ten
 
     Loads `flat` into `model` (overwriting its state) and runs in eval mode, so
     BatchNorm uses its running statistics and StatTracker records nothing."""
-    steps = evaluate_slices(model, flat, x, y, batch_size)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return drain(evaluate_slices(model, flat, x, y, batch_size))
 
 
 def evaluate_slices(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

@@ -46,13 +46,19 @@ def record_kd(stats: dict, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
     A diagnostic, not part of any method: a small ratio means KD barely moves the model next to the
     update (FedRevive's blend is then mostly a shrink of the stale delta, which AFL-DW does without KD;
     bench/ACCURACY.md)."""
-    n = stats.get("kd_applied", 0) + 1
     delta_norm, kd_norm = float(delta.norm()), float(kd_delta.norm())
-    ratio = kd_norm / max(delta_norm, 1e-30)
     cosine = float(torch.dot(kd_delta, delta)) / max(kd_norm * delta_norm, 1e-30)
-    stats["kd_applied"] = n
-    stats["kd_norm_ratio"] = stats.get("kd_norm_ratio", 0.0) + (ratio - stats.get("kd_norm_ratio", 0.0)) / n
-    stats["kd_cosine"] = stats.get("kd_cosine", 0.0) + (cosine - stats.get("kd_cosine", 0.0)) / n
+    record_mean(stats, "kd_applied", {"kd_norm_ratio": kd_norm / max(delta_norm, 1e-30), "kd_cosine": cosine})
+
+
+def record_mean(stats: dict, count: str, values: dict[str, float]) -> None:
+    """Add one observation to `stats`: increment stats[count] and update the running mean stats[key] of
+    every `values` entry over the observations counted there."""
+    n = stats.get(count, 0) + 1
+    stats[count] = n
+    for key, value in values.items():
+        mean = stats.get(key, 0.0)
+        stats[key] = mean + (value - mean) / n
 
 
 def class_weights(proportions: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ import copy
 import math
 from collections.abc import Generator as Steps
 from collections.abc import Sequence
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +31,9 @@ from torch import nn
 from mpi_afl.augment import random_crop_flip
 from mpi_afl.config import DistillConfig
 from mpi_afl.distill.generator import Generator
-from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div
+from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div, record_mean
 from mpi_afl.distill.pool import SyntheticPool
 from mpi_afl.distill.stats import FeatureHooks
-
-T = TypeVar("T")
-
-
-def drain(steps: Steps[None, None, T]) -> T:
-    """Run a sliced computation (a generator) to its end and return its value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
 
 
 def one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
@@ -156,7 +144,7 @@ class Synthesizer:
             student.eval()
             student.requires_grad_(False)
         hooks = [FeatureHooks(t) for t in teachers] if cfg.bn > 0 else []
-        best_cost, best, agreement = math.inf, None, math.nan
+        best_cost, best, best_logits = math.inf, None, None
         try:
             for step in range(cfg.synth_steps):
                 images = self.fast(z, labels, embeddings, cfg.embed_weight)
@@ -177,8 +165,7 @@ class Synthesizer:
                         loss = weight * value if loss is None else loss + weight * value
                 cost = float(loss.detach()) if loss is not None else math.nan
                 if cost < best_cost:
-                    best_cost, best = cost, images.detach().clone()
-                    agreement = float((teacher_logits.detach().mean(0).argmax(1) == labels).float().mean())
+                    best_cost, best, best_logits = cost, images.detach().clone(), teacher_logits.detach()
                 optimizer.zero_grad(set_to_none=True)
                 if loss is not None and loss.requires_grad:
                     loss.backward()
@@ -195,13 +182,11 @@ class Synthesizer:
                 for p, flag in zip(student.parameters(), flags):
                     p.requires_grad_(flag)
         if best is None:  # every step's loss was dropped or NaN: keep the last batch, as the research code
-            best = images.detach().clone()
+            best, best_logits = images.detach().clone(), teacher_logits.detach()
         self.pool.add(best, labels_cpu)
-        if stats is not None and not math.isnan(agreement):
-            n = stats.get("syntheses", 0) + 1
-            stats["syntheses"] = n
-            mean = stats.get("synth_agreement", 0.0)
-            stats["synth_agreement"] = mean + (agreement - mean) / n
+        if stats is not None:
+            agreement = float((best_logits.mean(0).argmax(1) == labels).float().mean())
+            record_mean(stats, "syntheses", {"synth_agreement": agreement})
         return best, labels_cpu
 
     def _fast_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
