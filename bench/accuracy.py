@@ -185,20 +185,20 @@ def tail_accuracy(evals: list[dict], budget: float) -> float | None:
 
 def run_row(spec: RunSpec, out: Path) -> dict | None:
     """The JSON line of one finished run (None when it has no summary.json)."""
-    path = spec.directory(out) / "summary.json"
-    if not path.exists():
+    directory = spec.directory(out)
+    if not (directory / "summary.json").exists():
         return None
-    summary = json.loads(path.read_text())
+    summary = json.loads((directory / "summary.json").read_text())
     reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, (),
                         spec.budget_tag).directory(out)
     fedbuff_final = None
     if (reference / "summary.json").exists():
         fedbuff_final = json.loads((reference / "summary.json").read_text())["final_accuracy"]
     stats = summary.get("algorithm_stats", {})
-    arrivals = read_run(spec.directory(out) / "run.h5")["arrivals"]
+    arrivals = read_run(directory / "run.h5")["arrivals"]
     staleness = arrivals["staleness"][arrivals["accepted"].astype(bool)]
     distill = stats.get("distill_seconds")
-    usage = usage_path(spec.directory(out))
+    usage = usage_path(directory)
     cpu_seconds = json.loads(usage.read_text())["cpu_seconds"] if usage.exists() else None
     return {
         "bench": "accuracy", "algorithm": spec.algorithm, "seed": spec.seed, "alpha": spec.alpha,

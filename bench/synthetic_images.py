@@ -15,8 +15,9 @@ per run:
   test_mean_target_accuracy, test_echo_target_accuracy   both targets on 2,000 real test images: does
                                      weighting by certainty pick the right teachers on real data, on synthetic?
   echo_weight_skew_correlation       Pearson r between each teacher's mean entropy weight on the pool images
-                                     and the largest-class share of its client's data (clients.txt): > 0 means
-                                     the certainty weighting leans on the most class-skewed clients
+                                     and the largest-class share of its client's data (the run's partition,
+                                     rebuilt from its config): > 0 means the certainty weighting leans on the
+                                     most class-skewed clients
   global_agreement                   the same for the run's final global model
   global_confidence                  mean max-softmax of the global model on the pool images
   global_test_accuracy               the global model on the real test split, for comparison
@@ -36,11 +37,11 @@ about whether they cover what the stale teachers know that the global model lack
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,10 +50,15 @@ sys.path.insert(0, str(REPO))  # `python bench/synthetic_images.py` from anywher
 from mpi_afl.algorithms.fedecho import echo_target, entropy_weights  # noqa: E402
 from mpi_afl.config import from_dict  # noqa: E402
 from mpi_afl.data.datasets import load_splits  # noqa: E402
-from mpi_afl.distill.synthesizer import Synthesizer, drain  # noqa: E402
+from mpi_afl.data.partition import class_histograms, partition  # noqa: E402
+from mpi_afl.distill.proxy import ProbeProxy  # noqa: E402
+from mpi_afl.distill.synthesizer import Synthesizer  # noqa: E402
+from mpi_afl.distill.teachers import TeacherBuffer  # noqa: E402
 from mpi_afl.models import build_model  # noqa: E402
 from mpi_afl.models.flat import load_flat  # noqa: E402
-from mpi_afl.storage.checkpoint import load_checkpoint  # noqa: E402
+from mpi_afl.server.loop import check_server_format  # noqa: E402
+from mpi_afl.slices import drain  # noqa: E402
+from mpi_afl.storage.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 
 def logits(model: torch.nn.Module, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -62,32 +68,34 @@ def logits(model: torch.nn.Module, flat: torch.Tensor, images: torch.Tensor) -> 
         return torch.cat([model(images[i:i + 512]) for i in range(0, len(images), 512)])
 
 
-def target_agreement(teacher_logits: torch.Tensor, labels: torch.Tensor, gamma: float | None) -> float:
+def normalise(images: torch.Tensor, info) -> torch.Tensor:
+    """[0, 1] images as the models see them (the data set's normalisation, no augmentation)."""
+    return (images - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)
+
+
+def teacher_logits(modules: list[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """(teachers, images, classes) logits of every teacher module, in eval mode."""
+    for module in modules:
+        module.eval()
+    with torch.no_grad():
+        return torch.stack([torch.cat([m(images[i:i + 512]) for i in range(0, len(images), 512)]) for m in modules])
+
+
+def target_agreement(per_teacher: torch.Tensor, labels: torch.Tensor, gamma: float | None) -> float:
     """How often the argmax of the teachers' combined prediction is `labels`: the plain mean of their
     softmaxes (gamma None) or FedEcho's entropy-weighted target with temperature gamma (ALGORITHMS.md §4)."""
-    probs = teacher_logits.softmax(-1)
+    probs = per_teacher.softmax(-1)
     weights = (torch.full(probs.shape[:2], 1 / len(probs)) if gamma is None
                else entropy_weights(probs, gamma))
-    target = echo_target(teacher_logits, weights, 1.0)
+    target = echo_target(per_teacher, weights, 1.0)
     return round(float((target.argmax(1) == labels).float().mean()), 4)
 
 
-def largest_class_shares(run_dir: Path) -> dict[int, float]:
-    """Client id -> share of its largest class, from the run's clients.txt."""
-    shares = {}
-    for line in (run_dir / "clients.txt").read_text().splitlines():
-        match = re.match(r"client (\d+): (\d+) samples, classes \[(.*)\]", line)
-        if match and int(match.group(2)):
-            counts = [int(item.split(":")[1]) for item in match.group(3).split()]
-            shares[int(match.group(1))] = max(counts) / int(match.group(2))
-    return shares
-
-
-def weight_skew_correlation(teacher_logits: torch.Tensor, clients: list[int], shares: dict[int, float],
+def weight_skew_correlation(per_teacher: torch.Tensor, clients: list[int], histograms: np.ndarray,
                             gamma: float) -> float | None:
     """Pearson r between each teacher's mean FedEcho weight on the images and its client's largest-class share."""
-    weights = entropy_weights(teacher_logits.softmax(-1), gamma).mean(1)
-    skew = torch.tensor([shares[c] for c in clients])
+    weights = entropy_weights(per_teacher.softmax(-1), gamma).mean(1)
+    skew = torch.tensor([histograms[c].max() / histograms[c].sum() for c in clients], dtype=torch.float32)
     if len(clients) < 3 or float(skew.std()) == 0:
         return None
     return round(float(torch.corrcoef(torch.stack([weights, skew]))[0, 1]), 3)
@@ -124,28 +132,17 @@ def grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class
     plt.close(fig)
 
 
-def synthesis_probe(cfg, algorithm: dict, info, make_model, steps: int) -> dict:
+def synthesis_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, steps: int) -> dict:
     """One synthesis call with `steps` fast-generator steps from the run's final meta-generator and teachers."""
     d = dataclasses.replace(cfg.distill, synth_steps=steps)
     synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
                         info.std, torch.device("cpu"), cfg.run.seed)
     synth.load_state_dict(algorithm["synthesizer"])
-    teachers = []
-    for flat in torch.as_tensor(algorithm["teacher_models"]).float():
-        teachers.append(make_model())
-        load_flat(teachers[-1], flat)
-    proxy = algorithm["proxy"]
-    row = {int(c): i for i, c in enumerate(torch.as_tensor(proxy["clients"]).tolist())}
-    estimates = torch.as_tensor(proxy["estimates"]).float()
-    q = torch.stack([estimates[row[int(c)]] if int(c) in row else torch.full((info.num_classes,), 1 / info.num_classes)
-                     for c in torch.as_tensor(algorithm["teacher_clients"]).tolist()])
+    modules = teachers.modules()
     start = time.perf_counter()
-    images, labels = drain(synth.synthesize(teachers, q))
+    images, labels = drain(synth.synthesize(modules, teachers.proportions()))
     seconds = time.perf_counter() - start
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    with torch.no_grad():
-        ensemble = torch.stack([t((images - mean) / std) for t in teachers]).mean(0)
+    ensemble = teacher_logits(modules, normalise(images, info)).mean(0)
     return {"synth_steps": steps, "batch": len(labels), "seconds": round(seconds, 3),
             "batch_teacher_agreement": round(float((ensemble.argmax(1) == labels).float().mean()), 4),
             "batch_teacher_confidence": round(float(ensemble.softmax(1).max(1).values.mean()), 4)}
@@ -153,6 +150,10 @@ def synthesis_probe(cfg, algorithm: dict, info, make_model, steps: int) -> dict:
 
 def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) -> dict:
     state = load_checkpoint(run_dir / "checkpoint.h5")
+    try:
+        check_server_format(state)
+    except CheckpointError as e:
+        raise SystemExit(f"{run_dir}: {e} (a run made by an older version: run it again)")
     cfg = from_dict(json.loads(state["config"]))
     algorithm = state["algorithm"]
     if "synthesizer" not in algorithm:
@@ -168,25 +169,31 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
     splits = load_splits(d.dataset, d.root or None, seed=cfg.run.seed, val_fraction=d.val_fraction,
                          test_fraction=d.test_fraction, kd_fraction=d.kd_fraction)
     info = splits.info
+    labels_np = splits.train_y.numpy()
+    parts = partition(labels_np, d.num_clients, d.partition, seed=cfg.run.seed, num_classes=info.num_classes,
+                      alpha=d.alpha, shards_per_client=d.shards_per_client, samples_per_client=d.samples_per_client)
+    histograms = class_histograms(parts, labels_np, info.num_classes)  # the run's clients, as train.py builds them
 
     def make_model() -> torch.nn.Module:
         return build_model(cfg.model.name, in_channels=info.channels, image_size=info.image_size,
                            num_classes=info.num_classes, norm=cfg.model.norm)
 
-    model = make_model()
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    normalised = (images - mean) / std
-
-    teachers = torch.as_tensor(algorithm["teacher_models"]).float()
-    teacher_logits = torch.stack([logits(model, t, normalised) for t in teachers])
-    ensemble = teacher_logits.mean(0)
+    # The run's teacher buffer as checkpointed (q_k from the probe proxy or the true histograms, as in the run).
+    teachers = TeacherBuffer(len(algorithm["teacher_clients"]), make_model, torch.device("cpu"), histograms,
+                             ProbeProxy((info.channels, info.image_size, info.image_size), info.num_classes,
+                                        cfg.distill.probes, cfg.distill.probe_temperature),
+                             probe=cfg.distill.proxy == "probe", distinct=False, generator=torch.Generator())
+    teachers.load_state_dict(algorithm)
+    modules = teachers.modules()
+    pool_logits = teacher_logits(modules, normalise(images, info))
+    ensemble = pool_logits.mean(0)
     test_x, test_y = splits.test_x[:2000], splits.test_y[:2000]
-    test_logits = torch.stack([logits(model, t, test_x) for t in teachers])
+    test_logits = teacher_logits(modules, test_x)
+    model = make_model()
     global_model = torch.as_tensor(state["global_model"]).float()
-    global_logits = logits(model, global_model, normalised)
+    global_logits = logits(model, global_model, normalise(images, info))
     test_accuracy = float((logits(model, global_model, splits.test_x).argmax(1) == splits.test_y).float().mean())
-    real = splits.train_x * std + mean  # back to [0, 1]
+    real = splits.train_x * torch.tensor(info.std).view(1, -1, 1, 1) + torch.tensor(info.mean).view(1, -1, 1, 1)
 
     name = f"{run_dir.parent.name}-{run_dir.name}"
     grid(images, labels, info.num_classes, per_class, out / f"{name}-pool.png")
@@ -196,13 +203,12 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
         "pool_per_class": torch.bincount(labels, minlength=info.num_classes).tolist(),
         "teachers": len(teachers),
         "teacher_agreement": round(float((ensemble.argmax(1) == labels).float().mean()), 4),
-        "mean_target_agreement": target_agreement(teacher_logits, labels, None),
-        "echo_target_agreement": target_agreement(teacher_logits, labels, cfg.echo.gamma),
+        "mean_target_agreement": target_agreement(pool_logits, labels, None),
+        "echo_target_agreement": target_agreement(pool_logits, labels, cfg.echo.gamma),
         "test_mean_target_accuracy": target_agreement(test_logits, test_y, None),
         "test_echo_target_accuracy": target_agreement(test_logits, test_y, cfg.echo.gamma),
-        "echo_weight_skew_correlation": weight_skew_correlation(
-            teacher_logits, torch.as_tensor(algorithm["teacher_clients"]).tolist(), largest_class_shares(run_dir),
-            cfg.echo.gamma),
+        "echo_weight_skew_correlation": weight_skew_correlation(pool_logits, teachers.clients, histograms,
+                                                                cfg.echo.gamma),
         "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
         "global_confidence": round(float(global_logits.softmax(1).max(1).values.mean()), 4),
         "global_test_accuracy": round(test_accuracy, 4),
@@ -211,7 +217,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
         "pool_within_class_distance": round(within_class_distance(images, labels, info.num_classes), 3),
         "real_within_class_distance": round(within_class_distance(real, splits.train_y, info.num_classes), 3),
         "png": str(out / f"{name}-pool.png"),
-        "synthesis_probes": [synthesis_probe(cfg, algorithm, info, make_model, n) for n in probe_steps],
+        "synthesis_probes": [synthesis_probe(cfg, algorithm, info, teachers, n) for n in probe_steps],
     }
 
 
@@ -224,10 +230,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    steps = [int(n) for n in args.synth_steps.split(",") if n.strip()]
     for run_dir in args.runs:
         if not (run_dir / "checkpoint.h5").exists():
             raise SystemExit(f"{run_dir}: no checkpoint.h5 (not a finished run directory?)")
-        steps = [int(n) for n in args.synth_steps.split(",") if n.strip()]
         print(json.dumps(inspect(run_dir, args.out, args.per_class, steps)), flush=True)
 
 
