@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, TOML presets, command-line overrides.
 
 A config is built in three layers, later ones winning: the defaults below,
-then a TOML file (`--preset NAME` from `configs/`, or `--config FILE`), then
+then a TOML file (`--preset NAME` from `mpi_afl/presets/`, or `--config FILE`), then
 command-line overrides of any dotted key (`--client.lr=0.01` or
 `--client.lr 0.01`) and the shortcuts (`--algorithm`, `--seed`, ...).
 An unknown key, a wrong type or an impossible value is a `ConfigError` that
@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
-    p.add_argument("--preset", metavar="NAME", help=f"named config from configs/: {', '.join(preset_names())}")
+    p.add_argument("--preset", metavar="NAME", help=f"named config from mpi_afl/presets/: {', '.join(preset_names())}")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.h5 (its config, "
                    "plus the overrides given here; only stop rules and placement may change)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
