@@ -51,6 +51,7 @@ from mpi_afl.algorithms.fedecho import echo_target, entropy_weights  # noqa: E40
 from mpi_afl.config import from_dict  # noqa: E402
 from mpi_afl.data.datasets import load_splits  # noqa: E402
 from mpi_afl.data.partition import class_histograms, partition  # noqa: E402
+from mpi_afl.distill.ensemble import TeacherEnsemble  # noqa: E402
 from mpi_afl.distill.proxy import ProbeProxy  # noqa: E402
 from mpi_afl.distill.synthesizer import Synthesizer  # noqa: E402
 from mpi_afl.distill.teachers import TeacherBuffer  # noqa: E402
@@ -73,12 +74,10 @@ def normalise(images: torch.Tensor, info) -> torch.Tensor:
     return (images - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)
 
 
-def teacher_logits(modules: list[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
-    """(teachers, images, classes) logits of every teacher module, in eval mode."""
-    for module in modules:
-        module.eval()
+def teacher_logits(ensemble: TeacherEnsemble, images: torch.Tensor) -> torch.Tensor:
+    """(teachers, images, classes) logits of every teacher, in slices of 512 images."""
     with torch.no_grad():
-        return torch.stack([torch.cat([m(images[i:i + 512]) for i in range(0, len(images), 512)]) for m in modules])
+        return torch.cat([ensemble(images[i:i + 512]) for i in range(0, len(images), 512)], dim=1)
 
 
 def target_agreement(per_teacher: torch.Tensor, labels: torch.Tensor, gamma: float | None) -> float:
@@ -138,7 +137,7 @@ def synthesis_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, steps: 
     synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
                         info.std, torch.device("cpu"), cfg.run.seed)
     synth.load_state_dict(algorithm["synthesizer"])
-    modules = teachers.modules()
+    modules = teachers.ensemble()
     start = time.perf_counter()
     images, labels = drain(synth.synthesize(modules, teachers.proportions()))
     seconds = time.perf_counter() - start
@@ -184,7 +183,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
                                         cfg.distill.probes, cfg.distill.probe_temperature),
                              probe=cfg.distill.proxy == "probe", distinct=False, generator=torch.Generator())
     teachers.load_state_dict(algorithm)
-    modules = teachers.modules()
+    modules = teachers.ensemble()
     pool_logits = teacher_logits(modules, normalise(images, info))
     ensemble = pool_logits.mean(0)
     test_x, test_y = splits.test_x[:2000], splits.test_y[:2000]

@@ -125,7 +125,19 @@ def test_toml_errors_name_key_and_value(tmp_path, text, expected):
 
 def test_defaults_validate():
     cfg, _ = parse_args([])
-    assert cfg == Config()
+    expected = Config()
+    expected.distill.augment, expected.distill.meta_lr = "false", expected.distill.gen_lr
+    assert cfg == expected
+
+
+@pytest.mark.parametrize("argv, augment, meta_lr", [
+    ([], "false", 3e-3),                                                  # follows client.augment, gen_lr
+    (["--client.augment=true", "--distill.gen_lr=0.01"], "true", 0.01),
+    (["--client.augment=true", "--distill.augment=false", "--distill.meta_lr=0.001"], "false", 0.001),
+])
+def test_synthesis_augmentation_and_meta_lr_follow_the_client_and_generator_by_default(argv, augment, meta_lr):
+    cfg, _ = parse_args(argv)
+    assert cfg.distill.augment == augment and cfg.distill.meta_lr == meta_lr
 
 
 def test_shortcuts_map_to_their_keys():

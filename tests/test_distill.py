@@ -11,11 +11,12 @@ from torch import nn
 
 from mpi_afl.config import DistillConfig
 from mpi_afl.distill import kd
+from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.distill.generator import Generator
 from mpi_afl.distill.pool import SyntheticPool, sample_by_class
 from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions, probe_proportions
-from mpi_afl.distill.stats import FeatureHooks
 from mpi_afl.distill.synthesizer import Synthesizer, adversarial_loss, feature_loss, one_hot_loss
+from mpi_afl.models.flat import flatten
 from mpi_afl.models.layers import StatTracker, make_norm
 from mpi_afl.slices import drain
 
@@ -51,8 +52,13 @@ def make_synth(cfg: DistillConfig | None = None, seed: int = 3) -> Synthesizer:
     return Synthesizer(cfg or tiny_cfg(), SHAPE, CLASSES, (0.5,), (0.25,), "cpu", seed)
 
 
+def ensemble_of(*modules: nn.Module) -> TeacherEnsemble:
+    """The modules (one architecture) as a batched teacher ensemble."""
+    return TeacherEnsemble(copy.deepcopy(modules[0])).load(torch.stack([flatten(m) for m in modules]))
+
+
 def teachers_and_q():
-    teachers = [Tiny("batchnorm", seed=1), Tiny("stat", seed=2)]
+    teachers = ensemble_of(Tiny("batchnorm", seed=1), Tiny("batchnorm", seed=2))
     q = torch.full((2, CLASSES), 0.02)
     q[0, :5], q[1, 5:] = 0.18, 0.18
     return teachers, q
@@ -92,19 +98,18 @@ def test_one_hot_loss_hand_value():
 
 
 @pytest.mark.parametrize("layer", [StatTracker(2), nn.BatchNorm2d(2)])
-def test_feature_hooks_l2_distance_to_running_stats(layer):
-    model = nn.Sequential(layer).eval()
-    hooks = FeatureHooks(model)
+def test_ensemble_feature_loss_is_the_l2_distance_to_running_stats(layer):
+    model = nn.Sequential(layer)
+    ensemble = TeacherEnsemble(model).load(torch.stack([flatten(model), flatten(model)]))
     # Channel 0 is constant 3 (mean 3, var 0); channel 1 alternates +-1 (mean 0, var 1).
     x = torch.tensor([[[[3.0, 3.0]], [[1.0, -1.0]]], [[[3.0, 3.0]], [[1.0, -1.0]]]])
-    model(x)
-    # Running stats are mean 0, var 1: ||(1,1) - (0,1)|| + ||(0,0) - (3,0)|| = 1 + 3.
-    assert float(hooks.loss()) == pytest.approx(4.0)
-    hooks.clear()
-    assert float(hooks.loss()) == 0.0
-    hooks.remove()
-    model(x)
-    assert hooks.records == []
+    logits, distances = ensemble.with_feature_loss(x)
+    # Running stats are mean 0, var 1: ||(1,1) - (0,1)|| + ||(0,0) - (3,0)|| = 1 + 3, for both teachers.
+    assert torch.allclose(distances, torch.tensor([4.0, 4.0]))
+    assert torch.allclose(logits, torch.stack([x, x]), atol=1e-4)  # (nearly) identity layers in eval mode
+    # A plain call records nothing and leaves nothing behind for the next call.
+    ensemble(x)
+    assert torch.allclose(ensemble.with_feature_loss(x)[1], torch.tensor([4.0, 4.0]))
 
 
 def test_feature_loss_weights_each_teacher_by_its_sample_weights():
@@ -222,8 +227,10 @@ def test_synthesize_fills_pool_and_moves_meta_generator_towards_fast():
     dist = lambda xs, ys: sum(float((x - y).detach().pow(2).sum()) for x, y in zip(xs, ys))  # noqa: E731
     assert dist(before, fast) > 0
     assert dist(after, fast) < dist(before, fast)
-    # The teachers' L_bn hooks are gone afterwards.
-    assert all(not m._forward_hooks for t in teachers for m in t.modules())
+    # The ensemble's L_bn hooks are registered once, not once per synthesis.
+    hooks = sum(len(m._forward_hooks) for m in teachers.template.modules())
+    drain(synth.synthesize(teachers, q))
+    assert sum(len(m._forward_hooks) for m in teachers.template.modules()) == hooks == 1
 
 
 class Constant(nn.Module):
@@ -244,8 +251,8 @@ def test_synthesis_records_teacher_agreement_of_the_kept_batch(label, expected):
     q = torch.zeros(1, CLASSES)
     q[0, 0] = 1.0  # every synthetic label is class 0
     stats = {}
-    drain(synth.synthesize([Constant(label)], q, stats=stats))
-    drain(synth.synthesize([Constant(label)], q, stats=stats))
+    drain(synth.synthesize(ensemble_of(Constant(label)), q, stats=stats))
+    drain(synth.synthesize(ensemble_of(Constant(label)), q, stats=stats))
     assert stats == {"syntheses": 2, "synth_agreement": expected}
 
 
@@ -325,7 +332,7 @@ def test_distill_lowers_student_teacher_kl():
 
     before = gap()
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    losses = drain(kd.distill(student, [teacher, teacher], lambda k: data[k * 8:(k + 1) * 8], optimizer=opt,
+    losses = drain(kd.distill(student, ensemble_of(teacher, teacher), lambda k: data[k * 8:(k + 1) * 8], optimizer=opt,
                               steps=20, temperature=1.0))
     assert len(losses) == 20 and losses[-1] < losses[0]
     assert gap() < 0.5 * before
@@ -338,7 +345,7 @@ def test_distill_skips_steps_the_filter_drops():
     f.history = [1e-9] * 10  # any real loss now looks like a spike
     before = [p.detach().clone() for p in student.parameters()]
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    drain(kd.distill(student, [teacher], lambda k: data, optimizer=opt, steps=2, temperature=1.0, outliers=f))
+    drain(kd.distill(student, ensemble_of(teacher), lambda k: data, optimizer=opt, steps=2, temperature=1.0, outliers=f))
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 

@@ -137,7 +137,7 @@ class FedRevive(_TeacherDistillation):
         d, version = self.cfg.distill, ctx.version
         if version < d.freeze_versions:
             return None
-        teachers, q = self.teachers.modules(), self.teachers.proportions()
+        teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
         if self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every:
             # L_adv only once the KD warm-up is over (§3.3, step 3).
@@ -189,7 +189,7 @@ class DDFedRevive(_TeacherDistillation):
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
         d = self.cfg.distill
-        teachers, q = self.teachers.modules(), self.teachers.proportions()
+        teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.dd_lr)
 

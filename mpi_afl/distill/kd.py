@@ -12,11 +12,13 @@ the research code's DD-FedRevive loss (mean over teachers of batch-mean KL).
 loop can poll MPI between slices (algorithms/base.py).
 """
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mpi_afl.distill.ensemble import TeacherEnsemble
 
 
 def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -99,28 +101,32 @@ class OutlierFilter:
         self.history = [float(v) for v in torch.as_tensor(state["history"]).tolist()]
 
 
-def distill(student: nn.Module, teachers: Sequence[nn.Module], draw: Callable[[int], torch.Tensor], *,
+def distill(student: nn.Module, teachers: TeacherEnsemble, draw: Callable[[int], torch.Tensor], *,
             optimizer: torch.optim.Optimizer, steps: int, temperature: float,
             outliers: OutlierFilter | None = None) -> Generator[None, None, list[float]]:
     """Train `student` for `steps` iterations on the teachers' soft labels; returns the step losses.
 
     `draw(k)` gives teacher k's input batch for this iteration (already
-    augmented and normalised). The student trains in train mode, as in the
-    research code; teachers run in eval mode without gradients. A step whose
-    loss the `outliers` filter drops is skipped (no optimizer step)."""
-    for teacher in teachers:
-        teacher.eval()
+    augmented and normalised; every teacher's batch has the same size). The
+    teachers label their own batches in one batched call; the student sees
+    all batches in one forward, except with BatchNorm, whose train-mode
+    normalisation depends on the batch, so it gets one forward per teacher
+    batch as in the per-teacher formulation. The student trains in train
+    mode, as in the research code; teachers run in eval mode without
+    gradients. A step whose loss the `outliers` filter drops is skipped (no
+    optimizer step)."""
+    per_batch = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
     student.train()
     losses = []
     for _ in range(steps):
-        total, count = 0.0, 0
-        for k, teacher in enumerate(teachers):
-            inputs = draw(k)
-            with torch.no_grad():
-                target = teacher(inputs)
-            total = total + kl_div(student(inputs), target, temperature, reduction="sum")
-            count += len(inputs)
-        loss = total / count
+        inputs = torch.stack([draw(k) for k in range(len(teachers))])  # (c, b, ...)
+        with torch.no_grad():
+            targets = teachers(inputs, per_teacher=True)
+        if per_batch:
+            logits = torch.stack([student(x) for x in inputs])
+        else:
+            logits = student(inputs.flatten(0, 1)).view(*targets.shape)
+        loss = kl_div(logits, targets, temperature, reduction="sum") / (inputs.shape[0] * inputs.shape[1])
         kept = outliers(loss) if outliers is not None else loss
         optimizer.zero_grad(set_to_none=True)
         if kept is not None:

@@ -30,10 +30,12 @@ from torch import nn
 
 from mpi_afl.augment import random_crop_flip
 from mpi_afl.config import DistillConfig
+from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.distill.generator import Generator
 from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div, record_mean
 from mpi_afl.distill.pool import SyntheticPool
-from mpi_afl.distill.stats import FeatureHooks
+
+META_EPS = 1e-12
 
 
 def one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
@@ -79,9 +81,12 @@ class Synthesizer:
             torch.random.default_generator.manual_seed(generator_seed)
             self.generator = Generator(cfg.nz, cfg.ngf, image_shape).to(self.device)
         self.fast = copy.deepcopy(self.generator)
-        # Adam's default eps: the research code's eps=0 divides 0 by 0 on a
-        # parameter whose Reptile gradient is exactly zero.
-        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.meta_lr, betas=(0.5, 0.999))
+        # The research code's meta-optimizer: Adam at the generator lr (meta_lr = 0, the default),
+        # betas (0.5, 0.999), eps 0. eps = 1e-12 instead of 0 only keeps a
+        # parameter whose Reptile gradient is exactly zero from 0 / 0; Reptile gradients are ~1e-3,
+        # so the step is the research code's to 1e-9.
+        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.meta_step_lr(), betas=(0.5, 0.999),
+                                               eps=META_EPS)
         self.pool = SyntheticPool(cfg.pool_size)
         self.filters = {name: OutlierFilter() for name in ("bn", "oh", "adv")}
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -90,7 +95,7 @@ class Synthesizer:
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """The teachers' view of [0, 1] images: random crop (4-pixel reflect pad) and flip when
         `augment` is on, then the data set's normalisation. Differentiable in `images`."""
-        if self.cfg.augment:
+        if self.cfg.augment == "true":
             images = random_crop_flip(images, self.rng)
         return (images - self._mean) / self._std
 
@@ -99,7 +104,7 @@ class Synthesizer:
         images, labels = self.pool.sample(proportions, n, self.rng)
         return self.prepare(images), labels
 
-    def synthesize(self, teachers: Sequence[nn.Module], proportions: torch.Tensor, student: nn.Module | None = None,
+    def synthesize(self, teachers: TeacherEnsemble, proportions: torch.Tensor, student: nn.Module | None = None,
                    adversarial: bool = False,
                    stats: dict | None = None) -> Steps[None, None, tuple[torch.Tensor, torch.Tensor]]:
         """Synthesise one batch from `teachers` with class proportions `proportions` (K, classes).
@@ -110,10 +115,8 @@ class Synthesizer:
         in stats["syntheses"] and keeps in stats["synth_agreement"] the running
         mean of the kept batch's agreement: the fraction of its images whose
         teacher-ensemble (mean logits) argmax is their label, a diagnostic of
-        generator quality (bench/ACCURACY.md). Teachers are switched to
-        eval mode and their parameters to requires_grad=False (they stay so);
-        the student is used in eval mode and its mode and requires_grad flags
-        are restored afterwards."""
+        generator quality (bench/ACCURACY.md). The student is used in eval
+        mode and its mode and requires_grad flags are restored afterwards."""
         cfg = self.cfg
         if len(teachers) == 0 or proportions.shape != (len(teachers), self.num_classes):
             raise ValueError(f"need proportions of shape ({len(teachers)}, {self.num_classes}) for "
@@ -135,26 +138,22 @@ class Synthesizer:
                                       {"params": [z], "lr": cfg.z_lr},
                                       {"params": [embeddings], "lr": cfg.z_lr}],
                                      lr=cfg.gen_lr, betas=(0.5, 0.999))
-        for teacher in teachers:
-            teacher.eval()
-            teacher.requires_grad_(False)
         student_flags = None
         if student is not None:
             student_flags = (student.training, [p.requires_grad for p in student.parameters()])
             student.eval()
             student.requires_grad_(False)
-        hooks = [FeatureHooks(t) for t in teachers] if cfg.bn > 0 else []
         best_cost, best, best_logits = math.inf, None, None
         try:
             for step in range(cfg.synth_steps):
                 images = self.fast(z, labels, embeddings, cfg.embed_weight)
                 inputs = self.prepare(images)
-                for h in hooks:
-                    h.clear()
-                teacher_logits = torch.stack([t(inputs) for t in teachers])
+                if cfg.bn > 0:
+                    teacher_logits, per_teacher = teachers.with_feature_loss(inputs)
+                else:
+                    teacher_logits = teachers(inputs)
                 terms = {"oh": (cfg.oh, one_hot_loss(teacher_logits, labels, sample_weights))}
-                if hooks:
-                    per_teacher = torch.stack([h.loss() for h in hooks])
+                if cfg.bn > 0:
                     terms["bn"] = (cfg.bn, feature_loss(per_teacher, sample_weights))
                 if adversarial and cfg.adv > 0:
                     terms["adv"] = (cfg.adv, adversarial_loss(teacher_logits, student(inputs), sample_weights))
@@ -174,8 +173,6 @@ class Synthesizer:
             if cfg.meta == "reptile":
                 self._reptile_step()
         finally:
-            for h in hooks:
-                h.remove()
             if student is not None:
                 training, flags = student_flags
                 student.train(training)

@@ -18,6 +18,7 @@ from torch import nn
 
 from mpi_afl.models.flat import flat_size, load_flat
 
+from .ensemble import TeacherEnsemble
 from .proxy import ProbeProxy, histogram_proportions
 
 
@@ -44,7 +45,9 @@ class TeacherBuffer:
         self._histograms = histograms
         self._generator = generator
         self._make_model = make_model
-        self._modules: list[nn.Module] = []       # reusable teacher modules, made on first use
+        self._scratch: nn.Module | None = None    # the probe proxy's module, made on first use
+        self._ensemble = TeacherEnsemble(make_model())
+        self._stacked: torch.Tensor | None = None  # the models stacked for the ensemble, None = stale
 
     def __len__(self) -> int:
         return len(self.models)
@@ -58,18 +61,18 @@ class TeacherBuffer:
         self.versions.insert(0, version)
         self.models.insert(0, model)
         del self.clients[self.capacity:], self.versions[self.capacity:], self.models[self.capacity:]
+        self._stacked = None
         if self.probe:
-            # Module 0 is scratch space here: modules() reloads every module before handing them out.
-            module = self._module_pool(1)[0]
-            load_flat(module, model)
-            self.proxy.observe(client_id, module, self._generator)
+            if self._scratch is None:
+                self._scratch = self._make_model()
+            load_flat(self._scratch, model)
+            self.proxy.observe(client_id, self._scratch, self._generator)
 
-    def modules(self) -> list[nn.Module]:
-        """Modules holding the buffered client models, most recent first."""
-        modules = self._module_pool(len(self.models))
-        for module, model in zip(modules, self.models):
-            load_flat(module, model)
-        return modules
+    def ensemble(self) -> TeacherEnsemble:
+        """The buffered client models as one batched model, most recent first (restacked only after a push)."""
+        if self._stacked is None:
+            self._stacked = torch.stack(self.models)
+        return self._ensemble.load(self._stacked)
 
     def proportions(self) -> torch.Tensor:
         """q_k of every buffered teacher, (teachers, classes), on the buffer's device."""
@@ -77,15 +80,10 @@ class TeacherBuffer:
             return torch.stack([self.proxy.proportions(c).to(self.device) for c in self.clients])
         return torch.stack([histogram_proportions(self._histograms[c]).to(self.device) for c in self.clients])
 
-    def _module_pool(self, n: int) -> list[nn.Module]:
-        while len(self._modules) < n:
-            self._modules.append(self._make_model())
-        return self._modules[:n]
-
     def state_dict(self) -> dict:
         """The buffer and the proxy's estimates (the generator is the caller's to save)."""
         models = (torch.stack(self.models) if self.models  # stack copies
-                  else torch.zeros(0, flat_size(self._module_pool(1)[0])))
+                  else torch.zeros(0, flat_size(self._ensemble.template)))
         return {"teacher_clients": torch.tensor(self.clients, dtype=torch.int64),
                 "teacher_versions": torch.tensor(self.versions, dtype=torch.int64),
                 "teacher_models": models, "proxy": self.proxy.state_dict()}
@@ -94,4 +92,5 @@ class TeacherBuffer:
         self.clients = torch.as_tensor(state["teacher_clients"]).tolist()
         self.versions = torch.as_tensor(state["teacher_versions"]).tolist()
         self.models = [m.clone() for m in torch.as_tensor(state["teacher_models"]).to(self.device)]
+        self._stacked = None
         self.proxy.load_state_dict(state["proxy"], self.device)

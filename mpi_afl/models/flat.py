@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 
-def _float_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def float_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every floating-point state entry, in state_dict order.
 
     `state_dict()` tensors are detached views of the live parameters and
@@ -26,7 +26,7 @@ def _float_entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def flat_size(model: nn.Module) -> int:
     """Number of float32 entries in the model's flat vector."""
-    return sum(t.numel() for _, t in _float_entries(model))
+    return sum(t.numel() for _, t in float_entries(model))
 
 
 def flatten(model: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,7 +34,7 @@ def flatten(model: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
 
     With `out` (1-D float32, `flat_size` entries) the state is written into it
     and `out` is returned, so a preallocated MPI buffer can be reused."""
-    entries = _float_entries(model)
+    entries = float_entries(model)
     if out is None:
         return torch.cat([t.reshape(-1).float() for _, t in entries])
     size = sum(t.numel() for _, t in entries)
@@ -51,7 +51,7 @@ def flatten(model: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
 
 def load_flat(model: nn.Module, vec: torch.Tensor) -> None:
     """Write `vec` (as made by `flatten`) into the model's parameters and buffers in place."""
-    entries = _float_entries(model)
+    entries = float_entries(model)
     size = sum(t.numel() for _, t in entries)
     if vec.dim() != 1 or vec.numel() != size:
         raise ValueError(f"flat vector has shape {tuple(vec.shape)}, model needs ({size},)")
@@ -67,7 +67,7 @@ def param_mask(model: nn.Module) -> torch.Tensor:
     """Bool vector over the flat layout: True for trainable parameters, False for statistics."""
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return torch.cat([torch.full((t.numel(),), name in trainable, dtype=torch.bool, device=t.device)
-                      for name, t in _float_entries(model)])
+                      for name, t in float_entries(model)])
 
 
 def variance_mask(model: nn.Module) -> torch.Tensor:
@@ -77,4 +77,4 @@ def variance_mask(model: nn.Module) -> torch.Tensor:
     newer model can push them below zero (measured: -0.51 at version 2 with
     FedBuff on digits), after which BatchNorm evaluates to NaN."""
     return torch.cat([torch.full((t.numel(),), name.endswith("running_var"), dtype=torch.bool, device=t.device)
-                      for name, t in _float_entries(model)])
+                      for name, t in float_entries(model)])
