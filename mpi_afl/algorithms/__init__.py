@@ -1,7 +1,4 @@
-"""Aggregation algorithms, one file each, in a plain dict registry; plug-ins by import path."""
-
-from ..plugins import algorithm_class as plugin_class
-from ..plugins import is_import_path
+"""Aggregation algorithms, one file each, in a plain dict registry."""
 
 from .afl_dw import AFLDW
 from .ca2fl import CA2FL
@@ -21,10 +18,3 @@ ALGORITHMS = {
     "dd_fedrevive": DDFedRevive,
     "fedecho": FedEcho,
 }
-
-
-def algorithm_class(name: str) -> type:
-    """The class of a built-in algorithm, or of a plug-in named 'package.module:Class'."""
-    if is_import_path(name):
-        return plugin_class(name)
-    return ALGORITHMS[name]
