@@ -1,4 +1,7 @@
-"""FedEcho reconstruction (ALGORITHMS.md §4): weights, target, KD and the server flow."""
+"""FedEcho reconstruction (ALGORITHMS.md §4): weights, target, KD, the bounded correction and the server flow.
+
+Tests of the first reconstruction's behaviour (entropy weights, the student replacing x') run it through
+FIRST, the configuration that keeps it reachable."""
 
 import math
 
@@ -7,7 +10,8 @@ import torch
 
 from mpi_afl.algorithms.ca2fl import CA2FL
 from mpi_afl.algorithms.fedbuff import FedBuff
-from mpi_afl.algorithms.fedecho import FedEcho, echo_target, entropy_weights, soft_kl
+from mpi_afl.algorithms.fedecho import FedEcho, echo_target, entropy_weights, relative_weights, soft_kl
+from mpi_afl.algorithms.staleness import cosine_beta
 from mpi_afl.config import Config
 from mpi_afl.models.flat import load_flat
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
@@ -18,6 +22,9 @@ torch.set_num_threads(1)
 
 CLASSES = 5
 CLIENTS = 6
+# The first reconstruction (bench/ACCURACY.md's "FedEcho (FedBuff backbone)"), kept reachable by configuration.
+FIRST = {"backbone": "fedbuff", "weighting": "entropy", "staleness_factor": "none", "kd_step": 1.0,
+         "kd_share": "constant"}
 
 
 def entropy(p):
@@ -72,6 +79,80 @@ def test_staleness_factor_rescales_and_renormalises():
         entropy_weights(probs, 1.0, torch.ones(2))
 
 
+CONFIDENT, UNSURE, OTHER = [0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3], [0.05, 0.9, 0.05]
+
+
+def test_relative_weights_of_a_fresh_confident_and_a_stale_uncertain_teacher_by_hand():
+    probs = torch.tensor([[CONFIDENT], [UNSURE]], dtype=torch.float64)  # (K=2, B=1, C=3)
+    a, rho = relative_weights(probs, 1.0, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    # reference p^ = (1 * confident + 0.5 * unsure) / 1.5
+    ref = [(0.9 + 0.5 / 3) / 1.5, (0.05 + 0.5 / 3) / 1.5, (0.05 + 0.5 / 3) / 1.5]
+    assert ref == pytest.approx([0.711111, 0.144444, 0.144444], abs=1e-6)
+    overlap_unsure = 1 / 3 + 2 * ref[1]                   # sum_c min(p, p^)
+    expected_rho = [1.0, 0.5 + 0.5 * overlap_unsure]      # the fresh teacher: s = 1, rho = 1
+    scores = [0.9 * math.log(ref[0]) + 0.1 * math.log(ref[1]),  # sum_c p log p^
+              sum(math.log(r) for r in ref) / 3]
+    raw = [r * math.exp(c) for r, c in zip(expected_rho, scores)]
+    expected = [w / sum(raw) for w in raw]
+    torch.testing.assert_close(rho, torch.tensor(expected_rho, dtype=torch.float64))
+    torch.testing.assert_close(a[:, 0], torch.tensor(expected, dtype=torch.float64))
+    assert expected_rho[1] == pytest.approx(0.811111, abs=1e-6)
+    assert expected == pytest.approx([0.752610, 0.247390], abs=1e-6)
+
+
+def test_relative_weights_of_three_teachers_by_hand():
+    """A fresh confident teacher, a stale uncertain one and a stale one confident in another class."""
+    probs = torch.tensor([[CONFIDENT], [UNSURE], [OTHER]], dtype=torch.float64)
+    s = [1.0, 0.5, 0.5]
+    a, rho = relative_weights(probs, 1.0, torch.tensor(s, dtype=torch.float64))
+    ref = [(0.9 + 0.5 / 3 + 0.025) / 2, (0.05 + 0.5 / 3 + 0.45) / 2, (0.05 + 0.5 / 3 + 0.025) / 2]
+    assert ref == pytest.approx([0.545833, 0.333333, 0.120833], abs=1e-6)
+    overlaps = [ref[0] + 0.05 + 0.05, 1 / 3 + ref[1] + ref[2], 0.05 + ref[1] + 0.05]
+    expected_rho = [si + (1 - si) * o for si, o in zip(s, overlaps)]
+    assert expected_rho == pytest.approx([1.0, 0.89375, 0.716667], abs=1e-6)
+    logs = [math.log(r) for r in ref]
+    scores = [sum(p * l for p, l in zip(dist, logs)) for dist in (CONFIDENT, UNSURE, OTHER)]
+    raw = [r * math.exp(c) for r, c in zip(expected_rho, scores)]
+    expected = [w / sum(raw) for w in raw]
+    torch.testing.assert_close(rho, torch.tensor(expected_rho, dtype=torch.float64))
+    torch.testing.assert_close(a[:, 0], torch.tensor(expected, dtype=torch.float64))
+    assert expected == pytest.approx([0.505501, 0.256275, 0.238224], abs=1e-6)
+    # Entropy weights rate the two confident teachers alike; here the stale one that the reference does not
+    # back gets less than the uncertain one, and still a positive weight.
+    entropy_a = entropy_weights(probs, 1.0)[:, 0]
+    assert entropy_a[0] == pytest.approx(entropy_a[2].item())
+    assert 0 < a[2, 0] < a[1, 0] < a[0, 0]
+
+
+def test_a_stale_teacher_that_agrees_keeps_its_influence():
+    agreeing = [0.85, 0.1, 0.05]
+    probs = torch.tensor([[CONFIDENT], [UNSURE], [agreeing]])
+    a, rho = relative_weights(probs, 1.0, torch.tensor([1.0, 0.5, 0.5]))
+    _, rho_other = relative_weights(torch.tensor([[CONFIDENT], [UNSURE], [OTHER]]), 1.0, torch.tensor([1.0, 0.5, 0.5]))
+    assert rho[2] > rho_other[2] and rho[2] > 0.9
+    assert a[2, 0] > a[1, 0]
+
+
+def test_relative_weights_limits_and_errors():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 4, 6, generator=g) * 3, dim=-1)
+    s = torch.tensor([1.0, 0.4, 0.2])
+    # gamma -> infinity: the reliability-weighted mean
+    a, rho = relative_weights(probs, 1e9, s)
+    torch.testing.assert_close(a, (rho / rho.sum())[:, None].expand(3, 4))
+    assert bool((rho >= s).all()) and bool((rho <= 1).all())
+    # no staleness prior: every teacher fresh, reliability 1
+    _, rho = relative_weights(probs, 1.0)
+    assert torch.equal(rho, torch.ones(3))
+    # every prior 0: the reference is the plain mean, and the weights stay a distribution
+    a, rho = relative_weights(probs, 1.0, torch.zeros(3))
+    assert bool((rho > 0).all())
+    torch.testing.assert_close(a.sum(0), torch.ones(4))
+    for bad in (torch.ones(2), torch.tensor([1.0, 1.5, 1.0]), torch.tensor([1.0, -0.1, 1.0])):
+        with pytest.raises(ValueError, match="staleness_weights"):
+            relative_weights(probs, 1.0, bad)
+
+
 def test_soft_kl_is_zero_at_the_target_and_its_gradient_moves_towards_it():
     target = torch.tensor([[0.7, 0.3, 0.0], [0.1, 0.1, 0.8]])
     at_target = torch.log(target.clamp_min(1e-30))
@@ -91,7 +172,8 @@ def tiny() -> TinyNet:
     return TinyNet("batchnorm", CLASSES)
 
 
-def make_cfg(inputs="synthetic", backbone="fedbuff", buffer_size=1, **distill) -> Config:
+def make_cfg(inputs="synthetic", backbone="fedbuff", buffer_size=1, echo=None, **distill) -> Config:
+    """A small FedEcho config; `echo` overrides echo.* keys (after `inputs` and `backbone`)."""
     cfg = Config()
     cfg.run.seed = 3
     cfg.run.out = "/nonexistent-run-dir"
@@ -99,6 +181,8 @@ def make_cfg(inputs="synthetic", backbone="fedbuff", buffer_size=1, **distill) -
     cfg.server.lr = 0.5
     cfg.server.buffer_size = buffer_size
     cfg.echo.inputs, cfg.echo.backbone, cfg.echo.teachers = inputs, backbone, 3
+    for key, value in (echo or {}).items():
+        setattr(cfg.echo, key, value)
     return small_distill(cfg, **{"kd_steps": 3, "kd_batch": 4, "freeze_versions": 1, "warmup_versions": 2,
                                  **distill})
 
@@ -121,6 +205,7 @@ def test_teachers_are_the_latest_models_of_distinct_recent_clients():
     assert alg.teachers.clients == [1, 0, 3]  # client 1 moved to the front each time, never twice
     assert alg.teachers.versions == [3, 3, 1]
     assert torch.equal(alg.teachers.models[0], server.snapshots[3] + deltas[1])
+    cfg.echo.staleness_factor = "none"
     assert alg.staleness_weights(6) is None
     cfg.echo.staleness_factor = "polynomial"
     torch.testing.assert_close(alg.staleness_weights(6), torch.tensor([4.0, 4.0, 6.0]) ** -0.5)
@@ -146,7 +231,9 @@ def test_before_freeze_fedecho_is_its_backbone_without_discount(backbone, refere
 
 
 def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
-    cfg = make_cfg(inputs="proxy", freeze_versions=0, warmup_versions=1, kd_lr=0.02, kd_steps=5, kd_batch=10)
+    # The first reconstruction: the student replaces x' (kd_step 1, share 1), so the new model is the student.
+    cfg = make_cfg(inputs="proxy", echo=FIRST, freeze_versions=0, warmup_versions=1, kd_lr=0.02, kd_steps=5,
+                   kd_batch=10)
     server = Server(cfg, kd_data=True)
     alg = FedEcho(cfg, server.ctx)
     kind, _, _, _ = server.arrive(alg, 0, 0)  # version 0 <= warm-up: no KD
@@ -176,6 +263,63 @@ def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
         assert kl(new) < 0.9 * kl(x_prime)
 
 
+def new_models(echo: dict, lags=(0, 1, 1, 2)) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
+    """The models of a proxy-input run with B = 2, KD from version 1 and s_max = 2, one arrival per client
+    with the given lags: (models, stats, param mask). With the default lags the second model is the first
+    distilled one, from two updates of staleness 1 (mean 1: share cosine_beta(2 * 1, 2) = 0.5)."""
+    cfg = make_cfg(inputs="proxy", backbone="ca2fl", buffer_size=2, echo=echo, freeze_versions=0,
+                   warmup_versions=0, kd_lr=0.02)
+    cfg.server.s_max = 2.0
+    server = Server(cfg, kd_data=True)
+    alg = FedEcho(cfg, server.ctx)
+    models = []
+    for client, lag in enumerate(lags):
+        _, new, _, _ = server.arrive(alg, client, max(0, server.ctx.version - lag))
+        if new is not None:
+            models.append(new)
+    return models, server.ctx.stats, server.ctx.param_mask
+
+
+def test_kd_correction_is_a_bounded_step_from_x_prime_towards_the_student():
+    (_, x_prime), _, mask = new_models({"kd_step": 0.0})  # the backbone alone gives x'
+    (_, student), stats, _ = new_models({"kd_step": 1.0, "kd_share": "constant"})
+    (_, corrected), _, _ = new_models({"kd_step": 0.3, "kd_share": "constant"})
+    assert stats["kd_applied"] == 1 and not torch.allclose(student[mask], x_prime[mask])
+    assert torch.equal(corrected[mask], torch.lerp(x_prime, student, 0.3)[mask])
+    assert torch.equal(corrected[~mask], x_prime[~mask])  # statistics: x''s (norm_stats = "keep")
+    ratio = (corrected - x_prime)[mask].norm() / (student - x_prime)[mask].norm()
+    assert ratio.item() == pytest.approx(0.3, rel=1e-4)
+
+
+def test_kd_share_grows_with_the_staleness_of_the_buffered_updates():
+    share = cosine_beta(2 * 1.0, 2.0)
+    assert share == pytest.approx(0.5)
+    (_, stale), stats, _ = new_models({"kd_step": 0.4})  # kd_share = "staleness" (default)
+    (_, same), _, _ = new_models({"kd_step": 0.4 * share, "kd_share": "constant"})
+    assert stats["echo_kd_share"] == share and stats["kd_applied"] == 1
+    assert torch.equal(stale, same)
+    # A buffer of fresh updates (staleness 0) gets share 0: no KD, the backbone's model.
+    (_, fresh), stats, _ = new_models({"kd_step": 0.4}, lags=(0, 0, 0, 0))
+    (_, backbone), _, _ = new_models({"kd_step": 0.0}, lags=(0, 0, 0, 0))
+    assert stats["echo_kd_share"] == 0.0 and "kd_applied" not in stats
+    assert torch.equal(fresh, backbone)
+
+
+def test_kd_step_zero_is_ca2fl_bit_for_bit():
+    cfg = make_cfg(backbone="ca2fl", buffer_size=2, echo={"kd_step": 0.0}, freeze_versions=0, warmup_versions=0)
+    echo_server, ref_server = Server(cfg), Server(cfg)
+    alg, ref = FedEcho(cfg, echo_server.ctx), CA2FL(cfg, ref_server.ctx)
+    models = 0
+    for client, lag in [(0, 0), (1, 0), (2, 1), (0, 1), (3, 0), (2, 2), (4, 3), (5, 1), (1, 4), (3, 2)]:
+        kind, new, _, _ = echo_server.arrive(alg, client, max(0, echo_server.ctx.version - lag))
+        _, expected, _, _ = ref_server.arrive(ref, client, max(0, ref_server.ctx.version - lag))
+        assert kind == "direct" and (new is None) == (expected is None)
+        if new is not None:
+            models += 1
+            assert torch.equal(new, expected)
+    assert models == 5 and len(alg.synth.pool) == 0 and echo_server.ctx.stats == {}
+
+
 def test_reset_norm_stats_option():
     cfg = make_cfg(inputs="proxy", freeze_versions=0, warmup_versions=0)
     cfg.echo.norm_stats = "reset"
@@ -188,7 +332,8 @@ def test_reset_norm_stats_option():
 
 
 def test_synthetic_inputs_follow_fedrevive_gates():
-    cfg = make_cfg(freeze_versions=1, warmup_versions=2)
+    # Share 1: these arrivals are fresh (staleness 0), so the default staleness share would skip KD.
+    cfg = make_cfg(echo={"kd_share": "constant"}, freeze_versions=1, warmup_versions=2)
     server = Server(cfg)
     alg = FedEcho(cfg, server.ctx)
     d = cfg.distill
@@ -213,11 +358,14 @@ def test_proxy_inputs_need_the_kd_split():
 ARRIVALS = [(0, 0), (1, 1), (2, 1), (3, 2), (4, 1), (5, 3), (0, 1), (2, 2), (1, 0)]
 
 
-@pytest.mark.parametrize("inputs, backbone", [("synthetic", "ca2fl"), ("proxy", "fedbuff")])
-def test_checkpoint_round_trip_continues_bit_identically(inputs, backbone, tmp_path):
+@pytest.mark.parametrize("inputs, echo", [("synthetic", {"backbone": "ca2fl"}),
+                                         ("proxy", {**FIRST, "staleness_factor": "sqrt"})])
+def test_checkpoint_round_trip_continues_bit_identically(inputs, echo, tmp_path):
     def make():
-        cfg = make_cfg(inputs=inputs, backbone=backbone, buffer_size=2, freeze_versions=1, warmup_versions=1)
-        cfg.echo.staleness_factor = "sqrt"
+        # The defaults (relative weights, staleness share: s_max 2 makes it matter) and the first reconstruction;
+        # the checkpoint is taken mid-buffer, so the buffered updates' staleness must be restored.
+        cfg = make_cfg(inputs=inputs, buffer_size=2, echo=echo, freeze_versions=1, warmup_versions=1)
+        cfg.server.s_max = 2.0
         server = Server(cfg, kd_data=inputs == "proxy")
         return server, FedEcho(cfg, server.ctx)
 

@@ -113,6 +113,18 @@ def test_fedecho_virtual_clock_identical_across_rank_counts(full_run):
     _assert_identical(summary(full_run("fedecho", 1)), summary(full_run("fedecho", 3)))
 
 
+def test_fedecho_with_kd_step_zero_is_ca2fl(tmp_path_factory, full_run):
+    """echo.kd_step = 0 (CA2FL backbone, the default): no synthesis, no KD, and CA2FL's final model for the
+    same arrivals; on 2 ranks against CA2FL's 3, which the virtual clock makes irrelevant."""
+    out = _run(tmp_path_factory, "fedecho_kd0", 2, ["--algorithm", "fedecho", "--echo.kd_step=0",
+                                                    "--max-versions", str(VERSIONS)])
+    echo, ca2fl = summary(out), summary(full_run("ca2fl", 3))
+    assert echo["versions"] == ca2fl["versions"] == VERSIONS
+    assert echo["model_sha256"] == ca2fl["model_sha256"]
+    assert _without_wall_time(echo["evals"]) == _without_wall_time(ca2fl["evals"])
+    assert "kd_applied" not in echo["algorithm_stats"] and "syntheses" not in echo["algorithm_stats"]
+
+
 def test_ca2fl_learns_under_mpiexec(full_run):
     s = summary(full_run("ca2fl", 3))
     assert s["world_size"] == 3 and s["versions"] == VERSIONS and s["updates_rejected"] == 0

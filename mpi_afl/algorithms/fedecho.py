@@ -3,17 +3,28 @@
 **What the paper's abstract states** (it is all we have, ALGORITHMS.md §4):
 the server distils from client models, stragglers included; it estimates the
 uncertainty of each client's predictions and weights them by it, prioritising
-confident predictions while still using every client; it needs no private
+confident predictions while still using every client, to improve "the
+reliability of predictions made by straggler clients"; it needs no private
 data; it targets both stale updates and the bias toward fast clients under
-non-IID data. Its authors also wrote CA2FL.
+non-IID data; it comes with convergence guarantees. Its authors also wrote
+CA2FL.
 
-**Everything below is our reconstruction** (§4, every choice configurable):
+**Everything below is our reconstruction** (every choice configurable). The
+defaults are the second reconstruction (issue 12); the first one, measured in
+bench/ACCURACY.md, is `echo.backbone=fedbuff echo.weighting=entropy
+echo.staleness_factor=none echo.kd_step=1 echo.kd_share=constant` and runs
+exactly as before (torch.lerp is exact at step 1). Why the defaults changed:
+that reconstruction lost to CA2FL in every cell of the grid; its undiscounted
+FedBuff step alone cost 7 points, entropy weights leaned on class-skewed
+clients (confident on any input), and on a CA2FL backbone the student, which
+replaced the stepped model, undid part of CA2FL's step.
 
-1. Parameter step: buffered aggregation of M = `server.buffer_size` updates
-   without staleness discount, x' = x_t + η v_t — FedBuff's buffer with
-   s = 1 (`echo.backbone = "fedbuff"`; FedBuff's optional server momentum
-   still applies) or CA2FL's cached aggregation ("ca2fl"). The backbone
-   algorithm object is reused as is; `last_weight` is its weight.
+1. Parameter step (ours, from the authorship): CA2FL's cached aggregation of
+   M = `server.buffer_size` updates, x' = x_t + η v_t (`echo.backbone =
+   "ca2fl"`), or FedBuff's buffer with s = 1 ("fedbuff"; its optional server
+   momentum still applies). Neither is discounted, whatever
+   `server.staleness` says. The backbone object is reused as is;
+   `last_weight` is its weight.
 2. Teachers: the latest model w_k = x_{v_k} + Δ_k of each of the C =
    `echo.teachers` most recently heard-from distinct clients, with staleness
    τ_k = t − v_k at distillation time.
@@ -25,15 +36,45 @@ non-IID data. Its authors also wrote CA2FL.
    with synthetic inputs the union of `distill.kd_batch` pool images drawn
    per teacher from its q_k (the batches FedRevive would use), with proxy
    inputs K · kd_batch uniform draws.
-4. Uncertainty: per-sample predictive entropy H_k(x) = −Σ_c p_k^c log p_k^c of
-   the teacher's softmax at temperature 1 (its own predictive distribution,
-   independent of the KD temperature).
-5. Weights a_k(x) = softmax_k(−H_k(x)/γ), γ = `echo.gamma`, optionally times
-   s(τ_k) (`echo.staleness_factor`, staleness.discount) and renormalised.
-6. Target p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T); the student starts at x' and
+4. Teacher weights a_k(x) (`echo.weighting`), from the teachers' predictive
+   distributions p_k(x) (softmax at temperature 1) and a staleness prior
+   s_k = s(τ_k) in [0, 1] (`echo.staleness_factor`, staleness.discount).
+   "relative" (default):
+       reference   p̂(x) = Σ_k s_k p_k(x) / Σ_k s_k   (fresh teachers dominate;
+                   the plain mean when every s_k is 0)
+       score       c_k(x) = Σ_c p_k^c log p̂^c = −H(p_k) − KL(p_k ‖ p̂)
+       reliability ρ_k = s_k + (1 − s_k) κ_k,  κ_k = batch mean of
+                   Σ_c min(p_k^c, p̂^c)  (1 − total variation, in [0, 1])
+       a_k(x) = ρ_k exp(c_k(x)/γ) / Σ_j ρ_j exp(c_j(x)/γ),  γ = `echo.gamma`.
+   The score keeps the abstract's certainty (−H) and compares it with the
+   ensemble: confidence in classes the reference does not share counts
+   against a teacher (KL), so a class-skewed client that is sure of its class
+   on any input no longer outweighs the others. (Comparing scalar
+   confidences, e.g. −H_k + H(p̂), would cancel in the per-sample
+   normalisation; the comparison has to be between distributions.) A stale
+   teacher is not dropped: its reliability is estimated from how well it
+   agrees with the reference on the batch, from 1 (agrees fully, e.g. a
+   straggler that is still right) down to its prior s_k (> 0 for sqrt and
+   polynomial); a fresh teacher (s = 1) has ρ = 1. γ → ∞ gives the
+   reliability-weighted mean. "entropy" (first reconstruction): a_k(x) =
+   softmax_k(−H(p_k(x))/γ), times s_k and renormalised (all s_k = 0: the
+   entropy weights alone).
+5. Target p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T); the student starts at x' and
    takes `distill.kd_steps` Adam steps (`kd_lr`, `kd_weight_decay`, a fresh
    optimizer per call, as FedRevive) on the batch mean of
-   T² KL(p̄ ‖ softmax(z_S/T)); the result replaces x'.
+   T² KL(p̄ ‖ softmax(z_S/T)).
+6. Bounded correction (ours, from "convergence guarantees": a distillation
+   term with its own step size, not a replacement of the model): the new
+   parameters are x' + η_kd · b · (x_S − x'), η_kd = `echo.kd_step` in
+   [0, 1], b the share (`echo.kd_share`): "staleness" (default) b =
+   beta(M · τ̄) with FedRevive's beta function (`distill.beta`,
+   `server.s_max`, staleness.beta) and τ̄ the mean staleness of the M
+   buffered updates that made x' — in versions, so M · τ̄ is about the number
+   of updates between their base and x', the scale s_max is set on for
+   FedRevive's one-update versions. As FedRevive's beta, the KD share grows
+   when the step is built from stale updates and is 0 for a fresh buffer;
+   "constant" b = 1. η_kd = 0 is the backbone exactly (no synthesis, no KD).
+   KD runs only when η_kd · b > 0.
 7. Gates as FedRevive (§3.1): with synthetic inputs nothing runs below
    `distill.freeze_versions`, the generator trains up to
    `distill.warmup_versions` (L_adv only beyond it) and KD runs beyond it;
@@ -41,12 +82,17 @@ non-IID data. Its authors also wrote CA2FL.
    only when the backbone produces a new model.
 8. Normalisation statistics (`echo.norm_stats`): "keep" (default) takes the
    running statistics of x', i.e. the aggregate of the clients' statistics on
-   real data, and only the *parameters* from the student: the KD batches are
-   synthetic or proxy images, so the statistics the student's norm layers
-   collect while distilling in train mode describe the wrong distribution,
-   and FedRevive's reset to mean 0 / var 1 would throw real information away
-   (with BatchNorm, evaluation would normalise with 0/1). "reset" applies
-   FedRevive's step 5 to every new model, for ablations.
+   real data, and only the *parameters* from the corrected model: the KD
+   batches are synthetic or proxy images, so the statistics the student's
+   norm layers collect while distilling in train mode describe the wrong
+   distribution, and FedRevive's reset to mean 0 / var 1 would throw real
+   information away (with BatchNorm, evaluation would normalise with 0/1).
+   "reset" applies FedRevive's step 5 to every new model, for ablations.
+
+Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied
+correction η_kd · b · (x_S − x') against the backbone's step, and running
+means over the distillations beyond warm-up of the share b (`echo_kd_share`)
+and of the teachers' mean reliability ρ (`echo_reliability`, "relative").
 
 `on_update` returns the backbone's result directly while it only buffers or
 while the gates keep distillation off, and otherwise a generator that yields
@@ -63,7 +109,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
-from mpi_afl.distill.kd import OutlierFilter, record_kd
+from mpi_afl.distill.kd import OutlierFilter, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
 from mpi_afl.distill.teachers import TeacherBuffer
@@ -74,6 +120,7 @@ from .base import Algorithm, Outcome, ServerContext, Update
 from .ca2fl import CA2FL
 from .fedbuff import FedBuff
 from .fedrevive import stream_seed
+from .staleness import beta as staleness_beta
 from .staleness import discount
 
 BACKBONES: dict[str, type[Algorithm]] = {"fedbuff": FedBuff, "ca2fl": CA2FL}
@@ -105,6 +152,27 @@ def entropy_weights(probs: torch.Tensor, gamma: float,
     scaled = weights * s[:, None]
     total = scaled.sum(dim=0, keepdim=True)
     return torch.where(total > 0, scaled / total.clamp_min(torch.finfo(total.dtype).tiny), weights)
+
+
+def relative_weights(probs: torch.Tensor, gamma: float,
+                     staleness_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher weights a_k(x) (K, B) and reliabilities ρ_k (K,) from `probs` (K, B, C) and the staleness
+    prior `staleness_weights` s_k (K,) in [0, 1] (None: every teacher fresh, s = 1); step 4 of the module
+    docstring, "relative"."""
+    if probs.dim() != 3:
+        raise ValueError(f"probs must have shape (teachers, batch, classes), got {tuple(probs.shape)}")
+    s = torch.ones(probs.shape[0]) if staleness_weights is None else staleness_weights
+    s = s.to(probs.device, probs.dtype)
+    if s.shape != (probs.shape[0],) or bool((s < 0).any()) or bool((s > 1).any()):
+        raise ValueError(f"staleness_weights must be {probs.shape[0]} values in [0, 1], got {s.tolist()}")
+    prior = s if bool(s.sum() > 0) else torch.ones_like(s)
+    reference = (prior[:, None, None] * probs).sum(dim=0) / prior.sum()
+    agreement = torch.minimum(probs, reference).sum(dim=-1).mean(dim=-1)
+    reliability = s + (1 - s) * agreement
+    # p log p̂ with p̂ clamped: a class the reference gives 0 only occurs with p = 0 (p̂ >= s_k p_k / Σ s).
+    score = (probs * reference.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)
+    weights = torch.softmax(reliability.log()[:, None] + score / gamma, dim=0)
+    return weights, reliability
 
 
 def echo_target(logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -149,21 +217,26 @@ class FedEcho(Algorithm):
         self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
                                  stream_seed(cfg.run.seed, _SYNTHESIS_STREAM)) if self.synthetic else None
         self.last_synthesis = -1  # version of the last synthesis, -1 = never
+        self.buffer_staleness: list[int] = []  # staleness of the updates in the backbone's current buffer
 
     # -- arrivals -------------------------------------------------------------
 
     def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         # §4 step 2: the client's new model w = x_v + Δ becomes its teacher, at the front of the buffer.
         self.teachers.push(update.client_id, update.base_version, ctx.snapshot(update.base_version) + update.delta)
+        self.buffer_staleness.append(update.staleness)
         x_new = self.backbone.on_update(update, ctx)
         self.last_weight = self.backbone.last_weight
         if x_new is None:
             return None
+        # Both backbones return a model exactly when their buffer of M updates is full.
+        staleness = sum(self.buffer_staleness) / len(self.buffer_staleness)
+        self.buffer_staleness.clear()
         d = self.cfg.distill
         active = ctx.version >= d.freeze_versions if self.synthetic else ctx.version > d.warmup_versions
-        if not active:
+        if not active or self.cfg.echo.kd_step == 0:
             return self.finish(x_new, x_new)
-        return self.distill(ctx, x_new)
+        return self.distill(ctx, x_new, staleness)
 
     # -- distillation ---------------------------------------------------------
 
@@ -174,6 +247,21 @@ class FedEcho(Algorithm):
             return None
         return torch.tensor([discount(name, version - v, self.cfg.server) for v in self.teachers.versions])
 
+    def kd_share(self, staleness: float) -> float:
+        """Share b of the KD correction for buffered updates of mean staleness τ̄ = `staleness` (step 6)."""
+        if self.cfg.echo.kd_share == "constant":
+            return 1.0
+        return staleness_beta(self.cfg.server.buffer_size * staleness, self.cfg.distill, self.cfg.server.s_max)
+
+    def teacher_weights(self, logits: torch.Tensor,
+                        s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """a_k(x) of `echo.weighting` (step 4) for teacher logits (K, B, C), and the reliabilities ρ_k
+        ("relative") or None ("entropy")."""
+        probs = torch.softmax(logits, dim=-1)
+        if self.cfg.echo.weighting == "entropy":
+            return entropy_weights(probs, self.cfg.echo.gamma, s), None
+        return relative_weights(probs, self.cfg.echo.gamma, s)
+
     def draw(self, q: torch.Tensor | None) -> torch.Tensor:
         """One KD batch shared by all teachers (§4 step 3; see the module docstring)."""
         n = self.cfg.distill.kd_batch
@@ -182,7 +270,8 @@ class FedEcho(Algorithm):
         indices = torch.randint(len(self.kd_x), (n * len(self.teachers),), generator=self.rng)
         return self.kd_x[indices.to(self.kd_x.device)]
 
-    def distill(self, ctx: ServerContext, x_new: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def distill(self, ctx: ServerContext, x_new: torch.Tensor,
+                staleness: float) -> Generator[None, None, torch.Tensor]:
         d, echo, version = self.cfg.distill, self.cfg.echo, ctx.version
         teachers = self.teachers.modules()
         q = self.teachers.proportions() if self.synthetic else None
@@ -193,7 +282,13 @@ class FedEcho(Algorithm):
             self.last_synthesis = version
         if version <= d.warmup_versions:
             return self.finish(x_new, x_new)
+        share = self.kd_share(staleness)
+        step = echo.kd_step * share
+        if step == 0:
+            record_mean(ctx.stats, "echo_distillations", {"echo_kd_share": share})
+            return self.finish(x_new, x_new)
         s = self.staleness_weights(version)
+        reliability = 0.0
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         self.student.train()  # as distill.kd.distill: the research code distils in train mode
         for teacher in teachers:
@@ -202,21 +297,28 @@ class FedEcho(Algorithm):
             inputs = self.draw(q)
             with torch.no_grad():
                 logits = torch.stack([t(inputs) for t in teachers])
-                target = echo_target(logits, entropy_weights(torch.softmax(logits, dim=-1), echo.gamma, s),
-                                     d.temperature)
+                weights, rho = self.teacher_weights(logits, s)
+                target = echo_target(logits, weights, d.temperature)
+            if rho is not None:
+                reliability += float(rho.mean()) / d.kd_steps
             loss = self.kd_filter(soft_kl(self.student(inputs), target, d.temperature))
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
                 loss.backward()
                 optimizer.step()
             yield
-        student = flatten(self.student)
-        record_kd(ctx.stats, (student - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
-        return self.finish(student, x_new)
+        # Step 6: lerp is exact at both ends, so step 1 is the student itself (the first reconstruction).
+        corrected = torch.lerp(x_new, flatten(self.student), step)
+        record_kd(ctx.stats, (corrected - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
+        diagnostics = {"echo_kd_share": share}
+        if echo.weighting == "relative":
+            diagnostics["echo_reliability"] = reliability
+        record_mean(ctx.stats, "echo_distillations", diagnostics)
+        return self.finish(corrected, x_new)
 
-    def finish(self, student: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
-        """The new global model: the student's parameters with the statistics `echo.norm_stats` picks."""
-        merged = torch.where(self.param_mask, student, x_new)
+    def finish(self, model: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        """The new global model: the parameters of `model` with the statistics `echo.norm_stats` picks."""
+        merged = torch.where(self.param_mask, model, x_new)
         if self.cfg.echo.norm_stats == "keep":
             return merged
         load_flat(self.student, merged)
@@ -227,7 +329,8 @@ class FedEcho(Algorithm):
 
     def state_dict(self) -> dict:
         state = {"backbone": self.backbone.state_dict(), **self.teachers.state_dict(), "rng": self.rng.get_state(),
-                 "kd_filter": self.kd_filter.state_dict(), "last_synthesis": self.last_synthesis}
+                 "kd_filter": self.kd_filter.state_dict(), "last_synthesis": self.last_synthesis,
+                 "buffer_staleness": torch.tensor(self.buffer_staleness, dtype=torch.int64)}
         if self.synth is not None:
             state["synthesizer"] = self.synth.state_dict()
         return state
@@ -238,5 +341,6 @@ class FedEcho(Algorithm):
         self.rng.set_state(torch.as_tensor(state["rng"]).to(torch.uint8).cpu())
         self.kd_filter.load_state_dict(state["kd_filter"])
         self.last_synthesis = int(state["last_synthesis"])
+        self.buffer_staleness = torch.as_tensor(state["buffer_staleness"]).tolist()
         if self.synth is not None:
             self.synth.load_state_dict(state["synthesizer"])
