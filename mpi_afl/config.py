@@ -32,9 +32,11 @@ class ConfigError(ValueError):
     """A bad config key or value; the message is meant for the user as is."""
 
 
-def opt(default, help: str, *, choices=None, min=None, min_exclusive=False, max=None):
-    """A config field with its help text and value constraints."""
-    meta = {"help": help, "choices": choices, "min": min, "min_exclusive": min_exclusive, "max": max}
+def opt(default, help: str, *, choices=None, min=None, min_exclusive=False, max=None, plugin=False):
+    """A config field with its help text and value constraints; `plugin`: an import path
+    'package.module:name' is allowed besides the choices (mpi_afl/plugins.py)."""
+    meta = {"help": help, "choices": choices, "min": min, "min_exclusive": min_exclusive, "max": max,
+            "plugin": plugin}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,11 +67,14 @@ class RunConfig:
                        "cannot depend on it", min=1)
     checkpoint_every: int = opt(0, "write OUT/checkpoint.h5 every N versions (0 = only on signal/stop)", min=0)
     log_flush_seconds: float = opt(2.0, "flush buffered HDF5 rows at least this often", min=0, min_exclusive=True)
+    heartbeat_seconds: float = opt(30.0, "print a progress line at least this often, also between evaluations",
+                                   min=0, min_exclusive=True)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("digits", "data set", choices=DATASET_NAMES)
+    dataset: str = opt("digits", "data set, or a loader 'package.module:function' (docs/extending.md)",
+                       choices=DATASET_NAMES, plugin=True)
     root: str = opt("", "directory holding the data set files (empty: $MPI_AFL_DATA, the user cache, "
                     "/usr/share/datasets)")
     download: bool = opt(False, "let torchvision download a missing data set (rank 0 only)")
@@ -88,7 +93,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("cnn", "model", choices=MODEL_NAMES)
+    name: str = opt("cnn", "model, or a factory 'package.module:function' (docs/extending.md)",
+                    choices=MODEL_NAMES, plugin=True)
     # Default "stat", as the FedRevive code uses for every method: BatchNorm's running statistics are
     # aggregated like weights, and stale deltas drove them to ~0 in wall-clock FedBuff runs on Fashion-MNIST
     # (test loss 4e5, accuracy 0.10), while the same runs with stat trackers kept learning.
@@ -109,7 +115,8 @@ class ClientConfig:
 
 @dataclass
 class ServerConfig:
-    algorithm: str = opt("fedbuff", "aggregation algorithm", choices=ALGORITHM_NAMES)
+    algorithm: str = opt("fedbuff", "aggregation algorithm, or a class 'package.module:Class' (docs/extending.md)",
+                         choices=ALGORITHM_NAMES, plugin=True)
     concurrency: int = opt(8, "jobs in flight K (fedavg: clients per round)", min=1)
     lr: float = opt(0.5, "server learning rate eta", min=0, min_exclusive=True)
     buffer_size: int = opt(4, "updates per aggregation B (fedbuff, ca2fl, fedecho)", min=1)
@@ -158,7 +165,7 @@ class DistillConfig:
     ngf: int = opt(128, "generator width", min=1)
     gen_lr: float = opt(3e-3, "fast generator lr", min=0, min_exclusive=True)
     z_lr: float = opt(1e-3, "latent z / class embedding lr", min=0, min_exclusive=True)
-    meta_lr: float = opt(3e-3, "meta-generator lr", min=0, min_exclusive=True)
+    meta_lr: float = opt(0.0, "meta-generator (Reptile) lr; 0 = gen_lr, as the research code", min=0)
     meta: str = opt("reptile", "meta-update of the generator", choices=["reptile", "fomaml"])
     oh: float = opt(1.0, "weight of the one-hot loss L_oh", min=0)
     adv: float = opt(0.1, "weight of the adversarial loss L_adv", min=0)
@@ -174,11 +181,16 @@ class DistillConfig:
     probes: int = opt(64, "Gaussian probe inputs for the proxy", min=1)
     probe_temperature: float = opt(0.8, "softmax temperature of the probe proxy", min=0, min_exclusive=True)
     embed_weight: float = opt(0.2, "weight of the class embedding in the generator input z + w E[y]", min=0)
-    augment: bool = opt(True, "random crop (4-pixel reflect pad) and flip of synthetic images before the "
-                        "teachers see them (the research code turns it off for 28x28 FEMNIST)")
+    augment: str = opt("auto", "random crop (4-pixel reflect pad) and flip of synthetic images before the teachers "
+                       "see them; auto = as client.augment (the teachers are only invariant to what they trained "
+                       "with; the research code augments neither for 28x28 data)", choices=["auto", "true", "false"])
     dd_beta: float = opt(0.5, "dd_fedrevive: fixed KD share beta of the blend", min=0, max=1)
     dd_temperature: float = opt(2.0, "dd_fedrevive: KD temperature T", min=0, min_exclusive=True)
     dd_lr: float = opt(3e-4, "dd_fedrevive: student Adam lr (no weight decay)", min=0, min_exclusive=True)
+
+    def meta_step_lr(self) -> float:
+        """The meta-generator's lr: meta_lr, or gen_lr when meta_lr is 0 (the default)."""
+        return self.meta_lr or self.gen_lr
 
 
 @dataclass
@@ -230,6 +242,30 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        """Every key as TOML that `--config` reads back to an equal config, except `run.out`, written as a
+        comment so that a rerun from the file gets a fresh directory instead of refusing the used one."""
+        lines = []
+        for section, body in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in body.items():
+                prefix = "# " if (section, key) == ("run", "out") else ""
+                lines.append(f"{prefix}{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if value == value else "nan"   # repr: shortest exact form (1e-05, inf, 0.5)
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a valid TOML basic string
+    return str(value)
 
 
 # Command-line shortcuts -> dotted keys.
@@ -314,9 +350,10 @@ def _coerce(key: str, typ: type, value: Any, from_text: bool) -> Any:
 
 def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
     m = f.metadata
-    if m.get("choices") and value not in m["choices"]:
+    if m.get("choices") and value not in m["choices"] and not (m.get("plugin") and ":" in value):
         allowed = ", ".join(m["choices"])
-        raise ConfigError(f"config key '{key}': {value!r} is not allowed; allowed values: {allowed}")
+        plugin = " (a plug-in is named by its import path 'package.module:name')" if m.get("plugin") else ""
+        raise ConfigError(f"config key '{key}': {value!r} is not allowed{plugin}; allowed values: {allowed}")
     values = value if isinstance(value, list) else [value]
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -370,7 +407,18 @@ def validate(cfg: Config) -> Config:
                           "'run.target_accuracy' are all 0: the run would never stop; set at least one")
     if cfg.fault.kind != "none" and cfg.fault.job < 0:
         raise ConfigError("config key 'fault.job': a fault needs the job index that triggers it (>= 0)")
+    resolve_derived(cfg)
     return cfg
+
+
+def resolve_derived(cfg: Config) -> None:
+    """Replace the defaults that follow other keys by their values, so --print-config and the stored
+    config show what the run uses: distill.augment = auto follows client.augment, distill.meta_lr = 0
+    follows distill.gen_lr (both the FedRevive research code's behaviour)."""
+    d = cfg.distill
+    if d.augment == "auto":
+        d.augment = "true" if cfg.client.augment else "false"
+    d.meta_lr = d.meta_step_lr()
 
 
 def apply(cfg: Config, values: dict[str, Any], *, from_text: bool) -> None:
@@ -498,7 +546,8 @@ def parse_args(argv: list[str] | None = None,
 # Keys a resumed run may change: stop rules, logging and placement. Everything else (data, model,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
 RESUMABLE = {"run.max_versions", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
-             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.threads", "run.device",
+             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
+             "run.threads", "run.device",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
 
 

@@ -251,7 +251,7 @@ def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
     # On the proxy inputs, the new model is closer to the entropy-weighted target than x' was.
     inputs = server.ctx.kd_x
     with torch.no_grad():
-        logits = torch.stack([t(inputs) for t in alg.teachers.modules()])
+        logits = alg.teachers.ensemble()(inputs)
         target = echo_target(logits, entropy_weights(torch.softmax(logits, -1), cfg.echo.gamma), 1.0)
 
         def kl(flat):

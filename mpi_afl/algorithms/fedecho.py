@@ -273,7 +273,7 @@ class FedEcho(Algorithm):
     def distill(self, ctx: ServerContext, x_new: torch.Tensor,
                 staleness: float) -> Generator[None, None, torch.Tensor]:
         d, echo, version = self.cfg.distill, self.cfg.echo, ctx.version
-        teachers = self.teachers.modules()
+        teachers = self.teachers.ensemble()
         q = self.teachers.proportions() if self.synthetic else None
         load_flat(self.student, x_new)
         if self.synthetic and (self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every):
@@ -291,12 +291,10 @@ class FedEcho(Algorithm):
         reliability = 0.0
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         self.student.train()  # as distill.kd.distill: the research code distils in train mode
-        for teacher in teachers:
-            teacher.eval()
         for _ in range(d.kd_steps):
             inputs = self.draw(q)
             with torch.no_grad():
-                logits = torch.stack([t(inputs) for t in teachers])
+                logits = teachers(inputs)
                 weights, rho = self.teacher_weights(logits, s)
                 target = echo_target(logits, weights, d.temperature)
             if rho is not None:

@@ -45,7 +45,8 @@ from .versions import VersionStore
 
 _CLIENT_STREAM = 0x5E7  # separates client sampling from other uses of the run seed
 CHECKPOINT_FORMAT = 3   # bump when the server state layout changes (2: FedRevive's teachers keep their versions;
-                        # 3: FedEcho keeps its buffered updates' staleness)
+                        # 3: FedEcho keeps its buffered updates' staleness, and a StatTracker's update
+                        # count is part of the flat model)
 EVAL_BATCH = 256        # images per evaluation slice: ~0.1 s of CPU for the 28x28 CNN, so arrivals wait little
 
 
