@@ -190,9 +190,9 @@ def make_cfg(inputs="synthetic", backbone="fedbuff", buffer_size=1, echo=None, *
 class Server(FakeServer):
     """The fake server loop with FedEcho's client jobs (larger weight noise: teachers that disagree)."""
 
-    def __init__(self, cfg: Config, kd_data: bool = False):
-        super().__init__(cfg, tiny, num_classes=CLASSES, num_clients=CLIENTS, stat_batches=2, input_shift=0.2,
-                         weight_noise=0.3, kd_data=kd_data)
+    def __init__(self, cfg: Config, kd_data: bool = False, make_model=tiny):
+        super().__init__(cfg, make_model, num_classes=CLASSES, num_clients=CLIENTS, stat_batches=2,
+                         input_shift=0.2, weight_noise=0.3, kd_data=kd_data)
 
 
 def test_teachers_are_the_latest_models_of_distinct_recent_clients():
@@ -321,14 +321,20 @@ def test_kd_step_zero_is_ca2fl_bit_for_bit():
 
 
 def test_reset_norm_stats_option():
+    # With stat trackers: FedRevive's reset (models/layers.reset_norm_statistics) leaves BatchNorm alone.
     cfg = make_cfg(inputs="proxy", freeze_versions=0, warmup_versions=0)
     cfg.echo.norm_stats = "reset"
-    server = Server(cfg, kd_data=True)
+    server = Server(cfg, kd_data=True, make_model=lambda: TinyNet("stat", CLASSES))
     alg = FedEcho(cfg, server.ctx)
     _, new, _, _ = server.arrive(alg, 0, 0)  # version 0: no KD yet, statistics reset all the same
-    model = tiny()
+    model = TinyNet("stat", CLASSES)
     load_flat(model, new)
     assert torch.equal(model.norm.running_mean, torch.zeros(4)) and torch.equal(model.norm.running_var, torch.ones(4))
+    assert model.norm.tracked.item() == 0
+    cfg.echo.norm_stats = "keep"  # the clients' aggregated statistics, never the reset values
+    _, kept, _, _ = server.arrive(alg, 1, 1)
+    load_flat(model, kept)
+    assert not torch.equal(model.norm.running_mean, torch.zeros(4))
 
 
 def test_synthetic_inputs_follow_fedrevive_gates():

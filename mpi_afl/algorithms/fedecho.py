@@ -85,9 +85,10 @@ replaced the stepped model, undid part of CA2FL's step.
    real data, and only the *parameters* from the corrected model: the KD
    batches are synthetic or proxy images, so the statistics the student's
    norm layers collect while distilling in train mode describe the wrong
-   distribution, and FedRevive's reset to mean 0 / var 1 would throw real
-   information away (with BatchNorm, evaluation would normalise with 0/1).
-   "reset" applies FedRevive's step 5 to every new model, for ablations.
+   distribution, and FedRevive's reset of its stat trackers to mean 0 /
+   var 1 would throw real information away. "reset" applies FedRevive's
+   step 5 (models/layers.reset_norm_statistics: stat trackers only) to every
+   new model, for ablations.
 
 Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied
 correction η_kd · b · (x_S − x') against the backbone's step, and running
