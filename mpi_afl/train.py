@@ -10,6 +10,7 @@ exception on any rank aborts the whole MPI job (no rank is left hanging).
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import plugins
 from .config import Config, ConfigError, from_dict, parse_args
 from .storage.checkpoint import CheckpointError, load_checkpoint
 from .storage.runlog import RunLog
@@ -60,6 +62,8 @@ def _rank0_setup(argv) -> tuple[tuple, dict | None]:
         except OSError as e:
             raise ConfigError(f"config key 'run.out': cannot write to {out}: {e.strerror}") from None
         cfg.run.out = str(out)
+        plugins.check(cfg)
+        _describe_run(cfg, out)
         return ("ok", cfg.to_dict()), checkpoint.get("state")
     except ConfigError as e:
         print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
@@ -70,7 +74,35 @@ def _rank0_setup(argv) -> tuple[tuple, dict | None]:
 
 def _default_out(cfg: Config) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"runs/{cfg.server.algorithm}-{cfg.data.dataset}-{cfg.run.clock}-s{cfg.run.seed}-{stamp}"
+    algorithm, dataset = plugins.short_name(cfg.server.algorithm), plugins.short_name(cfg.data.dataset)
+    return f"runs/{algorithm}-{dataset}-{cfg.run.clock}-s{cfg.run.seed}-{stamp}"
+
+
+def _describe_run(cfg: Config, out: Path) -> None:
+    """How the run was made, next to its results: the resolved config as TOML (`--config` reads it back)
+    and one command line per start (the first and every --resume)."""
+    (out / "config.toml").write_text(f"# resolved config of {out}, written by mpi_afl {__version__}\n"
+                                     + cfg.to_toml())
+    with open(out / "command.txt", "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  {shlex.join(sys.orig_argv)}\n")
+
+
+class _Tee:
+    """A text stream that also appends to a file: rank 0's console output is copied to OUT/server.log."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def pick_device(kind: str, comm) -> torch.device:
@@ -147,6 +179,8 @@ def run(comm, argv=None) -> int:
     from .transport.mpi import ServerMPI
 
     out = Path(cfg.run.out)
+    console = open(out / "server.log", "a", buffering=1)   # appended to on resume
+    sys.stdout, sys.stderr = _Tee(sys.stdout, console), _Tee(sys.stderr, console)
     (out / "clients.txt").write_text("\n".join(summary_lines(parts, labels, info.num_classes)) + "\n")
     transport = ServerMPI(comm, runner.size, cfg.server.queue_depth) if size > 1 else LocalTransport(runner)
     sizes = [len(p) for p in parts]
@@ -205,7 +239,7 @@ def _run_attrs(cfg: Config, size: int, hosts: list[str]) -> dict:
     import mpi4py
     from mpi4py import MPI
     return {
-        "config": cfg.to_json(), "label": f"{cfg.server.algorithm} s{cfg.run.seed}",
+        "config": cfg.to_json(), "label": f"{plugins.short_name(cfg.server.algorithm)} s{cfg.run.seed}",
         "package_version": __version__, "git_commit": _git_commit(), "world_size": size, "seed": cfg.run.seed,
         "torch_version": str(torch.__version__), "mpi4py_version": mpi4py.__version__,
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0], "h5py_version": h5py.__version__,
@@ -220,6 +254,17 @@ def main(argv=None) -> int:
         return run(comm, argv)
     except SystemExit:
         raise
+    except ConfigError as e:
+        # A plug-in that breaks its contract (or no GPU for run.device=cuda) fails alike on every rank;
+        # rank 0 says why, then the job ends (Abort: a rank that did not fail must not wait forever).
+        if comm.Get_rank() == 0:
+            print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(2)   # let rank 0 print first; if only this rank failed, still say why
+            print(f"mpi_afl: error on rank {comm.Get_rank()}: {e}", file=sys.stderr, flush=True)
+        if comm.Get_size() > 1:
+            comm.Abort(EXIT_CONFIG)
+        return EXIT_CONFIG
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

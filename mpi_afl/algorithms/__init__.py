@@ -1,4 +1,7 @@
-"""Aggregation algorithms, one file each, in a plain dict registry."""
+"""Aggregation algorithms, one file each, in a plain dict registry; plug-ins by import path."""
+
+from ..plugins import algorithm_class as plugin_class
+from ..plugins import is_import_path
 
 from .afl_dw import AFLDW
 from .ca2fl import CA2FL
@@ -18,3 +21,10 @@ ALGORITHMS = {
     "dd_fedrevive": DDFedRevive,
     "fedecho": FedEcho,
 }
+
+
+def algorithm_class(name: str) -> type:
+    """The class of a built-in algorithm, or of a plug-in named 'package.module:Class'."""
+    if is_import_path(name):
+        return plugin_class(name)
+    return ALGORITHMS[name]

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import ConfigError
+from ..plugins import callable_object, is_import_path, short_name
+
 
 class DataNotFoundError(FileNotFoundError):
     """No local copy of a data set and no download allowed; the message lists the ways to provide one."""
@@ -199,6 +202,8 @@ def prepare(name: str, root: str | None = None, download: bool = False, *,
     Unpacks a Debian copy into the user cache, or, with ``download=True`` and no local copy,
     lets torchvision download into ``root``, else ``$MPI_AFL_DATA``, else the cache.
     """
+    if is_import_path(name):
+        return   # a plug-in loader finds its own data, on every rank
     info = _info(name)
     if info.torchvision_class is None:
         return
@@ -263,6 +268,52 @@ def _load_pooled(info: DatasetInfo, directory: pathlib.Path) -> tuple[np.ndarray
     return np.concatenate(images), np.concatenate(labels), 255.0
 
 
+def _load_plugin(spec: str, root: str | None) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
+    """Call a plug-in loader (docs/extending.md "Data sets"): `loader(root)` returns (images, labels),
+    images (N, C, H, H) numbers, labels (N,) integers 0..K-1. Normalised per channel with the pooled
+    data's own mean and standard deviation."""
+    result = callable_object(spec, "data.dataset")(root)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConfigError(f"config key 'data.dataset': {spec!r} must return (images, labels), "
+                          f"got {type(result).__name__}")
+    images, labels = np.asarray(result[0], dtype=np.float32), np.asarray(result[1])
+    if images.ndim != 4 or images.shape[2] != images.shape[3] or len(images) < 2:
+        raise ConfigError(f"config key 'data.dataset': {spec!r} returned images of shape {images.shape}; "
+                          "expected (N, channels, size, size) with N >= 2")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ConfigError(f"config key 'data.dataset': {spec!r} returned labels of shape {labels.shape} and "
+                          f"dtype {labels.dtype}; expected ({len(images)},) integers >= 0")
+    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = images.std(axis=(0, 2, 3), dtype=np.float64)
+    std[std == 0] = 1.0   # a constant channel stays constant instead of dividing by zero
+    info = DatasetInfo(short_name(spec), int(labels.max()) + 1, images.shape[1], images.shape[2],
+                       tuple(float(m) for m in mean), tuple(float(v) for v in std))
+    return images, labels.astype(np.int64), info
+
+
+def _check_idx(path: pathlib.Path) -> None:
+    """DataError naming `path` unless it is a complete IDX file of unsigned bytes (labels or images).
+
+    torchvision's reader fails on a damaged file with a bare AssertionError that names no file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else -1
+    ndim = {0x0801: 1, 0x0803: 3}.get(magic)   # unsigned-byte labels (N) and images (N, H, W)
+    if ndim is None or len(head) < 4 + 4 * ndim:
+        raise DataError(f"{path} is not an IDX file of labels or images (damaged or another format); replace it")
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if size != expected:
+        raise DataError(f"{path} is truncated or damaged: its header says {'x'.join(map(str, dims))} "
+                        f"({expected} bytes) but it has {size} bytes; replace it")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
 def load_splits(name: str, root: str | None = None, *, seed: int, val_fraction: float = 0.15,
                 test_fraction: float = 0.15, kd_fraction: float = 0.0,
                 env: Mapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -279,9 +330,13 @@ def load_splits(name: str, root: str | None = None, *, seed: int, val_fraction: 
     if sum(fractions.values()) >= 1:
         raise ValueError(f"val_fraction + test_fraction + kd_fraction must be < 1 to leave a training set, "
                          f"got {val_fraction} + {test_fraction} + {kd_fraction} = {sum(fractions.values())}")
-    info = _info(name)
-    directory = locate(name, root, env=env, cache_dir=cache_dir, system_dir=system_dir)
-    images, labels, pixel_max = _load_pooled(info, directory)
+    if is_import_path(name):
+        images, labels, info = _load_plugin(name, root)
+        pixel_max = 1.0
+    else:
+        info = _info(name)
+        directory = locate(name, root, env=env, cache_dir=cache_dir, system_dir=system_dir)
+        images, labels, pixel_max = _load_pooled(info, directory)
     mean = np.asarray(info.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(info.std, dtype=np.float32)[:, None, None]
 

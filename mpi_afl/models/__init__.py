@@ -4,9 +4,11 @@ from typing import Callable
 
 from torch import nn
 
+from mpi_afl.config import ConfigError
 from mpi_afl.models.cnn import CNN
 from mpi_afl.models.convnet import ConvNet
 from mpi_afl.models.resnet import ResNet18
+from mpi_afl.plugins import callable_object, is_import_path
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
@@ -16,7 +18,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(name: str, *, in_channels: int, image_size: int, num_classes: int, norm: str) -> nn.Module:
-    """Build model `name`; `norm` is "batchnorm", "stat" (StatTracker) or "none"."""
+    """Build model `name` (or call the plug-in factory 'package.module:function' with the same keyword
+    arguments, docs/extending.md "Models"); `norm` is "batchnorm", "stat" (StatTracker) or "none"."""
+    kwargs = dict(in_channels=in_channels, image_size=image_size, num_classes=num_classes, norm=norm)
+    if is_import_path(name):
+        model = callable_object(name, "model.name")(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"config key 'model.name': {name!r} returned {type(model).__name__}, not a "
+                              "torch.nn.Module")
+        return model
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
-    return MODELS[name](in_channels=in_channels, image_size=image_size, num_classes=num_classes, norm=norm)
+    return MODELS[name](**kwargs)

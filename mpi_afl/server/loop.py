@@ -31,16 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..algorithms import ALGORITHMS
+from ..algorithms import algorithm_class
 from ..algorithms.base import ServerContext, Update
 from ..client.local_train import evaluate_slices
 from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
+from ..results import updates_per_second
 from ..storage.checkpoint import CheckpointError, save_checkpoint
 from ..storage.runlog import RunLog
 from ..transport.arrival import Arrival
 from ..transport.backoff import Backoff
+from . import progress
 from .versions import VersionStore
 
 _CLIENT_STREAM = 0x5E7  # separates client sampling from other uses of the run seed
@@ -107,7 +109,7 @@ class Server:
             data_std=tuple(info.std), client_histograms=histograms,
             kd_x=splits.kd_x.to(device) if len(splits.kd_x) else None,
             kd_y=splits.kd_y.to(device) if len(splits.kd_y) else None)
-        self.algorithm = ALGORITHMS[cfg.server.algorithm](cfg, self.ctx)
+        self.algorithm = algorithm_class(cfg.server.algorithm)(cfg, self.ctx)
         self.delays = DelayModel(cfg.delays, cfg.data.num_clients, cfg.run.seed)
         self.rng = np.random.default_rng([cfg.run.seed, _CLIENT_STREAM])
         self.virtual = cfg.run.clock == "virtual"
@@ -129,6 +131,8 @@ class Server:
         self.eval_queue: deque[tuple[int, torch.Tensor, float, float]] = deque()   # (version, model, wall, virtual)
         self.eval_task = None                                                      # the evaluation in progress
         self.t0 = time.perf_counter()
+        self.last_arrival_wall = 0.0  # wall time of the last logged arrival: the updates/s denominator
+        self.last_line = 0.0          # wall time of the last progress line (heartbeat)
         self.stop_reason = ""
         self.stop_requested = False   # set by the SIGTERM/SIGUSR1 handler (train.py)
         self.stopped = False          # workers told to stop: nothing more to receive or dispatch
@@ -237,8 +241,9 @@ class Server:
         self._log_arrival(a, job, reason, seconds, staleness)
 
     def _log_arrival(self, a: Arrival, job: Job | None, reason: str, seconds: float, staleness: int = -1) -> None:
+        self.last_arrival_wall = self.wall()
         self.log.arrival(
-            wall_time=self.wall(), virtual_time=job.finish_time if job else math.nan, client=a.client_id,
+            wall_time=self.last_arrival_wall, virtual_time=job.finish_time if job else math.nan, client=a.client_id,
             rank=a.rank, job=a.job_index, base_version=a.base_version, version=self.version, staleness=staleness,
             weight=self.algorithm.last_weight if not reason else math.nan, loss=a.loss, samples=a.num_samples,
             bytes=a.nbytes, server_seconds=seconds, accepted=not reason, reason=reason or "none")
@@ -312,9 +317,13 @@ class Server:
                                ("idle", self.interval["idle"]), ("eval", self.interval["eval"])):
             self.log.timing(version=version, wall_time=self.wall(), phase=phase, seconds=seconds)
         self.interval.update(busy=0.0, idle=0.0, eval=0.0, distill=distill_total)
-        rate = self.accepted / max(self.wall(), 1e-9)
-        print(f"[server] version {version:5d}  virtual {now:9.2f}  wall {wall:8.1f}s  "
-              f"{rate:7.1f} upd/s  test acc {test_acc:.4f}  loss {test_loss:.4f}", flush=True)
+        self.progress_line(f"  test acc {test_acc:.4f}  loss {test_loss:.4f}", version, now, wall)
+
+    def progress_line(self, tail: str, version: int, now: float, wall: float) -> None:
+        """Print a progress line (stop-rule progress and ETA, docs/design.md "Progress") for `version`."""
+        rate = updates_per_second(self.accepted, self.last_arrival_wall)
+        print(f"[server] {progress.line(self.cfg.run, version, now, wall, rate)}{tail}", flush=True)
+        self.last_line = self.wall()
 
     def wall(self) -> float:
         return time.perf_counter() - self.t0
@@ -345,6 +354,9 @@ class Server:
         every = self.cfg.run.checkpoint_every
         while not self.should_stop():
             self.log.maybe_flush()
+            if self.wall() - self.last_line >= self.cfg.run.heartbeat_seconds:
+                self.progress_line(f"  ({len(self.in_flight)} jobs in flight, heartbeat)", self.version,
+                                   self.now, self.wall())
             self.pump()
             ready = self.next_ready()
             if ready is None:
@@ -404,7 +416,7 @@ class Server:
             "in_flight": [asdict(job) for _, job in sorted(self.in_flight.items())],
             "busy": torch.from_numpy(self.busy.copy()),
             "counters": {"received": self.received, "accepted": self.accepted, "rejected": self.rejected,
-                         "busy_seconds": self.busy_seconds},
+                         "busy_seconds": self.busy_seconds, "last_arrival_wall": self.last_arrival_wall},
             "evals": [asdict(e) for e in self.evals],
             "stats": dict(self.ctx.stats),
             "algorithm": self.algorithm.state_dict(),
@@ -435,6 +447,7 @@ class Server:
         c = state["counters"]
         self.received, self.accepted, self.rejected = int(c["received"]), int(c["accepted"]), int(c["rejected"])
         self.busy_seconds = float(c["busy_seconds"])
+        self.last_arrival_wall = float(c.get("last_arrival_wall", 0.0))   # absent before 0.1.0's results API
         self.evals = [EvalPoint(**e) for e in state["evals"]]
         self.ctx.stats.update(state["stats"])
         self.interval["distill"] = self.ctx.stats.get("distill_seconds", 0.0)
@@ -457,7 +470,7 @@ class Server:
             "final_accuracy": final.test_accuracy,
             "best_accuracy": max(e.test_accuracy for e in self.evals),
             "wall_seconds": wall,
-            "updates_per_second": self.accepted / max(wall, 1e-9),
+            "updates_per_second": updates_per_second(self.accepted, self.last_arrival_wall),
             "server_busy_fraction": self.busy_seconds / max(wall, 1e-9),
             "stop_reason": self.stop_reason,
             "model_sha256": hashlib.sha256(self.x.detach().cpu().numpy().tobytes()).hexdigest(),

@@ -28,13 +28,14 @@ Damage is detected rather than misread: the file uses the latest HDF5 format
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import torch
+
+from mpi_afl.storage.atomic import atomic_replace, temp_path
 
 FORMAT = "mpi_afl-checkpoint"
 FORMAT_VERSION = 1
@@ -46,27 +47,6 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 class CheckpointError(Exception):
     """A checkpoint file is missing, damaged, foreign or of another format version."""
-
-
-def temp_path(path: Path) -> Path:
-    """A fresh hidden name next to `path`: same file system, so `os.replace` is atomic.
-    (Not mkstemp: its 0600 mode would make run files unreadable for the user's group.)"""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """fsync `tmp`, rename it over `path` and fsync the directory.
-
-    The directory fsync makes the rename itself durable: without it a crash
-    right after `os.replace` can leave the old directory entry on disk."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(Path(path).resolve().parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

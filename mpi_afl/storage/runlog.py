@@ -13,7 +13,9 @@ Layout (DESIGN.md "Output"):
 - coded columns hold small ints; the code tables are the module constants
   REJECT_REASONS (`arrivals.reason`) and PHASES (`timings.phase`), also
   stored as JSON in the dataset attributes `reason_codes` / `phase_codes` so
-  the file decodes without this package.
+  the file decodes without this package;
+- every column has a unit and a description (COLUMN_DOCS), stored as the
+  dataset attributes `<column>_unit` and `<column>_description`.
 
 All datasets are created before SWMR mode is switched on (an HDF5 rule), so
 another process can follow a live run::
@@ -40,7 +42,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpi_afl.storage.checkpoint import atomic_replace, temp_path
+from mpi_afl.storage.atomic import atomic_replace, temp_path
 
 FORMAT = "mpi_afl-run"
 FORMAT_VERSION = 1
@@ -96,6 +98,52 @@ PHASES = {
     "checkpoint": 4,
     "idle": 5,
     "dispatch": 6,
+}
+
+# (unit, description) of every column, stored in the file as the dataset attributes `<column>_unit` and
+# `<column>_description` so a reader needs neither this package nor its source comments. Units: "s" wall
+# seconds, "vt" virtual-time units of the delay model, "versions" global model versions, "" dimensionless.
+COLUMN_DOCS = {
+    "arrivals": {
+        "wall_time": ("s", "wall time since the run started when the server finished processing the arrival"),
+        "virtual_time": ("vt", "virtual-clock finish time of the job (NaN for an arrival that matches no job)"),
+        "client": ("", "logical client id"),
+        "rank": ("", "MPI rank of the worker that ran the job"),
+        "job": ("", "job index (0, 1, ... in creation order)"),
+        "base_version": ("versions", "global version the job trained from"),
+        "version": ("versions", "server version after processing the arrival"),
+        "staleness": ("versions", "version at processing time - base_version (-1 for a rejected unknown job)"),
+        "weight": ("", "aggregation weight of the update, or the beta of FedRevive's blend (NaN when rejected)"),
+        "loss": ("", "client's mean local training loss (cross-entropy)"),
+        "samples": ("samples", "training samples the client holds"),
+        "bytes": ("bytes", "update payload size"),
+        "server_seconds": ("s", "server time spent on this arrival, including any distillation it triggered"),
+        "accepted": ("", "True when the update was passed to the algorithm"),
+        "reason": ("", "why it was rejected: code of the reason_codes attribute (0 = none, accepted)"),
+    },
+    "evals": {
+        "version": ("versions", "evaluated global version"),
+        "wall_time": ("s", "wall time since the run started when the version was reached"),
+        "virtual_time": ("vt", "virtual time when the version was reached"),
+        "test_loss": ("", "mean cross-entropy on the test split"),
+        "test_accuracy": ("", "fraction of the test split classified correctly"),
+        "val_loss": ("", "mean cross-entropy on the validation split (NaN without one)"),
+        "val_accuracy": ("", "fraction of the validation split classified correctly (NaN without one)"),
+    },
+    "timings": {
+        "version": ("versions", "server version when the row was written"),
+        "wall_time": ("s", "wall time since the run started when the row was written"),
+        "phase": ("", "server activity: code of the phase_codes attribute"),
+        "seconds": ("s", "server seconds spent in the phase since the previous evaluation (checkpoint: the write)"),
+    },
+    "kd_checks": {
+        "version": ("versions", "global version x_t the distillation started from"),
+        "virtual_time": ("vt", "virtual-clock finish time of the job whose arrival triggered the distillation"),
+        "staleness": ("versions", "staleness of the update the distilled step is blended with"),
+        "share": ("", "eta * beta, the factor of Delta_KD in the new model"),
+        "loss_before": ("", "mean cross-entropy of x_t on the fixed held-out check images (distill.kd_check_images)"),
+        "loss_after": ("", "the same for x_t + eta * beta * Delta_KD: below loss_before when KD carries knowledge"),
+    },
 }
 
 TABLES = {"arrivals": ARRIVAL_FIELDS, "evals": EVAL_FIELDS, "timings": TIMING_FIELDS}
@@ -219,7 +267,8 @@ class RunLog:
 
 
 def read_run(path: str | os.PathLike) -> dict:
-    """{"attrs": {...}, "arrivals": {column: array}, "evals": {...}, "timings": {...}}.
+    """{"attrs": {...}, "arrivals": {column: array}, "evals": {...}, "timings": {...},
+    "table_attrs": {table: {attribute: value}}} (codes, units, descriptions).
 
     Opens with swmr=True, so it works on a live run and on the file of a run
     that crashed (which HDF5 refuses to open any other way)."""
@@ -227,9 +276,11 @@ def read_run(path: str | os.PathLike) -> dict:
     f = _open_run(path)
     with f:
         out: dict[str, Any] = {"attrs": {k: _py(v) for k, v in f.attrs.items()}}
+        out["table_attrs"] = {}
         for name in TABLES:
             data = f[name][()]
             out[name] = {column: data[column] for column in data.dtype.names}
+            out["table_attrs"][name] = {k: _py(v) for k, v in f[name].attrs.items()}
     return out
 
 
@@ -281,6 +332,9 @@ def _create(path: Path, attrs: dict, tables: dict[str, np.ndarray]) -> h5py.File
                 ds = f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNK_ROWS,))
                 for column, codes in CODED_COLUMNS.get(name, {}).items():
                     ds.attrs[f"{column}_codes"] = json.dumps(codes)
+                for column, (unit, description) in COLUMN_DOCS[name].items():
+                    ds.attrs[f"{column}_unit"] = unit
+                    ds.attrs[f"{column}_description"] = description
         atomic_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,79 @@
+"""Plug-ins by import path: `--server.algorithm=pkg.module:Class`, `--model.name=pkg.module:factory`,
+`--data.dataset=pkg.module:loader`.
+
+A value with a colon names an object `attr` (dots allowed: `Outer.Inner`) in an importable module
+`pkg.module` (installed, or on PYTHONPATH / the current directory; every rank imports it). The
+contracts are in docs/extending.md; the checks here turn a wrong path or a wrong kind of object into
+one config error on rank 0 before any rank starts work. Built-in names never contain a colon.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+from .config import Config, ConfigError
+
+PLUGIN_KEYS = ("server.algorithm", "model.name", "data.dataset")
+
+
+def is_import_path(value: str) -> bool:
+    return ":" in value
+
+
+def short_name(value: str) -> str:
+    """A file-name-safe name: the built-in name, or the plug-in's attribute name (`pkg.mod:MyAlgo` -> `MyAlgo`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", value.rsplit(":", 1)[-1])
+
+
+def load(spec: str, key: str):
+    """The object `spec` = "module:attr" names; ConfigError naming `key` when it cannot be imported."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"config key '{key}': {spec!r} is not an import path; expected 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"config key '{key}': cannot import module {module_name!r} of {spec!r} ({e}); "
+                          "it must be installed or on PYTHONPATH on every rank") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"config key '{key}': module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def algorithm_class(spec: str) -> type:
+    """A plug-in algorithm: a subclass of mpi_afl.algorithms.base.Algorithm (its contract)."""
+    from .algorithms.base import Algorithm
+    cls = load(spec, "server.algorithm")
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise ConfigError(f"config key 'server.algorithm': {spec!r} is {_what(cls)}, not a subclass of "
+                          "mpi_afl.algorithms.base.Algorithm (see docs/extending.md \"Algorithms\")")
+    if cls.on_update is Algorithm.on_update:
+        raise ConfigError(f"config key 'server.algorithm': {spec!r} does not implement on_update(update, ctx)")
+    return cls
+
+
+def callable_object(spec: str, key: str):
+    """A model factory or data set loader: anything callable."""
+    obj = load(spec, key)
+    if not callable(obj):
+        raise ConfigError(f"config key '{key}': {spec!r} is {_what(obj)}, not callable "
+                          "(see docs/extending.md)")
+    return obj
+
+
+def check(cfg: Config) -> None:
+    """Import every plug-in the config names and check its kind (rank 0, before the run starts)."""
+    if is_import_path(cfg.server.algorithm):
+        algorithm_class(cfg.server.algorithm)
+    if is_import_path(cfg.model.name):
+        callable_object(cfg.model.name, "model.name")
+    if is_import_path(cfg.data.dataset):
+        callable_object(cfg.data.dataset, "data.dataset")
+
+
+def _what(obj) -> str:
+    return f"a {type(obj).__name__}" if not isinstance(obj, type) else f"the class {obj.__name__}"

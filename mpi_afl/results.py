@@ -1,0 +1,284 @@
+"""Read runs back: plain arrays (and pandas DataFrames), run groups, CSV and TensorBoard export.
+
+Nothing here imports torch (a test checks it): reading a run costs h5py and
+numpy, so notebooks and plotting scripts start in about a second.
+
+    from mpi_afl import results
+    run = results.load("runs/fedbuff-digits-virtual-s0-...")   # a run directory or its run.h5
+    run.tables["evals"]["test_accuracy"]                       # numpy arrays, one per column
+    run.units["arrivals"]["virtual_time"]                      # "vt" (see docs/design.md "Output")
+    run.frame("arrivals")                                      # a DataFrame, when pandas is installed
+    runs = results.load_many(["sweep/"])                       # every run below a directory
+
+Coded columns (`arrivals.reason`, `timings.phase`) come back as their names.
+From the command line:
+
+    python -m mpi_afl.results export RUN_DIR [RUN_DIR ...] --out DIR [--format csv|tensorboard]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES, read_run
+
+RUN_FILE = "run.h5"
+# Config keys that do not change what a run computes; runs that differ only in these (and the seed) are
+# repetitions of one setting. Resume-time placement keys, output place and logging cadence.
+NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.device", "run.log_flush_seconds",
+               "run.checkpoint_every", "server.queue_depth"}
+
+
+@dataclass
+class Run:
+    directory: Path
+    attrs: dict                                    # root attributes of run.h5 (config as a dict under "config")
+    config: dict                                   # {section: {key: value}}
+    tables: dict[str, dict[str, np.ndarray]]       # {table: {column: array}}, codes decoded to names
+    units: dict[str, dict[str, str]]               # {table: {column: unit}}
+    descriptions: dict[str, dict[str, str]]        # {table: {column: description}}
+    summary: dict | None = None                    # summary.json when the run finished
+    label: str = ""
+
+    def frame(self, table: str):
+        """The table as a pandas DataFrame (units and descriptions in `df.attrs`)."""
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError("Run.frame needs pandas (pip install pandas); run.tables has the same "
+                              "columns as numpy arrays") from None
+        df = pandas.DataFrame(self.tables[table])
+        df.attrs.update(units=self.units[table], descriptions=self.descriptions[table])
+        return df
+
+    def value(self, dotted: str):
+        """A config value by dotted key (`"server.algorithm"`), None when absent."""
+        section, key = dotted.split(".", 1)
+        return self.config.get(section, {}).get(key)
+
+
+def run_file(path: str | Path) -> Path:
+    """A run directory's run.h5, or the given file; a clear FileNotFoundError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / RUN_FILE).is_file():
+            raise FileNotFoundError(f"{path} is a directory without a {RUN_FILE}; not an mpi_afl run directory")
+        return path / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"run not found: {path}")
+    return path
+
+
+def load(path: str | Path) -> Run:
+    """Load one run (directory or run.h5). Works on a live or crashed run too (SWMR read)."""
+    file = run_file(path)
+    data = read_run(file)
+    attrs = dict(data["attrs"])
+    config = json.loads(attrs.get("config") or "{}")
+    attrs["config"] = config
+    tables, units, descriptions = {}, {}, {}
+    for name in TABLES:
+        table_attrs = data["table_attrs"][name]
+        columns = dict(data[name])
+        for column in list(columns):
+            codes = table_attrs.get(f"{column}_codes")
+            if codes is not None:
+                names = {code: key for key, code in json.loads(codes).items()}
+                columns[column] = np.array([names.get(int(c), f"code {int(c)}") for c in columns[column]], dtype=str)
+        tables[name] = columns
+        # Files written before units were stored fall back to this package's table of them.
+        units[name] = {c: table_attrs.get(f"{c}_unit", COLUMN_DOCS[name].get(c, ("", ""))[0]) for c in columns}
+        descriptions[name] = {c: table_attrs.get(f"{c}_description", COLUMN_DOCS[name].get(c, ("", ""))[1])
+                              for c in columns}
+    summary_path = file.parent / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    run = Run(file.parent, attrs, config, tables, units, descriptions, summary)
+    algorithm, seed = run.value("server.algorithm"), run.value("run.seed")
+    run.label = attrs.get("label") or (f"{algorithm} s{seed}" if algorithm else file.parent.name)
+    return run
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run files for the given paths: a run.h5, a run directory, or any directory holding runs below it."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir() and not (path / RUN_FILE).is_file():
+            below = sorted(path.rglob(RUN_FILE))
+            if not below:
+                raise FileNotFoundError(f"no {RUN_FILE} in or below {path}")
+            found.extend(below)
+        else:
+            found.append(run_file(path))
+    return found
+
+
+def load_many(paths: list[str | Path]) -> list[Run]:
+    return [load(p) for p in find_runs(paths)]
+
+
+def updates_per_second(accepted: int, last_arrival_wall: float) -> float | None:
+    """THE definition of a run's throughput, used by summary.json and the report alike: accepted updates
+    divided by the wall time (since the start) at which the server finished processing the last arrival.
+    Start-up before the first job, the final checkpoint and the final evaluation are not counted."""
+    return accepted / last_arrival_wall if last_arrival_wall > 0 else None
+
+
+def run_updates_per_second(run: Run) -> float | None:
+    arrivals = run.tables["arrivals"]
+    if not len(arrivals["wall_time"]):
+        return None
+    return updates_per_second(int(arrivals["accepted"].sum()), float(arrivals["wall_time"].max()))
+
+
+# ------------------------------------------------------------------ groups of seeds
+def _flat_config(run: Run) -> dict[str, object]:
+    return {f"{section}.{key}": (tuple(v) if isinstance(v, list) else v)
+            for section, body in run.config.items() for key, v in body.items()}
+
+
+@dataclass
+class Group:
+    """Runs of one setting (configs equal except NOT_SETTING keys, so normally only the seed differs)."""
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def group_by_setting(runs: list[Run]) -> list[Group]:
+    """Groups in first-seen order; a group's label is its algorithm plus the keys that tell settings apart."""
+    settings: dict[tuple, list[Run]] = {}
+    for run in runs:
+        key = tuple(sorted((k, v) for k, v in _flat_config(run).items() if k not in NOT_SETTING))
+        settings.setdefault(key, []).append(run)
+    keys = list(settings)
+    differing = sorted({k for key in keys for k, v in key if any(dict(other).get(k) != v for other in keys)}
+                       - {"server.algorithm"})
+    groups = []
+    for key in keys:
+        values = dict(key)
+        members = settings[key]
+        name = values.get("server.algorithm") or members[0].label
+        extra = " ".join(f"{k.split('.', 1)[1]}={_short(values.get(k))}" for k in differing)
+        groups.append(Group(f"{name} {extra}".strip(), members))
+    return groups
+
+
+def _short(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values that exist (None for a single value or none)."""
+    present = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not present:
+        return None, None
+    return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
+
+
+# ------------------------------------------------------------------ export
+def export_csv(run: Run, out: Path) -> list[Path]:
+    """One CSV per table (`<table>.csv`, a header row of column names) and `columns.csv` (table, column,
+    unit, description) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, columns in run.tables.items():
+        path = out / f"{name}.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(list(columns))
+            # tolist(): Python floats print with repr precision, so a CSV round trip is exact
+            writer.writerows(zip(*(v.tolist() for v in columns.values())))
+        written.append(path)
+    path = out / "columns.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["table", "column", "unit", "description"])
+        for name, units in run.units.items():
+            for column, unit in units.items():
+                writer.writerow([name, column, unit, run.descriptions[name][column]])
+    written.append(path)
+    return written
+
+
+def export_tensorboard(run: Run, out: Path) -> Path:
+    """TensorBoard event file: test/val accuracy and loss per version (wall time as the event time) and
+    accuracy against virtual time (step = round(1000 * virtual time)). Needs the `tensorboard` package."""
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        raise ImportError("TensorBoard export needs the tensorboard package: pip install 'mpi_afl[tensorboard]'") \
+            from None
+    out.mkdir(parents=True, exist_ok=True)
+    writer = EventFileWriter(str(out))
+    start = _start_time(run)
+    evals = run.tables["evals"]
+    for i, version in enumerate(evals["version"]):
+        wall = start + float(evals["wall_time"][i])
+        values = [Summary.Value(tag=f"{split}/{metric}", simple_value=float(evals[f"{split}_{metric}"][i]))
+                  for split in ("test", "val") for metric in ("accuracy", "loss")
+                  if not math.isnan(evals[f"{split}_{metric}"][i])]
+        writer.add_event(Event(wall_time=wall, step=int(version), summary=Summary(value=values)))
+        virtual = Summary(value=[Summary.Value(tag="test/accuracy_vs_virtual_time_x1000",
+                                               simple_value=float(evals["test_accuracy"][i]))])
+        writer.add_event(Event(wall_time=wall, step=int(round(1000 * float(evals["virtual_time"][i]))),
+                               summary=virtual))
+    writer.close()
+    return out
+
+
+def _start_time(run: Run) -> float:
+    """The run's start as a Unix time (the `started` attribute), 0 when unknown."""
+    try:
+        return datetime.strptime(run.attrs.get("started", ""), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return 0.0
+
+
+def export_name(run: Run, runs: list[Run]) -> str:
+    """A directory name for the run's export: its directory name, made unique by its parent's when needed."""
+    name = run.directory.name
+    if sum(r.directory.name == name for r in runs) > 1:
+        name = f"{run.directory.parent.name}-{name}"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpi_afl.results",
+                                     description="Export mpi_afl runs (run directories or run.h5 files).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write CSV (default) or TensorBoard event files per run")
+    export.add_argument("runs", nargs="+", metavar="RUN", help="run directories, run.h5 files or directories of runs")
+    export.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="one subdirectory per run is written here")
+    export.add_argument("--format", choices=["csv", "tensorboard"], default="csv")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_many(args.runs)
+        for run in runs:
+            target = args.out / export_name(run, runs)
+            if args.format == "csv":
+                paths = export_csv(run, target)
+            else:
+                paths = [export_tensorboard(run, target)]
+            print(f"{run.directory} -> {', '.join(str(p) for p in paths)}")
+    except (OSError, ValueError, ImportError) as e:
+        print(f"mpi_afl.results: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

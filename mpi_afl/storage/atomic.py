@@ -1,0 +1,26 @@
+"""Atomic file replacement, shared by checkpoints and run logs (no torch: the results reader imports it)."""
+
+import os
+import secrets
+from pathlib import Path
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name next to `path`: same file system, so `os.replace` is atomic.
+    (Not mkstemp: its 0600 mode would make run files unreadable for the user's group.)"""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync `tmp`, rename it over `path` and fsync the directory.
+
+    The directory fsync makes the rename itself durable: without it a crash
+    right after `os.replace` can leave the old directory entry on disk."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(Path(path).resolve().parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
