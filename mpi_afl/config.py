@@ -184,6 +184,9 @@ class DistillConfig:
     augment: str = opt("auto", "random crop (4-pixel reflect pad) and flip of synthetic images before the teachers "
                        "see them; auto = as client.augment (the teachers are only invariant to what they trained "
                        "with; the research code augments neither for 28x28 data)", choices=["auto", "true", "false"])
+    kd_check_images: int = opt(256, "held-out images (validation split, else test split) on which every KD call's "
+                               "effect on the loss is measured (run.h5 kd_checks, summary kd_loss_change); 0 = off",
+                               min=0)
     dd_beta: float = opt(0.5, "dd_fedrevive: fixed KD share beta of the blend", min=0, max=1)
     dd_temperature: float = opt(2.0, "dd_fedrevive: KD temperature T", min=0, min_exclusive=True)
     dd_lr: float = opt(3e-4, "dd_fedrevive: student Adam lr (no weight decay)", min=0, min_exclusive=True)

@@ -80,6 +80,14 @@ def test_fedrevive_learns_and_blends_kd_into_stale_updates(full_run):
     # Diagnostics (distill/kd.record_kd, Synthesizer.synthesize): present and in range.
     assert stats["kd_norm_ratio"] > 0 and -1 <= stats["kd_cosine"] <= 1
     assert stats["syntheses"] > 0 and 0 <= stats["synth_agreement"] <= 1
+    # The KD diagnostic: one run.h5 row per KD call, L(x_t + eta beta Delta_KD) - L(x_t) on held-out images.
+    checks = read_run(out / "run.h5")["kd_checks"]
+    assert stats["kd_checks"] == stats["kd_applied"] == len(checks["version"])
+    change = checks["loss_after"] - checks["loss_before"]
+    assert np.isfinite(change).all() and bool((change != 0).any())
+    assert stats["kd_loss_change"] == pytest.approx(float(change.mean()), rel=1e-9, abs=1e-12)
+    assert stats["kd_loss_improved"] == pytest.approx(float((change < 0).mean()))
+    np.testing.assert_allclose(checks["share"], 0.5 * weight[stale_after_warmup], rtol=1e-12)  # FAST lr 0.5
 
 
 def test_fedrevive_virtual_clock_identical_across_rank_counts(full_run):

@@ -62,6 +62,8 @@ class ServerContext:
     client_histograms: np.ndarray               # (num_clients, num_classes) true label counts (ablations only)
     kd_x: torch.Tensor | None = None            # real KD split (DD-FedRevive / proxy inputs), on device
     kd_y: torch.Tensor | None = None
+    check_x: torch.Tensor | None = None         # fixed held-out images for the KD diagnostic (kd.loss_change)
+    check_y: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)   # counters and diagnostics an algorithm reports (summary.json)
 
 
@@ -81,6 +83,9 @@ class Algorithm:
         self.cfg = cfg
         #: the aggregation weight (or beta) applied to the last update, for the run log
         self.last_weight = float("nan")
+        #: a distilling algorithm's kd_checks row (runlog.KD_CHECK_FIELDS but virtual_time) for the update
+        #: just processed; the server logs it and sets it back to None
+        self.kd_check: dict | None = None
 
     def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         raise NotImplementedError

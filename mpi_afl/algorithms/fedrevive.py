@@ -87,9 +87,26 @@ class _TeacherDistillation(Algorithm):
             if kd_delta is not None:
                 step = (1.0 - weight) * update.delta + weight * kd_delta
                 kd.record_kd(ctx.stats, kd_delta[ctx.param_mask], update.delta[ctx.param_mask])
+                if ctx.check_x is not None:
+                    self._check(ctx, x_t, kd_delta, weight, update.staleness)
         load_flat(self.student, x_t + self.cfg.server.lr * step)
         reset_norm_statistics(self.student)
         return flatten(self.student)
+
+    def _check(self, ctx: ServerContext, x_t: torch.Tensor, kd_delta: torch.Tensor, weight: float,
+               staleness: int) -> None:
+        """The KD diagnostic: held-out loss change when only the KD part of the step is applied,
+        L(x_t + eta beta Delta_KD) - L(x_t) on ctx.check_x. Negative: the distilled change carries knowledge
+        that generalises; positive: it moves the model away from the data. Logged per call (run.h5
+        kd_checks) and as running means in ctx.stats (kd_loss_change, kd_loss_improved: the share of calls
+        with a negative change). Read-only: the run's result does not depend on it."""
+        share = self.cfg.server.lr * weight
+        before = kd.held_out_loss(self.student, x_t, ctx.check_x, ctx.check_y)
+        after = kd.held_out_loss(self.student, x_t + share * kd_delta, ctx.check_x, ctx.check_y)
+        kd.record_mean(ctx.stats, "kd_checks", {"kd_loss_change": after - before,
+                                                "kd_loss_improved": float(after < before)})
+        self.kd_check = {"version": ctx.version, "staleness": staleness, "share": share, "loss_before": before,
+                         "loss_after": after}
 
     @staticmethod
     def _timed(steps: Generator, ctx: ServerContext) -> Generator:

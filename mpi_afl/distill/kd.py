@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpi_afl.distill.ensemble import TeacherEnsemble
+from mpi_afl.models.flat import load_flat
 
 
 def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -51,6 +52,14 @@ def record_kd(stats: dict, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
     delta_norm, kd_norm = float(delta.norm()), float(kd_delta.norm())
     cosine = float(torch.dot(kd_delta, delta)) / max(kd_norm * delta_norm, 1e-30)
     record_mean(stats, "kd_applied", {"kd_norm_ratio": kd_norm / max(delta_norm, 1e-30), "kd_cosine": cosine})
+
+
+def held_out_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy of the flat model `flat` (loaded into `model`, eval mode) on (x, y)."""
+    load_flat(model, flat)
+    model.eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
 
 
 def record_mean(stats: dict, count: str, values: dict[str, float]) -> None:

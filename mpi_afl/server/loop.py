@@ -52,6 +52,13 @@ CHECKPOINT_FORMAT = 3   # bump when the server state layout changes (2: FedReviv
 EVAL_BATCH = 256        # images per evaluation slice: ~0.1 s of CPU for the 28x28 CNN, so arrivals wait little
 
 
+def check_images(splits, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """ServerContext.check_x/check_y: the first n validation images, or test images without a validation
+    split (fixed for the whole run, so every KD call is measured on the same images); none for n = 0."""
+    x, y = (splits.val_x, splits.val_y) if len(splits.val_x) else (splits.test_x, splits.test_y)
+    return {"check_x": x[:n].to(device), "check_y": y[:n].to(device)} if n else {}
+
+
 @dataclass
 class Job:
     index: int
@@ -108,7 +115,8 @@ class Server:
             image_shape=(info.channels, info.image_size, info.image_size), data_mean=tuple(info.mean),
             data_std=tuple(info.std), client_histograms=histograms,
             kd_x=splits.kd_x.to(device) if len(splits.kd_x) else None,
-            kd_y=splits.kd_y.to(device) if len(splits.kd_y) else None)
+            kd_y=splits.kd_y.to(device) if len(splits.kd_y) else None,
+            **check_images(splits, cfg.distill.kd_check_images, device))
         self.algorithm = algorithm_class(cfg.server.algorithm)(cfg, self.ctx)
         self.delays = DelayModel(cfg.delays, cfg.data.num_clients, cfg.run.seed)
         self.rng = np.random.default_rng([cfg.run.seed, _CLIENT_STREAM])
@@ -234,6 +242,9 @@ class Server:
             a.release()
             if outcome is not None:
                 self._new_version(outcome)
+            if self.algorithm.kd_check is not None:
+                self.log.kd_check(virtual_time=job.finish_time, **self.algorithm.kd_check)
+                self.algorithm.kd_check = None
         self.versions.release(job.base_version)
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds

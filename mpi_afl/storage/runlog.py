@@ -79,6 +79,14 @@ TIMING_FIELDS = [
     ("phase", "i1"),           # PHASES code
     ("seconds", "f8"),
 ]
+KD_CHECK_FIELDS = [
+    ("version", "i8"),         # server version the KD started from
+    ("virtual_time", "f8"),
+    ("staleness", "i8"),       # of the update the distilled step joins
+    ("share", "f8"),           # eta * beta: how much of Delta_KD the blend applies
+    ("loss_before", "f8"),     # held-out loss of x_t
+    ("loss_after", "f8"),      # held-out loss of x_t + eta * beta * Delta_KD
+]
 
 # Why an arrival was not applied; rows pass the name, the file stores the code.
 REJECT_REASONS = {
@@ -146,7 +154,7 @@ COLUMN_DOCS = {
     },
 }
 
-TABLES = {"arrivals": ARRIVAL_FIELDS, "evals": EVAL_FIELDS, "timings": TIMING_FIELDS}
+TABLES = {"arrivals": ARRIVAL_FIELDS, "evals": EVAL_FIELDS, "timings": TIMING_FIELDS, "kd_checks": KD_CHECK_FIELDS}
 CODED_COLUMNS = {"arrivals": {"reason": REJECT_REASONS}, "timings": {"phase": PHASES}}
 _CHUNK_ROWS = 1024  # ~100 KB chunks: few chunk writes per flush, small waste at the end
 
@@ -235,6 +243,10 @@ class RunLog:
     def timing(self, **row: Any) -> None:
         """Buffer one server timing row (all TIMING_FIELDS; `phase` is a PHASES name)."""
         self._tables["timings"].add(row)
+
+    def kd_check(self, **row: Any) -> None:
+        """Buffer one KD-effect row (all KD_CHECK_FIELDS)."""
+        self._tables["kd_checks"].add(row)
 
     def counts(self) -> dict[str, int]:
         """Rows logged so far per table, written and buffered."""
