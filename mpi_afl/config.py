@@ -63,6 +63,9 @@ class RunConfig:
     overwrite: bool = opt(False, "allow writing into an existing run directory")
     device: str = opt("auto", "'auto' (a GPU per local rank when present), 'cpu' or 'cuda'",
                       choices=["auto", "cpu", "cuda"])
+    placement: str = opt("shared", "GPUs of a node: 'shared' (rank -> cuda:(local rank % GPUs)) or 'server_gpu' "
+                         "(rank 0 alone on cuda:0 of its node, the other ranks there share the rest)",
+                         choices=["shared", "server_gpu"])
     threads: int = opt(1, "torch threads per rank; the virtual clock always uses 1 so results "
                        "cannot depend on it", min=1)
     checkpoint_every: int = opt(0, "write OUT/checkpoint.h5 every N versions (0 = only on signal/stop)", min=0)
@@ -550,7 +553,7 @@ def parse_args(argv: list[str] | None = None,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
 RESUMABLE = {"run.max_versions", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
              "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
-             "run.threads", "run.device",
+             "run.threads", "run.device", "run.placement",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
 
 
