@@ -26,6 +26,10 @@ setting) with the mean and sample std over seeds:
   kd_applied                            updates (FedRevive) or new models (FedEcho) that KD changed
   kd_norm_ratio, kd_cosine              FedRevive: mean ||Delta_KD|| / ||Delta_i|| and mean cosine of the two
                                         over the blended updates (null for older runs and other algorithms)
+  kd_loss_change, kd_loss_improved      FedRevive: mean held-out loss change L(x_t + eta beta Delta_KD) - L(x_t) of
+                                        the KD calls, and the share of calls where it was negative (KD helped)
+  synth_agreement                       FedRevive/FedEcho: share of kept synthetic images the teachers label as
+                                        the class they were made for
   staleness_mean, staleness_p90, staleness_max   of the accepted updates (run.h5 arrivals): compare with
                                         server.s_max, which sets FedRevive's and AFL-DW's beta(tau)
   wall_seconds, versions                summary.json
@@ -75,6 +79,8 @@ SERVER_SETTINGS: dict[str, dict[str, str]] = {
     "fedecho": {"server.buffer_size": "4", "server.lr": "0.5"},
     "fedasync": {"server.staleness": "polynomial", "server.mixing": "0.6"},
     "fedavg": {"server.lr": "1.4"},
+    # Not swept: twice FedRevive's lr, as the research code's configs (FEMNIST 0.05 -> 0.1, CIFAR-10 0.1 -> 0.2).
+    "dd_fedrevive": {"server.buffer_size": "1", "server.lr": "0.4"},
 }
 
 
@@ -189,7 +195,9 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
     if not (directory / "summary.json").exists():
         return None
     summary = json.loads((directory / "summary.json").read_text())
-    reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, (),
+    # The tuned FedBuff of the same seed and setting, with this run's non-server overrides (e.g. a KD split).
+    shared = tuple(o for o in spec.overrides if not o.startswith("server."))
+    reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, shared,
                         spec.budget_tag).directory(out)
     fedbuff_final = None
     if (reference / "summary.json").exists():
@@ -213,6 +221,9 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
         "kd_applied": stats.get("kd_applied"),
         "kd_norm_ratio": stats.get("kd_norm_ratio"),
         "kd_cosine": stats.get("kd_cosine"),
+        "kd_loss_change": stats.get("kd_loss_change"),
+        "kd_loss_improved": stats.get("kd_loss_improved"),
+        "synth_agreement": stats.get("synth_agreement"),
         "staleness_mean": round(float(staleness.mean()), 2), "staleness_p90": float(np.percentile(staleness, 90)),
         "staleness_max": int(staleness.max()),
         "wall_seconds": round(summary["wall_seconds"], 1), "cpu_seconds": cpu_seconds,
@@ -242,7 +253,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         line = {"bench": "accuracy_mean", **{k: first[k] for k in ("algorithm", "alpha", "schedule", "settings")},
                 "seeds": sorted(r["seed"] for r in members)}
         for field in ("final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final",
-                      "distill_seconds_per_update", "kd_norm_ratio", "kd_cosine", "staleness_mean", "wall_seconds",
+                      "distill_seconds_per_update", "kd_norm_ratio", "kd_cosine", "kd_loss_change",
+                      "kd_loss_improved", "synth_agreement", "staleness_mean", "wall_seconds",
                       "cpu_seconds", "versions"):
             line[f"{field}_mean"], line[f"{field}_std"] = _mean_std([r[field] for r in members])
         line["reached_fedbuff_final"] = sum(r["virtual_time_to_fedbuff_final"] is not None for r in members)
