@@ -10,6 +10,7 @@ one config error on rank 0 before any rank starts work. Built-in names never con
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 
 from .config import Config, ConfigError
@@ -63,6 +64,20 @@ def callable_object(spec: str, key: str):
         raise ConfigError(f"config key '{key}': {spec!r} is {_what(obj)}, not callable "
                           "(see docs/extending.md)")
     return obj
+
+
+def call(obj, spec: str, key: str, *args, **kwargs):
+    """Call a plug-in with the arguments of its contract; one that cannot take them is a ConfigError
+    (checked before the call, so a TypeError raised inside the plug-in is not mistaken for it)."""
+    try:
+        inspect.signature(obj).bind(*args, **kwargs)
+    except TypeError as e:
+        shown = ", ".join([*map(repr, args), *(f"{k}=..." for k in kwargs)])
+        raise ConfigError(f"config key '{key}': {spec!r} cannot be called as ({shown}): {e} "
+                          "(see docs/extending.md)") from None
+    except ValueError:   # no signature (some builtins): just call it
+        pass
+    return obj(*args, **kwargs)
 
 
 def check(cfg: Config) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..plugins import callable_object, is_import_path, short_name
+from ..plugins import call, callable_object, is_import_path, short_name
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -272,7 +272,7 @@ def _load_plugin(spec: str, root: str | None) -> tuple[np.ndarray, np.ndarray, D
     """Call a plug-in loader (docs/extending.md "Data sets"): `loader(root)` returns (images, labels),
     images (N, C, H, H) numbers, labels (N,) integers 0..K-1. Normalised per channel with the pooled
     data's own mean and standard deviation."""
-    result = callable_object(spec, "data.dataset")(root)
+    result = call(callable_object(spec, "data.dataset"), spec, "data.dataset", root)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ConfigError(f"config key 'data.dataset': {spec!r} must return (images, labels), "
                           f"got {type(result).__name__}")

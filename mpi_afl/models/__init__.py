@@ -8,7 +8,7 @@ from mpi_afl.config import ConfigError
 from mpi_afl.models.cnn import CNN
 from mpi_afl.models.convnet import ConvNet
 from mpi_afl.models.resnet import ResNet18
-from mpi_afl.plugins import callable_object, is_import_path
+from mpi_afl.plugins import call, callable_object, is_import_path
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
@@ -22,7 +22,7 @@ def build_model(name: str, *, in_channels: int, image_size: int, num_classes: in
     arguments, docs/extending.md "Models"); `norm` is "batchnorm", "stat" (StatTracker) or "none"."""
     kwargs = dict(in_channels=in_channels, image_size=image_size, num_classes=num_classes, norm=norm)
     if is_import_path(name):
-        model = callable_object(name, "model.name")(**kwargs)
+        model = call(callable_object(name, "model.name"), name, "model.name", **kwargs)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"config key 'model.name': {name!r} returned {type(model).__name__}, not a "
                               "torch.nn.Module")

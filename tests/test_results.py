@@ -1,0 +1,132 @@
+"""mpi_afl.results on a real run directory: arrays, decoded codes, units in the file, exports without
+torch, the run directory's own record (config.toml, command.txt, server.log) and the progress lines."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_afl import results
+from mpi_afl.config import parse_args
+from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES
+from mpi_helpers import FAST, env, launch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "run"
+    proc = launch(1, [*FAST, "--max-versions", "20", "--fault.kind=nan", "--fault.job=2",
+                      "--run.heartbeat_seconds=0.5", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_load_gives_arrays_decoded_codes_and_units(run_dir):
+    run = results.load(run_dir)
+    assert run.directory == run_dir and run.label == "fedbuff s0"
+    arrivals = run.tables["arrivals"]
+    assert set(arrivals) == {name for name, _ in TABLES["arrivals"]}
+    assert sorted(set(arrivals["reason"].tolist())) == ["none", "nonfinite"]
+    assert (arrivals["reason"] == "nonfinite").sum() == 1 and not arrivals["accepted"][arrivals["reason"] != "none"].any()
+    assert run.tables["timings"]["phase"].dtype.kind == "U"
+    assert run.units["arrivals"]["virtual_time"] == "vt" and run.units["evals"]["wall_time"] == "s"
+    assert run.summary["versions"] == 20 and run.config["run"]["max_versions"] == 20
+    # one definition of updates/s: the report's value from run.h5 is summary.json's
+    assert results.run_updates_per_second(run) == pytest.approx(run.summary["updates_per_second"], rel=1e-12)
+
+
+def test_every_column_carries_unit_and_description_in_the_file(run_dir):
+    with h5py.File(run_dir / "run.h5", "r", swmr=True) as f:
+        for table, fields in TABLES.items():
+            for column, _ in fields:
+                assert f[table].attrs[f"{column}_unit"] == COLUMN_DOCS[table][column][0]
+                assert len(f[table].attrs[f"{column}_description"]) > 10, (table, column)
+
+
+def test_export_csv_without_torch(run_dir, tmp_path):
+    script = ("import sys; from mpi_afl.results import main; "
+              f"rc = main(['export', {str(run_dir)!r}, '--out', {str(tmp_path)!r}]); "
+              "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    run = results.load(run_dir)
+    with open(tmp_path / "run" / "evals.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["test_accuracy"]) for r in rows] == run.tables["evals"]["test_accuracy"].tolist()
+    with open(tmp_path / "run" / "arrivals.csv") as fh:
+        reasons = [r["reason"] for r in csv.DictReader(fh)]
+    assert reasons == run.tables["arrivals"]["reason"].tolist()
+    with open(tmp_path / "run" / "columns.csv") as fh:
+        columns = list(csv.DictReader(fh))
+    assert len(columns) == sum(len(fields) for fields in TABLES.values())
+    (row,) = [c for c in columns if (c["table"], c["column"]) == ("evals", "virtual_time")]
+    assert row["unit"] == "vt" and row["description"] == COLUMN_DOCS["evals"]["virtual_time"][1]
+
+
+def test_frame_with_pandas(run_dir):
+    pytest.importorskip("pandas")
+    df = results.load(run_dir).frame("arrivals")
+    received = results.load(run_dir).summary["updates_received"]
+    assert len(df) == received and df.attrs["units"]["wall_time"] == "s"
+    assert df.groupby("reason").size().to_dict() == {"none": received - 1, "nonfinite": 1}
+
+
+def test_export_tensorboard(run_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert results.main(["export", str(run_dir), "--out", str(tmp_path), "--format", "tensorboard"]) == 0
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    events = acc.Scalars("test/accuracy")
+    run = results.load(run_dir)
+    assert [e.step for e in events] == run.tables["evals"]["version"].tolist()
+    assert [e.value for e in events] == pytest.approx(run.tables["evals"]["test_accuracy"].tolist())
+
+
+def test_run_directory_records_how_it_was_made(run_dir):
+    cfg, _ = parse_args(["--config", str(run_dir / "config.toml")])
+    stored = results.load(run_dir).config
+    stored["run"]["out"] = cfg.run.out   # left out of config.toml so a rerun gets its own directory
+    assert cfg.to_dict() == stored
+    command = (run_dir / "command.txt").read_text()
+    assert "mpi_afl.train" in command and "--fault.kind=nan" in command
+    log = (run_dir / "server.log").read_text()
+    assert "[server] done (max_versions)" in log and "rejected update: job 2" in log
+
+
+def test_progress_lines_show_total_eta_and_heartbeat(run_dir):
+    log = (run_dir / "server.log").read_text()
+    assert "\r" not in log
+    lines = [line for line in log.splitlines() if line.startswith("[server] version")]
+    assert any("20/20" in line and "100%" in line and "ETA 0:00:00" in line for line in lines), lines
+    assert all("/20" in line and "ETA " in line for line in lines), lines
+    assert any("heartbeat" in line for line in lines), lines
+
+
+def test_group_by_setting_and_mean_std(run_dir):
+    run = results.load(run_dir)
+    other = results.load(run_dir)
+    other.config = json.loads(json.dumps(run.config))
+    other.config["run"]["seed"] = 5
+    third = results.load(run_dir)
+    third.config = json.loads(json.dumps(run.config))
+    third.config["server"]["lr"] = 0.1
+    groups = results.group_by_setting([run, other, third])
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert [g.label for g in groups] == ["fedbuff lr=0.5", "fedbuff lr=0.1"]
+    mean, std = results.mean_std([0.5, 0.7, None])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_missing_or_foreign_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="without a run.h5"):
+        results.load(tmp_path)
+    assert results.main(["export", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
