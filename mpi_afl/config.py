@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ class RunConfig:
     max_virtual_time: float = opt(0.0, "stop at this virtual time (0 = no limit)", min=0)
     max_wall_seconds: float = opt(0.0, "stop after this many wall seconds (0 = no limit)", min=0)
     target_accuracy: float = opt(0.0, "stop once test accuracy reaches this (0 = off)", min=0, max=1)
+    diverged_after: int = opt(20, "stop as diverged (exit code 3) after this many consecutive updates rejected "
+                              "as non-finite (0 = never; a non-finite global model always stops the run)", min=0)
     eval_every: int = opt(10, "evaluate the global model every N versions", min=1)
     out: str = opt("", "output directory for summary.json, run.h5, checkpoint.h5 "
                    "(empty: runs/ALGORITHM-DATASET-CLOCK-sSEED-TIMESTAMP)")
@@ -110,7 +113,7 @@ class ClientConfig:
     iterations: int = opt(25, "local iterations per job (not epochs; batches cycle)", min=1)
     batch_size: int = opt(32, "local batch size", min=1)
     optimizer: str = opt("adam", "local optimizer (created fresh for every job)", choices=["adam", "sgd"])
-    lr: float = opt(1e-3, "local learning rate", min=0, min_exclusive=True)
+    lr: float = opt(1e-3, "local learning rate", min=0, min_exclusive=True, max=10)
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
     weight_decay: float = opt(0.0, "local weight decay", min=0)
     augment: bool = opt(False, "random crop (4-pixel reflect pad) and horizontal flip")
@@ -121,7 +124,7 @@ class ServerConfig:
     algorithm: str = opt("fedbuff", "aggregation algorithm, or a class 'package.module:Class' (docs/extending.md)",
                          choices=ALGORITHM_NAMES, plugin=True)
     concurrency: int = opt(8, "jobs in flight K (fedavg: clients per round)", min=1)
-    lr: float = opt(0.5, "server learning rate eta", min=0, min_exclusive=True)
+    lr: float = opt(0.5, "server learning rate eta", min=0, min_exclusive=True, max=100)
     buffer_size: int = opt(4, "updates per aggregation B (fedbuff, ca2fl, fedecho)", min=1)
     momentum: float = opt(0.0, "server momentum (fedbuff)", min=0, max=1)
     staleness: str = opt("none", "staleness weight s(tau) for fedasync/fedbuff", choices=STALENESS_NAMES)
@@ -226,8 +229,11 @@ class EchoConfig:
 
 @dataclass
 class FaultConfig:
-    """Fault injection, for the failure tests: a worker misbehaves on one job."""
-    kind: str = opt("none", "what the worker does on job `job`", choices=["none", "raise", "nan", "bad_size", "bad_client"])
+    """Fault injection, for the failure tests: a worker (or the server) misbehaves on one job."""
+    kind: str = opt("none", "what happens on job `job`: the worker raises, sends NaN, a wrong size, a wrong client, "
+                    "NaN on every job from `job` on (nan_from), one entry of 3e38 (huge); or the server raises "
+                    "processing it (server_raise)",
+                    choices=["none", "raise", "nan", "bad_size", "bad_client", "nan_from", "huge", "server_raise"])
     job: int = opt(-1, "the job index that triggers the fault", min=-1)
 
 
@@ -364,6 +370,8 @@ def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if not math.isfinite(v):   # nan passes every comparison below, inf most: neither is ever meant
+            raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
         lo, hi = m.get("min"), m.get("max")
         if lo is not None and (v < lo or (m.get("min_exclusive") and v == lo)):
             op = ">" if m.get("min_exclusive") else ">="
@@ -490,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", metavar="NAME", help=f"named config from mpi_afl/presets/: {', '.join(preset_names())}")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.h5 (its config, "
                    "plus the overrides given here; only stop rules and placement may change)")
+    p.add_argument("--new-log", action="store_true", help="with --resume: continue into a fresh run.h5 (the "
+                   "existing one, if any, is kept as run.h5.replaced-TIME), for a missing or damaged run log")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     short = p.add_argument_group("shortcuts")
     keys = all_keys()
@@ -542,9 +552,14 @@ def parse_args(argv: list[str] | None = None,
         apply(cfg, load_toml(Path(args.config)), from_text=False)
     overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     apply(cfg, overrides, from_text=True)
+    if args.new_log and not base:
+        raise ConfigError("--new-log only applies with --resume DIR")
     if base:
-        if "run.out" not in overrides:
-            cfg.run.out = args.resume
+        if "run.out" in overrides and Path(overrides["run.out"]).resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--resume {args.resume} continues that run in place; --out "
+                              f"{overrides['run.out']} cannot differ (to branch a run, copy its directory and "
+                              f"resume the copy)")
+        cfg.run.out = args.resume
         check_resumable(base, cfg)
     return validate(cfg), args
 
@@ -552,6 +567,7 @@ def parse_args(argv: list[str] | None = None,
 # Keys a resumed run may change: stop rules, logging and placement. Everything else (data, model,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
 RESUMABLE = {"run.max_versions", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
+             "run.diverged_after",
              "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
              "run.threads", "run.device", "run.placement",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}

@@ -5,36 +5,66 @@ every rank with a non-zero exit), every rank loads the same data and
 partition from the seed, then rank 0 runs the server and the others the
 worker loop. With one process the server runs the jobs itself. Any uncaught
 exception on any rank aborts the whole MPI job (no rank is left hanging).
+
+Stop signals are recorded from the first line of `main()` (signals.py), before
+torch, MPI and the data load; importing this module is cheap (torch is imported
+where it is used) so that nothing slow comes before. Exit codes: 0 done or
+stopped by a signal, 1 a crash (traceback), 2 a bad input or environment (one
+line naming the key or file), 3 the run diverged (one line; results and a
+checkpoint of the last finite version are written).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import signal
 import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from . import __version__
 from . import plugins
+from . import signals
 from .config import Config, ConfigError, from_dict, parse_args
-from .storage.checkpoint import CheckpointError, load_checkpoint
-from .storage.runlog import RunLog
+from .storage.lock import LockError, RunLock
 
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
-RUN_FILES = ("summary.json", "run.h5", "checkpoint.h5")
+EXIT_DIVERGED = 3
+ABORT_GRACE_SECONDS = 1.0   # before MPI_Abort, so that mpiexec passes on the failing rank's traceback
 
 
-def _rank0_setup(argv) -> tuple[tuple, dict | None]:
-    """Parse the command line and prepare the output dir on rank 0.
+@dataclass
+class _Setup:
+    """What rank 0's start-up hands to the rest of the run."""
+    result: tuple = ("exit", 0)          # ('ok', cfg_dict) or ('exit', code), broadcast to every rank
+    resume_state: dict | None = None     # the checkpoint, when resuming
+    run_id: str = ""
+    new_log: bool = False                # --new-log: the resumed run starts a fresh run.h5
+    lock: RunLock | None = None          # held on the run directory until the run ends
 
-    Returns (('ok', cfg_dict) or ('exit', code), the checkpoint state when resuming)."""
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def exit(self, code: int) -> "_Setup":
+        self.release()
+        self.result = ("exit", code)
+        return self
+
+
+def _rank0_setup(argv) -> _Setup:
+    """Parse the command line, lock the output directory and check it on rank 0.
+
+    Nothing is written into the directory before every check has passed: a refused run or
+    resume leaves it as it was."""
+    from .storage.checkpoint import CheckpointError, load_checkpoint
+    from .storage.rundir import RUN_FILES, RunDirError, check_resume, new_run_id, set_aside_log
     checkpoint = {}
+    setup = _Setup()
 
     def resume_config(directory: str) -> dict:
         try:
@@ -49,27 +79,41 @@ def _rank0_setup(argv) -> tuple[tuple, dict | None]:
         cfg, args = parse_args(argv, resume_config)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
-            return ("exit", 0), None
+            return setup.exit(0)
         out = Path(cfg.run.out or _default_out(cfg))
-        if not args.resume and out.exists() and any((out / f).exists() for f in RUN_FILES) and not cfg.run.overwrite:
-            raise ConfigError(f"output directory {out} already holds a run; continue it with --resume {out}, "
-                              f"choose another --out, or pass --run.overwrite=true to replace it")
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            setup.lock = RunLock(out)   # before any check of the files: another run may be writing them
         except OSError as e:
             raise ConfigError(f"config key 'run.out': cannot write to {out}: {e.strerror}") from None
+        if not args.resume and any((out / f).exists() for f in RUN_FILES) and not cfg.run.overwrite:
+            raise ConfigError(f"output directory {out} already holds a run; continue it with --resume {out}, "
+                              f"choose another --out, or pass --run.overwrite=true to replace it")
+        setup.run_id = check_resume(out, checkpoint["state"], args.new_log) if args.resume else new_run_id()
         cfg.run.out = str(out)
         plugins.check(cfg)
+        if signals.received() is not None:
+            _stopped_at_start(signals.received())
+            return setup.exit(0)
+        if args.new_log and (aside := set_aside_log(out)):
+            print(f"[server] --new-log: the old run log is kept as {aside}", flush=True)
         _describe_run(cfg, out)
-        return ("ok", cfg.to_dict()), checkpoint.get("state")
-    except ConfigError as e:
+        setup.result = ("ok", cfg.to_dict())
+        setup.resume_state, setup.new_log = checkpoint.get("state"), args.new_log
+        return setup
+    except (ConfigError, LockError, RunDirError) as e:
         print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
-        return ("exit", EXIT_CONFIG), None
+        return setup.exit(EXIT_CONFIG)
     except SystemExit as e:  # --help, or argparse's own usage errors
-        return ("exit", e.code if isinstance(e.code, int) else 0), None
+        return setup.exit(e.code if isinstance(e.code, int) else 0)
+    except BaseException:
+        setup.release()
+        raise
+
+
+def _stopped_at_start(signum: int) -> None:
+    print(f"mpi_afl: {signals.name(signum)} during start-up: stopped before any work (nothing to resume; "
+          "a resumed run is left as it was)", flush=True)
 
 
 def _default_out(cfg: Config) -> str:
@@ -107,6 +151,7 @@ class _Tee:
 
 def pick_device(kind: str, comm) -> torch.device:
     """`cuda:(local rank % visible GPUs)` when a GPU is there (DESIGN.md "GPU binding"), else CPU."""
+    import torch
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -124,36 +169,61 @@ def _collective_or_exit(comm, result) -> object:
     return value
 
 
+def _startup_point(comm, failure: str | None = None) -> None:
+    """A collective point of the start-up. If any rank failed (`failure`: its one-line message), rank 0
+    prints the first failure and every rank exits 2; if rank 0 received a stop signal, every rank exits 0."""
+    statuses = comm.allgather((failure, signals.received()))
+    failures = [f for f, _ in statuses if f]
+    if failures:
+        if comm.Get_rank() == 0:
+            print(f"mpi_afl: error: {failures[0]}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    if statuses[0][1] is not None:
+        if comm.Get_rank() == 0:
+            _stopped_at_start(statuses[0][1])
+        sys.exit(0)
+
+
 def run(comm, argv=None) -> int:
+    setup = _rank0_setup(argv) if comm.Get_rank() == 0 else _Setup()
+    try:
+        return _run(comm, setup)
+    finally:
+        setup.release()
+
+
+def _run(comm, setup: _Setup) -> int:
+    import torch
+
     from .client.loop import run_worker
     from .client.runner import JobRunner
-    from .data.datasets import DataNotFoundError, load_splits, prepare
+    from .data.datasets import DataError, DataNotFoundError, load_splits, prepare
     from .data.partition import class_histograms, partition, summary_lines
     from .models import build_model
     from .models import flat
+    from .storage.runlog import RunLog
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    setup, resume_state = _rank0_setup(argv) if rank == 0 else (None, None)
-    cfg = from_dict(_collective_or_exit(comm, setup))
-    # Pre-emption: workers ignore the signal and finish when the server says stop; the server checkpoints.
-    _on_signals(lambda signum: None)
+    cfg = from_dict(_collective_or_exit(comm, setup.result))
     # The virtual clock promises results independent of the rank count: one thread keeps CPU kernels' order fixed.
     torch.set_num_threads(1 if cfg.run.clock == "virtual" else cfg.run.threads)
     d = cfg.data
 
     # Data: rank 0 fetches or unpacks files while the others wait, then everyone loads the same splits.
-    ready = None
+    failure = None
     if rank == 0:
         try:
             prepare(d.dataset, d.root or None, download=d.download)
-            ready = ("ok", None)
         except DataNotFoundError as e:
-            print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
-            ready = ("exit", EXIT_CONFIG)
-    _collective_or_exit(comm, ready)
+            failure = str(e)
+    _startup_point(comm, failure)
     device = pick_device(cfg.run.device, comm)
-    splits = load_splits(d.dataset, d.root or None, seed=cfg.run.seed, val_fraction=d.val_fraction,
-                         test_fraction=d.test_fraction, kd_fraction=d.kd_fraction)
+    try:
+        splits = load_splits(d.dataset, d.root or None, seed=cfg.run.seed, val_fraction=d.val_fraction,
+                             test_fraction=d.test_fraction, kd_fraction=d.kd_fraction)
+    except (DataNotFoundError, DataError) as e:
+        failure = str(e)
+    _startup_point(comm, failure)
     labels = splits.train_y.numpy()
     parts = partition(labels, d.num_clients, d.partition, seed=cfg.run.seed, num_classes=splits.info.num_classes,
                       alpha=d.alpha, shards_per_client=d.shards_per_client, samples_per_client=d.samples_per_client)
@@ -187,38 +257,59 @@ def run(comm, argv=None) -> int:
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
           f"{runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
           f"K={cfg.server.concurrency}, {size} rank(s), {cfg.run.clock} clock, device {device}, out {out}", flush=True)
-    log = RunLog(out / "run.h5", _run_attrs(cfg, size, hosts), flush_seconds=cfg.run.log_flush_seconds,
-                 resume_counts=resume_state["log_counts"] if resume_state else None, overwrite=cfg.run.overwrite)
+    resume_state = setup.resume_state
+    log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, hosts), "run_id": setup.run_id},
+                 flush_seconds=cfg.run.log_flush_seconds, overwrite=cfg.run.overwrite,
+                 resume_counts=resume_state["log_counts"] if resume_state and not setup.new_log else None)
     server = Server(cfg, transport, model=model, make_model=make_model, splits=splits,
                     histograms=class_histograms(parts, labels, info.num_classes), device=device, flat=flat,
-                    out_dir=out, world_size=size, log=log)
+                    out_dir=out, world_size=size, log=log, run_id=setup.run_id)
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
 
     def request_stop(signum: int) -> None:
         server.stop_requested = True
-        print(f"[server] signal {signal.Signals(signum).name}: checkpointing and stopping after the "
+        print(f"[server] signal {signals.name(signum)}: checkpointing and stopping after the "
               f"update in hand", flush=True)
 
-    _on_signals(request_stop)
+    signals.on_stop(request_stop)   # also fires now for a signal that came since the last start-up point
     summary = server.run()
     workers = comm.gather(None, root=0)[1:] if size > 1 else []
     if workers:
         summary["worker_idle_fraction"] = sum(w["idle_seconds"] for w in workers) / sum(w["wall_seconds"] for w in workers)
         summary["workers"] = workers
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Results first, the final checkpoint last: a full disk at the end must not cost the results.
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    server.save_model(out / "model.pt")
+    try:
+        server.save_final_checkpoint()
+    except OSError as e:
+        print(f"mpi_afl: error: the final checkpoint {out / 'checkpoint.h5'} was not written ({e.strerror or e}); "
+              f"summary.json and model.pt hold the results; --resume would continue from the previous "
+              f"checkpoint, if any", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     print(f"[server] done ({server.stop_reason}): {summary['versions']} versions, "
           f"final acc {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}, "
           f"{summary['updates_rejected']} rejected, {summary['wall_seconds']:.1f}s -> {out / 'summary.json'}",
           flush=True)
+    if server.diverged:
+        print(f"mpi_afl: error: the run diverged: {server.diverged}; stopped at version {server.version}, the "
+              f"last finite one (checkpoint, summary.json and model.pt written); try a smaller client.lr or "
+              f"server.lr", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     return 0
 
 
-def _on_signals(handler) -> None:
-    """SLURM's `--signal` and `scancel` send USR1/TERM; mpiexec forwards INT, TERM and USR1 to every rank."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: handler(signum))
+def _write_atomic(path: Path, text: str) -> None:
+    from .storage.checkpoint import atomic_replace, temp_path
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(text)
+        atomic_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _processor_name() -> str:
@@ -237,6 +328,7 @@ def _git_commit() -> str:
 def _run_attrs(cfg: Config, size: int, hosts: list[str]) -> dict:
     import h5py
     import mpi4py
+    import torch
     from mpi4py import MPI
     return {
         "config": cfg.to_json(), "label": f"{plugins.short_name(cfg.server.algorithm)} s{cfg.run.seed}",
@@ -248,6 +340,7 @@ def _run_attrs(cfg: Config, size: int, hosts: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    signals.arm()   # first: importing torch, starting MPI and loading data take seconds
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     try:
@@ -265,13 +358,24 @@ def main(argv=None) -> int:
         if comm.Get_size() > 1:
             comm.Abort(EXIT_CONFIG)
         return EXIT_CONFIG
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        if comm.Get_size() > 1:
-            print(f"mpi_afl: rank {comm.Get_rank()} failed; aborting all ranks", file=sys.stderr, flush=True)
-            comm.Abort(1)
-        return 1
+    except BaseException as e:
+        return _fail(comm, e)
+
+
+def _fail(comm, e: BaseException) -> int:
+    """Print this rank's traceback in full, naming the rank and its role, then end the whole job."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    role = "server" if rank == 0 else "worker"
+    what = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    sys.stderr.write(traceback.format_exc() + f"mpi_afl: rank {rank} ({role}) failed: {what}"
+                     + ("; aborting all ranks\n" if size > 1 else "\n"))
+    sys.stderr.flush()
+    if size > 1:
+        # MPI_Abort makes mpiexec kill every process at once, and text still in its forwarding pipes
+        # was lost about one time in ten: give it a moment to pass this rank's traceback on.
+        time.sleep(ABORT_GRACE_SECONDS)
+        comm.Abort(EXIT_FAILED)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import h5py
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpi_afl.storage.runlog import (ARRIVAL_FIELDS, EVAL_FIELDS, PHASES, REJECT_REASONS, TIMING_FIELDS, RunLog,
-                                    read_run)
+                                    RunLogError, check_resumable, read_run)
 
 REPO = Path(__file__).resolve().parents[1]
 REJECTED = next(name for name in REJECT_REASONS if name != "none")
@@ -47,7 +48,7 @@ def test_rows_round_trip(tmp_path):
         log.eval(**eval_row(0))
         log.eval(**eval_row(5))
         log.timing(version=1, wall_time=0.25, phase="distill", seconds=0.125)
-        assert log.counts() == {"arrivals": 7, "evals": 2, "timings": 1}
+        assert log.counts() == {"arrivals": 7, "evals": 2, "timings": 1, "kd_checks": 0}
     (tmp_path / "plain").write_text("x")
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # group can read it if umask allows
     run = read_run(path)
@@ -112,8 +113,8 @@ def test_resume_truncates_to_checkpoint_counts(tmp_path):
         log.eval(**eval_row(1))
         log.eval(**eval_row(2))
         log.timing(version=1, wall_time=0.0, phase="eval", seconds=0.5)
-    with RunLog(path, {"resumed": 1}, resume_counts={"arrivals": 6, "evals": 1, "timings": 0}) as log:
-        assert log.counts() == {"arrivals": 6, "evals": 1, "timings": 0}
+    with RunLog(path, {"resumed": 1}, resume_counts={"arrivals": 6, "evals": 1, "timings": 0, "kd_checks": 0}) as log:
+        assert log.counts() == {"arrivals": 6, "evals": 1, "timings": 0, "kd_checks": 0}
         log.arrival(**arrival_row(100))
     run = read_run(path)
     assert run["arrivals"]["job"].tolist() == [0, 1, 2, 3, 4, 5, 100]
@@ -140,7 +141,7 @@ def test_resume_after_writer_crash(tmp_path):
     """)
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(path, "r+")
-    with RunLog(path, {}, resume_counts={"arrivals": 5, "evals": 0, "timings": 0}) as log:
+    with RunLog(path, {}, resume_counts={"arrivals": 5, "evals": 0, "timings": 0, "kd_checks": 0}) as log:
         log.arrival(**arrival_row(42))
     assert read_run(path)["arrivals"]["job"].tolist() == [0, 1, 2, 3, 4, 42]
 
@@ -149,8 +150,8 @@ def test_resume_with_more_rows_than_file_has(tmp_path):
     path = tmp_path / "run.h5"
     with RunLog(path, ATTRS) as log:
         log.arrival(**arrival_row(0))
-    with pytest.raises(ValueError, match=r"'arrivals' has 1 rows but the checkpoint expects 3"):
-        RunLog(path, ATTRS, resume_counts={"arrivals": 3, "evals": 0, "timings": 0})
+    with pytest.raises(RunLogError, match=r"'arrivals' has 1 rows but the checkpoint counts 3: the log is truncated"):
+        RunLog(path, ATTRS, resume_counts={"arrivals": 3, "evals": 0, "timings": 0, "kd_checks": 0})
     assert len(read_run(path)["arrivals"]["job"]) == 1
 
 
@@ -182,12 +183,91 @@ def test_existing_file_is_not_overwritten_by_default(tmp_path):
 
 
 def test_read_run_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.h5"):
+    with pytest.raises(RunLogError, match="run log not found: .*missing.h5"):
         read_run(tmp_path / "missing.h5")
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(ValueError, match="text.h5 is not a readable HDF5 file"):
         read_run(tmp_path / "text.h5")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = 1
-    with pytest.raises(ValueError, match="other.h5 is not an mpi_afl run file"):
+    with pytest.raises(RunLogError, match="other.h5 is not an mpi_afl run log"):
         read_run(tmp_path / "other.h5")
+
+
+def _log_with_rows(path: Path, rows: int = 3000, crash: bool = False) -> None:
+    """A run log with `rows` arrivals, closed properly or left open like after a crash (another process)."""
+    run_python(f"""
+        import os
+        from mpi_afl.storage.runlog import RunLog
+        log = RunLog({str(path)!r}, {{"run_id": "abc"}})
+        for i in range({rows}):
+            log.arrival(wall_time=i, virtual_time=i, client=i, rank=1, job=i, base_version=0, version=i,
+                        staleness=0, weight=1.0, loss=0.0, samples=1, bytes=1, server_seconds=0.0,
+                        accepted=True, reason="none")
+        log.flush()
+        if {crash}:
+            os._exit(0)
+        log.close()
+    """)
+
+
+def _flip(path: Path, offset: int, n: int = 8) -> None:
+    """Damage n bytes (not with 0xFF: Fletcher-32 cannot tell 0x0000 from 0xFFFF words)."""
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+COUNTS = {"arrivals": 100, "evals": 0, "timings": 0, "kd_checks": 0}
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["closed", "crashed_writer"])
+def test_damage_is_an_error_not_a_hang(tmp_path, crash):
+    """Flipped header bytes once made a SWMR reader retry forever; flipped row bytes were read silently."""
+    good = tmp_path / "good.h5"
+    _log_with_rows(good, crash=crash)
+    header, rows = tmp_path / "header.h5", tmp_path / "rows.h5"
+    header.write_bytes(good.read_bytes())
+    _flip(header, 100)
+    rows.write_bytes(good.read_bytes())
+    with h5py.File(good, "r", swmr=True) as f:   # the first row's bytes: inside the chunk of the arrivals table
+        offset = f["arrivals"].id.get_chunk_info(0).byte_offset
+    _flip(rows, offset + 16)
+    t0 = time.monotonic()
+    with pytest.raises(RunLogError, match="header.h5"):
+        read_run(header)
+    with pytest.raises(RunLogError, match="header.h5"):
+        check_resumable(header, COUNTS, "abc")
+    with pytest.raises(RunLogError, match="rows.h5 is damaged"):
+        read_run(rows)
+    with pytest.raises(RunLogError, match="rows.h5 is damaged"):
+        check_resumable(rows, COUNTS, "abc")
+    assert time.monotonic() - t0 < 10
+    check_resumable(good, COUNTS, "abc")
+    assert len(read_run(good)["arrivals"]["job"]) == 3000
+
+
+def test_truncated_log_is_an_error(tmp_path):
+    path = tmp_path / "run.h5"
+    _log_with_rows(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunLogError, match="run.h5 is not a readable HDF5 file.*truncated"):
+        check_resumable(path, COUNTS, "abc")
+
+
+def test_resume_checks_run_id_and_format_version(tmp_path):
+    path = tmp_path / "run.h5"
+    _log_with_rows(path, rows=5)
+    with pytest.raises(RunLogError, match="belongs to run 'abc', but the checkpoint to run 'xyz'"):
+        check_resumable(path, {"arrivals": 5, "evals": 0, "timings": 0, "kd_checks": 0}, "xyz")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1   # a log from before checksums and run ids: readable, not resumable
+    assert len(read_run(path)["arrivals"]["job"]) == 5
+    with pytest.raises(RunLogError, match="format_version 1 .*only version 2 logs can be continued"):
+        check_resumable(path, {"arrivals": 5, "evals": 0, "timings": 0, "kd_checks": 0}, "abc")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 7
+    with pytest.raises(RunLogError, match="format_version 7; this version of mpi_afl reads 1, 2"):
+        read_run(path)

@@ -46,7 +46,8 @@ class JobRunner:
 
     def run(self, job: JobSpec, base: torch.Tensor) -> JobOutput:
         c = self.cfg.client
-        fault = self.cfg.fault.kind if job.job_index == self.cfg.fault.job else "none"
+        kind, at = self.cfg.fault.kind, self.cfg.fault.job
+        fault = kind if job.job_index == at or (kind == "nan_from" and job.job_index >= at) else "none"
         if fault == "raise":
             raise RuntimeError(f"injected fault: worker raises on job {job.job_index} (fault.kind = raise)")
         result = train_job(self.model, base, self.train_x, self.train_y, self.parts[job.client_id],
@@ -56,8 +57,10 @@ class JobRunner:
         out = JobOutput(job.job_index, job.client_id, job.base_version, result.num_samples, result.loss,
                         result.seconds, result.delta)
         # Malformed updates for the failure tests: the server must reject them.
-        if fault == "nan":
+        if fault in ("nan", "nan_from"):
             out.delta[0] = float("nan")
+        elif fault == "huge":   # finite, but the aggregation overflows: the global model turns non-finite
+            out.delta[0] = 3e38
         elif fault == "bad_size":
             out.delta = torch.cat([out.delta, torch.zeros(3, dtype=out.delta.dtype, device=out.delta.device)])
         elif fault == "bad_client":

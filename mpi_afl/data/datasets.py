@@ -19,7 +19,9 @@ decompressed files exist) loads them. ``digits`` is bundled with scikit-learn an
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import pickle
 import pathlib
 import shutil
 from collections.abc import Mapping
@@ -34,6 +36,10 @@ from ..plugins import call, callable_object, is_import_path, short_name
 
 class DataNotFoundError(FileNotFoundError):
     """No local copy of a data set and no download allowed; the message lists the ways to provide one."""
+
+
+class DataError(ValueError):
+    """A data set's files are there but cannot be read (garbage, truncated); the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,11 @@ def prepare(name: str, root: str | None = None, download: bool = False, *,
         cls = _torchvision_class(info)
         target = places.download_dir()
         target.mkdir(parents=True, exist_ok=True)
-        cls(str(target), train=True, download=True)  # fetches the test files as well
+        try:
+            cls(str(target), train=True, download=True)  # fetches the test files as well
+        except (OSError, RuntimeError, ValueError) as e:   # no network, a proxy, a failed checksum
+            raise DataNotFoundError(f"data set {name!r}: the download into {target} failed ({_one_line(e)}); "
+                                    f"without network access, copy the files there or into {places.cache}") from e
     else:
         raise DataNotFoundError(_not_found_message(info, places, None))
 
@@ -258,9 +268,16 @@ def _load_pooled(info: DatasetInfo, directory: pathlib.Path) -> tuple[np.ndarray
         digits = load_digits()  # 8x8 images with integer grey levels 0..16
         return digits.images[:, None].astype(np.uint8), digits.target.astype(np.int64), 16.0
     cls = _torchvision_class(info)
+    if _is_idx(info):
+        for name in _required_files(info):
+            _check_idx(directory / name)
     images, labels = [], []
     for train in (True, False):
-        data = cls(str(directory), train=train, download=False)
+        try:
+            data = cls(str(directory), train=train, download=False)
+        except (AssertionError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise DataError(f"data set {info.name!r}: cannot read its files in {directory} ({_one_line(e)}); "
+                            "they are damaged or incomplete: replace them") from e
         pixels = np.asarray(data.data, dtype=np.uint8)
         # MNIST family: (N, H, W) tensors; CIFAR: (N, H, W, C) arrays.
         images.append(pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2))
@@ -289,6 +306,29 @@ def _load_plugin(spec: str, root: str | None) -> tuple[np.ndarray, np.ndarray, D
     info = DatasetInfo(short_name(spec), int(labels.max()) + 1, images.shape[1], images.shape[2],
                        tuple(float(m) for m in mean), tuple(float(v) for v in std))
     return images, labels.astype(np.int64), info
+
+
+def _check_idx(path: pathlib.Path) -> None:
+    """DataError naming `path` unless it is a complete IDX file of unsigned bytes (labels or images).
+
+    torchvision's reader fails on a damaged file with a bare AssertionError that names no file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else -1
+    ndim = {0x0801: 1, 0x0803: 3}.get(magic)   # unsigned-byte labels (N) and images (N, H, W)
+    if ndim is None or len(head) < 4 + 4 * ndim:
+        raise DataError(f"{path} is not an IDX file of labels or images (damaged or another format); replace it")
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if size != expected:
+        raise DataError(f"{path} is truncated or damaged: its header says {'x'.join(map(str, dims))} "
+                        f"({expected} bytes) but it has {size} bytes; replace it")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
 
 
 def _check_idx(path: pathlib.Path) -> None:

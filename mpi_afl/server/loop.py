@@ -38,7 +38,7 @@ from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
 from ..results import updates_per_second
-from ..storage.checkpoint import CheckpointError, save_checkpoint
+from ..storage.checkpoint import CheckpointError, atomic_replace, save_checkpoint, temp_path
 from ..storage.runlog import RunLog
 from ..transport.arrival import Arrival
 from ..transport.backoff import Backoff
@@ -93,7 +93,7 @@ class EvalPoint:
 
 class Server:
     def __init__(self, cfg: Config, transport, *, model: torch.nn.Module, make_model, splits, histograms: np.ndarray,
-                 device: torch.device, flat, out_dir: Path, world_size: int, log: RunLog):
+                 device: torch.device, flat, out_dir: Path, world_size: int, log: RunLog, run_id: str = ""):
         self.cfg = cfg
         self.transport = transport
         self.device = device
@@ -144,6 +144,10 @@ class Server:
         self.stop_reason = ""
         self.stop_requested = False   # set by the SIGTERM/SIGUSR1 handler (train.py)
         self.stopped = False          # workers told to stop: nothing more to receive or dispatch
+        self.run_id = run_id          # storage/rundir.py: written into checkpoint.h5 and summary.json
+        self.nonfinite_streak = 0     # consecutive updates rejected as non-finite (run.diverged_after)
+        self.diverged = ""            # why the run diverged, when it did
+        self.final_state: dict | None = None   # the final checkpoint's state, written by save_final_checkpoint()
 
     # ----------------------------------------------------------- jobs
     def _new_job(self, client: int | None = None, base_version: int | None = None) -> None:
@@ -225,8 +229,14 @@ class Server:
         t0 = time.perf_counter()
         self.busy[job.client_id] = False
         self.now = job.finish_time if self.virtual else max(self.now, job.finish_time)
+        if self.cfg.fault.kind == "server_raise" and job.index == self.cfg.fault.job:
+            raise RuntimeError(f"injected fault: the server raises processing job {job.index} (fault.kind = server_raise)")
         reason = self.validate(a, job)
         staleness = self.version - job.base_version
+        self.nonfinite_streak = self.nonfinite_streak + 1 if reason == "nonfinite" else 0
+        limit = self.cfg.run.diverged_after
+        if limit and self.nonfinite_streak >= limit:
+            self.diverged = f"{limit} consecutive updates were non-finite (run.diverged_after = {limit})"
         if reason:
             self._reject(a, reason)
             if self.algorithm.synchronous:   # a round needs all K results: retry the client from the same base
@@ -277,6 +287,11 @@ class Server:
                 self.dispatch()
 
     def _new_version(self, model: torch.Tensor) -> None:
+        # One reduction finds NaN/inf anywhere: a non-finite model is never made a version, so the run
+        # stops (diverged) with the last finite one, and no job trains from it.
+        if not torch.isfinite(model.sum()):
+            self.diverged = f"the global model turned non-finite at version {self.version + 1}"
+            return
         self.version += 1
         self.x = model.contiguous()
         # Running variances are aggregated like any entry, so stale deltas can make them negative:
@@ -342,7 +357,9 @@ class Server:
     # ----------------------------------------------------------- main loop
     def should_stop(self) -> bool:
         r = self.cfg.run
-        if self.stop_requested:
+        if self.diverged:
+            self.stop_reason = "diverged"
+        elif self.stop_requested:
             self.stop_reason = "signal"
         elif r.max_versions and self.version >= r.max_versions:
             self.stop_reason = "max_versions"
@@ -392,9 +409,11 @@ class Server:
         # flight are in the checkpoint and run again on resume).
         self.transport.stop()
         self.stopped = True
-        # Checkpoint (also after a normal stop, so `--resume` can extend the run), then the off-schedule
-        # final evaluation: a resumed run drops that row, as an uninterrupted run never had it.
-        self.checkpoint()
+        # The final checkpoint (also after a normal stop, so `--resume` can extend the run) is taken now,
+        # before the off-schedule final evaluation (a resumed run drops that row, as an uninterrupted run
+        # never had it), but written last by save_final_checkpoint(), after summary.json and model.pt: a
+        # full disk at the end then still leaves the results.
+        self.final_state = self._checkpoint_state()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
             self.finish_evaluations()
@@ -404,13 +423,35 @@ class Server:
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
         """Write OUT/checkpoint.h5 atomically; only ever called between two updates."""
-        self.finish_evaluations()   # a checkpoint covers every evaluation of the versions before it
         t0 = time.perf_counter()
-        self.log.flush()   # the checkpoint must never count rows that only lived in memory
-        state = self.state_dict()
-        save_checkpoint(self.out_dir / "checkpoint.h5", state)
+        save_checkpoint(self.out_dir / "checkpoint.h5", self._checkpoint_state())
         self.log.timing(version=self.version, wall_time=self.wall(), phase="checkpoint",
                         seconds=time.perf_counter() - t0)
+
+    def _checkpoint_state(self) -> dict:
+        self.finish_evaluations()   # a checkpoint covers every evaluation of the versions before it
+        self.log.flush()   # the checkpoint must never count rows that only lived in memory
+        return self.state_dict()
+
+    def save_final_checkpoint(self) -> None:
+        """Write the state taken when the run stopped (after run()) to OUT/checkpoint.h5."""
+        save_checkpoint(self.out_dir / "checkpoint.h5", self.final_state)
+
+    def save_model(self, path: Path) -> None:
+        """The final global model as a torch state dict (`model.load_state_dict(torch.load(path)["state_dict"])`),
+        written atomically."""
+        self.flat.load_flat(self.model, self.x)
+        tmp = temp_path(path)
+        try:
+            torch.save({"state_dict": self.model.state_dict(), "run_id": self.run_id, "version": self.version,
+                        "model_sha256": self.model_sha256()}, tmp)
+            atomic_replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def model_sha256(self) -> str:
+        return hashlib.sha256(self.x.detach().cpu().numpy().tobytes()).hexdigest()
 
     def state_dict(self) -> dict:
         return {
@@ -432,6 +473,8 @@ class Server:
             "stats": dict(self.ctx.stats),
             "algorithm": self.algorithm.state_dict(),
             "log_counts": self.log.counts(),
+            "run_id": self.run_id,
+            "nonfinite_streak": self.nonfinite_streak,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -464,6 +507,7 @@ class Server:
         self.interval["distill"] = self.ctx.stats.get("distill_seconds", 0.0)
         self.ctx.global_model, self.ctx.version = self.x, self.version
         self.algorithm.load_state_dict(state["algorithm"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
 
     def summary(self) -> dict:
         final = self.evals[-1]
@@ -484,7 +528,8 @@ class Server:
             "updates_per_second": updates_per_second(self.accepted, self.last_arrival_wall),
             "server_busy_fraction": self.busy_seconds / max(wall, 1e-9),
             "stop_reason": self.stop_reason,
-            "model_sha256": hashlib.sha256(self.x.detach().cpu().numpy().tobytes()).hexdigest(),
+            "model_sha256": self.model_sha256(),
+            "run_id": self.run_id,
             "algorithm_stats": dict(self.ctx.stats),
             "evals": [asdict(e) for e in self.evals],
         }

@@ -5,8 +5,9 @@ Layout (DESIGN.md "Output"):
 - root attributes: whatever the server passes (config as JSON, versions,
   world size, seed, ...; dict and list values are stored as JSON strings)
   plus `format = "mpi_afl-run"` and `format_version`;
-- three tables, each ONE resizable 1-D dataset with a compound dtype, one row
-  per record: `arrivals` (ARRIVAL_FIELDS), `evals` (EVAL_FIELDS) and
+- three tables, each ONE resizable 1-D dataset with a compound dtype and
+  Fletcher-32 checksums on its chunks (damaged rows are an error when read,
+  never silently wrong values), one row per record: `arrivals` (ARRIVAL_FIELDS), `evals` (EVAL_FIELDS) and
   `timings` (TIMING_FIELDS). One compound dataset per table (rather than one
   dataset per column) means a live SWMR reader never sees half a row, and a
   flush is one resize + one write per table;
@@ -25,7 +26,13 @@ another process can follow a live run::
     arrivals.refresh()                       # pick up rows flushed since
     df = pandas.DataFrame(arrivals[()])      # columns = ARRIVAL_FIELDS
 
-or simply `read_run(path)`, which gives {table: {column: array}}.
+or simply `read_run(path)`, which gives {table: {column: array}} and never
+hangs on a damaged file (storage/h5open.py); a missing, foreign, damaged or
+truncated file is a RunLogError naming the file.
+
+Format versions: 1 had no checksums on the tables; 2 added them and the
+`run_id` attribute that resume checks against the checkpoint. `read_run`
+reads both; a run can only be resumed with a version-2 log.
 
 Rows are buffered in a Python list (a tuple per row) and written in one slice
 per table when `flush_seconds` have passed, so logging costs 3-6 us per update
@@ -33,6 +40,7 @@ including the flushes (`bench/runlog_overhead.py`), far below 2% of a server
 loop turn at hundreds of updates/s.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -43,9 +51,15 @@ import h5py
 import numpy as np
 
 from mpi_afl.storage.atomic import atomic_replace, temp_path
+from mpi_afl.storage.h5open import open_readonly
 
 FORMAT = "mpi_afl-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+class RunLogError(ValueError):
+    """A run file is missing, foreign, damaged, truncated or of an unknown format version."""
 
 ARRIVAL_FIELDS = [
     ("wall_time", "f8"),       # seconds since the run started
@@ -282,11 +296,9 @@ def read_run(path: str | os.PathLike) -> dict:
     """{"attrs": {...}, "arrivals": {column: array}, "evals": {...}, "timings": {...},
     "table_attrs": {table: {attribute: value}}} (codes, units, descriptions).
 
-    Opens with swmr=True, so it works on a live run and on the file of a run
-    that crashed (which HDF5 refuses to open any other way)."""
+    Works on a live run and on the file of a run that crashed (storage/h5open.py)."""
     path = Path(path)
-    f = _open_run(path)
-    with f:
+    with _open_run(path) as f, _damage_is_an_error(path):
         out: dict[str, Any] = {"attrs": {k: _py(v) for k, v in f.attrs.items()}}
         out["table_attrs"] = {}
         for name in TABLES:
@@ -296,33 +308,71 @@ def read_run(path: str | os.PathLike) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _damage_is_an_error(path: Path):
+    """HDF5's errors while reading (bad checksums, data past the end of a truncated file) -> RunLogError."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        if isinstance(e, RunLogError):
+            raise
+        raise RunLogError(f"run log {path} is damaged or truncated ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().strip("'\"").splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _open_run(path: Path) -> h5py.File:
     if not path.is_file():
-        raise FileNotFoundError(f"run file not found: {path}")
-    try:
-        f = h5py.File(path, "r", swmr=True)
-    except OSError as e:
-        raise ValueError(f"{path} is not a readable HDF5 file ({e})") from e
-    marker = f.attrs.get("format")
-    missing = [name for name in TABLES if name not in f]
-    if marker != FORMAT or missing:
-        f.close()
-        raise ValueError(f"{path} is not an mpi_afl run file (root attribute format={marker!r}, "
-                         f"expected {FORMAT!r}; missing tables {missing})")
+        raise RunLogError(f"run log not found: {path}")
+    with _damage_is_an_error(path):
+        try:
+            f = open_readonly(path)
+        except OSError as e:
+            raise RunLogError(f"run log {path} is not a readable HDF5 file: damaged, truncated or not a "
+                              f"run log ({_first_line(e)})") from e
+        try:
+            marker = f.attrs.get("format")
+            version = f.attrs.get("format_version")
+            missing = [name for name in TABLES if name not in f]
+            if marker != FORMAT or missing:
+                raise RunLogError(f"{path} is not an mpi_afl run log (root attribute format={marker!r}, "
+                                  f"expected {FORMAT!r}; missing tables {missing})")
+            if version not in READABLE_VERSIONS:
+                raise RunLogError(f"run log {path} has format_version {version}; this version of mpi_afl reads "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}")
+        except BaseException:
+            f.close()
+            raise
     return f
 
 
-def _read_prefix(path: Path, counts: dict[str, int]) -> tuple[dict[str, np.ndarray], dict]:
-    """The first counts[table] rows of each table and the root attributes of an existing run file."""
+def check_resumable(path: str | os.PathLike, counts: dict[str, int], run_id: str) -> None:
+    """Raise RunLogError unless `path` is an intact, version-2 log of run `run_id` holding at least
+    `counts[table]` rows of each table (every kept row is read, so its checksums are verified)."""
+    _read_prefix(Path(path), counts, run_id)
+
+
+def _read_prefix(path: Path, counts: dict[str, int],
+                 run_id: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The first counts[table] rows of each table and the root attributes of an existing run file
+    (of run `run_id`, when given)."""
     if set(counts) != set(TABLES):
         raise ValueError(f"resume_counts must give a row count for each of {list(TABLES)}, got {counts}")
-    with _open_run(path) as f:
+    with _open_run(path) as f, _damage_is_an_error(path):
+        if f.attrs.get("format_version") != FORMAT_VERSION:
+            raise RunLogError(f"run log {path} has format_version {f.attrs.get('format_version')} (written by an "
+                              f"older mpi_afl); only version {FORMAT_VERSION} logs can be continued")
+        if run_id is not None and _py(f.attrs.get("run_id")) != run_id:
+            raise RunLogError(f"run log {path} belongs to run {_py(f.attrs.get('run_id'))!r}, but the checkpoint "
+                              f"to run {run_id!r}: the files come from different runs")
         kept = {}
         for name, n in counts.items():
             have = f[name].shape[0]
             if not 0 <= n <= have:
-                raise ValueError(f"{path}: table {name!r} has {have} rows but the checkpoint expects {n}; "
-                                 "this run log does not belong to the checkpoint")
+                raise RunLogError(f"run log {path}: table {name!r} has {have} rows but the checkpoint counts {n}: "
+                                  "the log is truncated or does not belong to the checkpoint")
             kept[name] = f[name][:n]
         attrs = dict(f.attrs)
     return kept, attrs
@@ -341,7 +391,7 @@ def _create(path: Path, attrs: dict, tables: dict[str, np.ndarray]) -> h5py.File
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             for name, rows in tables.items():
-                ds = f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNK_ROWS,))
+                ds = f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNK_ROWS,), fletcher32=True)
                 for column, codes in CODED_COLUMNS.get(name, {}).items():
                     ds.attrs[f"{column}_codes"] = json.dumps(codes)
                 for column, (unit, description) in COLUMN_DOCS[name].items():
