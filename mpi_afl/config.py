@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, get_args, get_origin, get_type_hints
 
+from . import __version__
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -501,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-log", action="store_true", help="with --resume: continue into a fresh run.h5 (the "
                    "existing one, if any, is kept as run.h5.replaced-TIME), for a missing or damaged run log")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--version", action="version", version=f"mpi_afl {__version__}")
     short = p.add_argument_group("shortcuts")
     keys = all_keys()
     for flag, key in SHORTCUTS.items():

@@ -2,7 +2,7 @@
 `--data.dataset=pkg.module:loader`.
 
 A value with a colon names an object `attr` (dots allowed: `Outer.Inner`) in an importable module
-`pkg.module` (installed, or on PYTHONPATH / the current directory; every rank imports it). The
+`pkg.module` (installed, on PYTHONPATH, or below the working directory; every rank imports it). The
 contracts are in docs/extending.md; the checks here turn a wrong path or a wrong kind of object into
 one config error on rank 0 before any rank starts work. Built-in names never contain a colon.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
+import sys
 
 from .config import Config, ConfigError
 
@@ -32,6 +34,10 @@ def load(spec: str, key: str):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"config key '{key}': {spec!r} is not an import path; expected 'package.module:name'")
+    # `python -m` puts the working directory on sys.path, a console script (`mpi-afl`) its own bin
+    # directory instead: look in the working directory in both cases, after everything else.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
