@@ -331,29 +331,6 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
-def _check_idx(path: pathlib.Path) -> None:
-    """DataError naming `path` unless it is a complete IDX file of unsigned bytes (labels or images).
-
-    torchvision's reader fails on a damaged file with a bare AssertionError that names no file."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else -1
-    ndim = {0x0801: 1, 0x0803: 3}.get(magic)   # unsigned-byte labels (N) and images (N, H, W)
-    if ndim is None or len(head) < 4 + 4 * ndim:
-        raise DataError(f"{path} is not an IDX file of labels or images (damaged or another format); replace it")
-    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = 4 + 4 * ndim + math.prod(dims)
-    if size != expected:
-        raise DataError(f"{path} is truncated or damaged: its header says {'x'.join(map(str, dims))} "
-                        f"({expected} bytes) but it has {size} bytes; replace it")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
-
-
 def load_splits(name: str, root: str | None = None, *, seed: int, val_fraction: float = 0.15,
                 test_fraction: float = 0.15, kd_fraction: float = 0.0,
                 env: Mapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None,
