@@ -297,11 +297,12 @@ def test_kd_share_grows_with_the_staleness_of_the_buffered_updates():
     (_, stale), stats, _ = new_models({"kd_step": 0.4})  # kd_share = "staleness" (default)
     (_, same), _, _ = new_models({"kd_step": 0.4 * share, "kd_share": "constant"})
     assert stats["echo_kd_share"] == share and stats["kd_applied"] == 1
+    assert stats["echo_distillations"] == stats["echo_corrections"] == 1 and 0 < stats["echo_reliability"] <= 1
     assert torch.equal(stale, same)
     # A buffer of fresh updates (staleness 0) gets share 0: no KD, the backbone's model.
     (_, fresh), stats, _ = new_models({"kd_step": 0.4}, lags=(0, 0, 0, 0))
     (_, backbone), _, _ = new_models({"kd_step": 0.0}, lags=(0, 0, 0, 0))
-    assert stats["echo_kd_share"] == 0.0 and "kd_applied" not in stats
+    assert stats["echo_kd_share"] == 0.0 and "kd_applied" not in stats and "echo_corrections" not in stats
     assert torch.equal(fresh, backbone)
 
 

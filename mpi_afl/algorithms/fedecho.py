@@ -91,9 +91,10 @@ replaced the stepped model, undid part of CA2FL's step.
    new model, for ablations.
 
 Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied
-correction η_kd · b · (x_S − x') against the backbone's step, and running
-means over the distillations beyond warm-up of the share b (`echo_kd_share`)
-and of the teachers' mean reliability ρ (`echo_reliability`, "relative").
+correction η_kd · b · (x_S − x') against the backbone's step; the running
+mean of the share b over the `echo_distillations` new models beyond warm-up
+(`echo_kd_share`), and of the teachers' mean reliability ρ over the
+`echo_corrections` that ran KD ("relative"; `echo_reliability`).
 
 `on_update` returns the backbone's result directly while it only buffers or
 while the gates keep distillation off, and otherwise a generator that yields
@@ -284,9 +285,9 @@ class FedEcho(Algorithm):
         if version <= d.warmup_versions:
             return self.finish(x_new, x_new)
         share = self.kd_share(staleness)
+        record_mean(ctx.stats, "echo_distillations", {"echo_kd_share": share})
         step = echo.kd_step * share
         if step == 0:
-            record_mean(ctx.stats, "echo_distillations", {"echo_kd_share": share})
             return self.finish(x_new, x_new)
         s = self.staleness_weights(version)
         reliability = 0.0
@@ -309,10 +310,8 @@ class FedEcho(Algorithm):
         # Step 6: lerp is exact at both ends, so step 1 is the student itself (the first reconstruction).
         corrected = torch.lerp(x_new, flatten(self.student), step)
         record_kd(ctx.stats, (corrected - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
-        diagnostics = {"echo_kd_share": share}
         if echo.weighting == "relative":
-            diagnostics["echo_reliability"] = reliability
-        record_mean(ctx.stats, "echo_distillations", diagnostics)
+            record_mean(ctx.stats, "echo_corrections", {"echo_reliability": reliability})
         return self.finish(corrected, x_new)
 
     def finish(self, model: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
