@@ -1,19 +1,22 @@
-"""Plots and a summary table for one or more run files (DESIGN.md "Output").
+"""Plots and summary tables for runs (docs/design.md "Output").
 
-    python -m mpi_afl.report RUN.h5 [RUN2.h5 ...] [--out DIR] [--target ACC] [--json]
+    python -m mpi_afl.report RUN [RUN ...] [--out DIR] [--target ACC] [--format png,pdf,svg] [--json]
 
-Writes into DIR (default: the first run's directory):
-  accuracy_vs_virtual_time.png, accuracy_vs_wall_time.png   test accuracy per evaluation, one curve per run
-  staleness_histogram.png                                   staleness of the accepted arrivals
-  updates_per_client.png                                    accepted updates per client id (participation)
-and prints one summary row per run.
+RUN is a run directory, its run.h5, or a directory holding runs below it (a sweep). Runs whose
+configs differ only in the seed (and in keys that do not change results: results.NOT_SETTING) form
+one setting; a setting with several runs is drawn as its mean with a band of one standard deviation
+across the runs, a single run as a plain curve. Writes into DIR (default: the first run's directory):
+  accuracy_vs_virtual_time, accuracy_vs_wall_time   test accuracy per evaluation
+  staleness_histogram                               staleness of the accepted arrivals (mean per run)
+  updates_per_client                                accepted updates per client id (mean per run)
+in each requested format (PNG at 200 dpi; PDF and SVG are vector), and prints one summary row per run,
+then one mean ± std row per setting. Reads runs with mpi_afl.results: no torch.
 """
 
 import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,51 +26,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from mpi_afl.storage.runlog import read_run  # noqa: E402
+from mpi_afl.results import Group, Run, group_by_setting, load, find_runs, mean_std, run_updates_per_second  # noqa: E402
 
-PLOT_FILES = ("accuracy_vs_virtual_time.png", "accuracy_vs_wall_time.png", "staleness_histogram.png",
-              "updates_per_client.png")
-
-
-@dataclass
-class Run:
-    path: Path
-    label: str
-    config: dict
-    arrivals: dict[str, np.ndarray]
-    evals: dict[str, np.ndarray]
-
-
-def load_run(path: Path) -> Run:
-    """Read a run file; the label is its `label` attribute, else "<algorithm> seed <seed>", else the file name."""
-    data = read_run(path)
-    attrs = data["attrs"]
-    config = json.loads(attrs.get("config", "{}"))
-    algorithm = config.get("server", {}).get("algorithm")
-    seed = config.get("run", {}).get("seed")
-    label = attrs.get("label") or (f"{algorithm} seed {seed}" if algorithm else path.stem)
-    return Run(path, label, config, data["arrivals"], data["evals"])
+PLOT_NAMES = ("accuracy_vs_virtual_time", "accuracy_vs_wall_time", "staleness_histogram", "updates_per_client")
+PLOT_FILES = tuple(f"{name}.png" for name in PLOT_NAMES)
+FORMATS = ("png", "pdf", "svg")
+PNG_DPI = 200
 
 
 def summarize(run: Run, target: float | None) -> dict:
     """One summary row; values that do not exist (no evals, target not reached) are None."""
-    acc = run.evals["test_accuracy"]
-    accepted = run.arrivals["accepted"]
-    staleness = run.arrivals["staleness"][accepted]
+    evals, arrivals = run.tables["evals"], run.tables["arrivals"]
+    acc = evals["test_accuracy"]
+    accepted = arrivals["accepted"]
+    staleness = arrivals["staleness"][accepted]
     n_accepted = int(accepted.sum())
-    last_wall = float(run.arrivals["wall_time"].max()) if len(accepted) else 0.0
     reached = np.flatnonzero(acc >= target) if target is not None else np.array([], dtype=int)
     first = reached[0] if len(reached) else None
     return {
-        "run": str(run.path),
+        "run": str(run.directory),
         "label": run.label,
         "final_accuracy": float(acc[-1]) if len(acc) else None,
         "best_accuracy": float(np.nanmax(acc)) if len(acc) else None,
         "target": target,
-        "virtual_time_to_target": float(run.evals["virtual_time"][first]) if first is not None else None,
-        "wall_time_to_target": float(run.evals["wall_time"][first]) if first is not None else None,
+        "virtual_time_to_target": float(evals["virtual_time"][first]) if first is not None else None,
+        "wall_time_to_target": float(evals["wall_time"][first]) if first is not None else None,
         "updates_accepted": n_accepted,
-        "updates_per_second": n_accepted / last_wall if last_wall > 0 else None,
+        "updates_per_second": run_updates_per_second(run),
         "mean_staleness": float(staleness.mean()) if n_accepted else None,
         "max_staleness": int(staleness.max()) if n_accepted else None,
         "rejected": int(len(accepted) - n_accepted),
@@ -87,113 +72,191 @@ COLUMNS = [
     ("max_staleness", "max_stale", "{}"),
     ("rejected", "rejected", "{}"),
 ]
+# Columns of the per-setting table: mean ± sample std over the setting's runs.
+GROUP_KEYS = ["final_accuracy", "best_accuracy", "virtual_time_to_target", "wall_time_to_target",
+              "updates_per_second", "mean_staleness"]
+
+
+def summarize_group(group: Group, rows: list[dict]) -> dict:
+    """Mean and sample std of each GROUP_KEYS value over the group's runs (`rows` in the group's order);
+    `reached`: how many runs reached the target (the time means are over those)."""
+    line = {"setting": group.label, "runs": len(rows),
+            "reached": sum(r["virtual_time_to_target"] is not None for r in rows)}
+    for key in GROUP_KEYS:
+        line[f"{key}_mean"], line[f"{key}_std"] = mean_std([r[key] for r in rows])
+    return line
+
+
+def _table(header: list[str], cells: list[list[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [header, *cells]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    return "\n".join("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
+                     .rstrip() for line in cells)
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text table: label column left-aligned, numbers right-aligned."""
-    cells = [[header for _, header, _ in COLUMNS]]
-    for row in rows:
-        cells.append(["-" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = []
-    for line in cells:
-        parts = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+    return _table([header for _, header, _ in COLUMNS],
+                  [["-" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows])
 
 
-def plot_accuracy(runs: list[Run], clock: str, target: float | None, path: Path) -> None:
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")
+
+
+def format_group_table(lines: list[dict]) -> str:
+    formats = {"final_accuracy": "{:.4f}", "best_accuracy": "{:.4f}", "virtual_time_to_target": "{:.2f}",
+               "wall_time_to_target": "{:.2f}", "updates_per_second": "{:.1f}", "mean_staleness": "{:.2f}"}
+    header = ["setting", "runs", "reached", *(f"{key} (mean ± std)" for key in GROUP_KEYS)]
+    cells = [[line["setting"], str(line["runs"]), str(line["reached"]),
+              *(_pm(line[f"{key}_mean"], line[f"{key}_std"], formats[key]) for key in GROUP_KEYS)]
+             for line in lines]
+    return _table(header, cells)
+
+
+def band(runs: list[Run], clock: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(times, mean, std) of test accuracy over `runs` on the union of their evaluation times, within the
+    span every run covers (each run linearly interpolated between its evaluations); std is 0 for one run."""
+    curves = [(r.tables["evals"][f"{clock}_time"], r.tables["evals"]["test_accuracy"]) for r in runs]
+    curves = [(t, a) for t, a in curves if len(t)]
+    if not curves:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    lo, hi = max(t[0] for t, _ in curves), min(t[-1] for t, _ in curves)
+    grid = np.unique(np.concatenate([t for t, _ in curves]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    values = np.array([np.interp(grid, t, a) for t, a in curves])
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(grid))
+    return grid, values.mean(axis=0), std
+
+
+def _group_label(group: Group) -> str:
+    return group.runs[0].label if len(group.runs) == 1 else f"{group.label} (mean ± std, {len(group.runs)} runs)"
+
+
+def plot_accuracy(groups: list[Group], clock: str, target: float | None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        ax.plot(run.evals[f"{clock}_time"], run.evals["test_accuracy"], marker=".", label=run.label)
+    for group in groups:
+        times, mean, std = band(group.runs, clock)
+        (line,) = ax.plot(times, mean, marker="." if len(group.runs) == 1 else None, label=_group_label(group))
+        if len(group.runs) > 1:
+            ax.fill_between(times, mean - std, mean + std, color=line.get_color(), alpha=0.25, linewidth=0)
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_xlabel("wall time (s)" if clock == "wall" else "virtual time (delay-model units)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Test accuracy vs {clock} time")
-    _finish(fig, ax, path)
+    return _finish(fig, ax)
 
 
-def plot_staleness(runs: list[Run], path: Path) -> None:
+def plot_staleness(groups: list[Group]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    stale = [run.arrivals["staleness"][run.arrivals["accepted"]] for run in runs]
-    top = max((int(s.max()) for s in stale if len(s)), default=0)
+    stale = [[r.tables["arrivals"]["staleness"][r.tables["arrivals"]["accepted"]] for r in g.runs] for g in groups]
+    top = max((int(s.max()) for runs in stale for s in runs if len(s)), default=0)
     edges = np.arange(-0.5, top + 1.5)  # one bin per integer staleness
-    for run, s in zip(runs, stale):
-        ax.hist(s, bins=edges, histtype="step", linewidth=1.5, label=f"{run.label} ({len(s)} accepted)")
+    for group, runs in zip(groups, stale):
+        values = np.concatenate(runs)
+        ax.hist(values, bins=edges, weights=np.full(len(values), 1.0 / len(runs)), histtype="step", linewidth=1.5,
+                label=f"{_group_label(group)} ({len(values) / len(runs):g} accepted)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("staleness (versions)")
-    ax.set_ylabel("accepted updates")
+    ax.set_ylabel("accepted updates (mean per run)")
     ax.set_title("Staleness of accepted updates")
-    _finish(fig, ax, path)
+    return _finish(fig, ax)
 
 
-def plot_participation(runs: list[Run], path: Path) -> None:
-    """Accepted updates per client id; clients that never got through show as zeros
-    (the number of clients comes from the config's data.num_clients when present)."""
+def plot_participation(groups: list[Group]) -> plt.Figure:
+    """Accepted updates per client id, averaged over a setting's runs; clients that never got through
+    show as zeros (the number of clients comes from the config's data.num_clients when present)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        clients = run.arrivals["client"][run.arrivals["accepted"]]
-        n = max(run.config.get("data", {}).get("num_clients", 0), int(clients.max()) + 1 if len(clients) else 0)
-        counts = np.bincount(clients, minlength=n)
-        ax.step(np.arange(n), counts, where="mid", linewidth=1.5, label=run.label)
+    for group in groups:
+        clients = [r.tables["arrivals"]["client"][r.tables["arrivals"]["accepted"]] for r in group.runs]
+        n = max([r.config.get("data", {}).get("num_clients", 0) for r in group.runs]
+                + [int(c.max()) + 1 for c in clients if len(c)])
+        counts = np.mean([np.bincount(c, minlength=n) for c in clients], axis=0)
+        ax.step(np.arange(n), counts, where="mid", linewidth=1.5, label=_group_label(group))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)  # counts compare from zero
     ax.set_xlabel("client id")
-    ax.set_ylabel("accepted updates")
+    ax.set_ylabel("accepted updates (mean per run)")
     ax.set_title("Updates per client")
-    _finish(fig, ax, path)
+    return _finish(fig, ax)
 
 
-def _finish(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+def _finish(fig: plt.Figure, ax: plt.Axes) -> plt.Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def save(fig: plt.Figure, out: Path, name: str, formats: list[str]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = out / f"{name}.{fmt}"
+        fig.savefig(path, dpi=PNG_DPI if fmt == "png" else None)
+        paths.append(path)
     plt.close(fig)
+    return paths
+
+
+def _formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {bad or text!r}; allowed: {', '.join(FORMATS)}")
+    return formats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mpi_afl.report",
-        description="Plot and summarise mpi_afl run files (the run.h5 written by rank 0). Writes "
-                    + ", ".join(PLOT_FILES) + " and prints one summary row per run.")
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN.h5", help="run files to compare")
+        description="Plot and summarise mpi_afl runs. Writes " + ", ".join(PLOT_FILES)
+                    + " (or the --format of your choice) and prints one summary row per run and one "
+                      "mean ± std row per setting (runs that differ only in the seed).")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                        help="run directories, their RUN.h5 files, or directories holding runs (a sweep)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="directory for the PNG files (created if missing; default: the first run's directory)")
+                        help="directory for the plots (created if missing; default: the first run's directory)")
     parser.add_argument("--target", type=float, metavar="ACC",
                         help="test accuracy (a fraction, e.g. 0.8) whose first crossing gives the "
                              "virt_to_target and wall_to_target columns; without it they print '-'")
+    parser.add_argument("--format", type=_formats, default=["png"], metavar="FMT[,FMT]",
+                        help=f"plot file formats, comma-separated: {', '.join(FORMATS)} (default: png)")
     parser.add_argument("--json", action="store_true",
-                        help="after the table, also print one JSON object per run (null for '-')")
+                        help="after the tables, also print one JSON object per run and per setting (null for '-')")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = []
-    for path in args.runs:
-        try:
-            runs.append(load_run(path))
-        except (OSError, ValueError) as e:  # missing file, not HDF5, not a run file
-            print(f"mpi_afl.report: error: {e}", file=sys.stderr)
-            return 2
+    try:
+        runs = [load(path) for path in find_runs(args.runs)]
+    except (OSError, ValueError) as e:  # missing file, not HDF5, not a run file
+        print(f"mpi_afl.report: error: {e}", file=sys.stderr)
+        return 2
     labels = [run.label for run in runs]
-    for run in runs:  # legends must tell runs apart
+    for run in runs:  # table rows must tell runs apart
         if labels.count(run.label) > 1:
-            run.label = f"{run.label} [{run.path}]"
-    out = args.out or args.runs[0].parent
+            run.label = f"{run.label} [{run.directory}]"
+    groups = group_by_setting(runs)
+    out = args.out or runs[0].directory
     out.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(runs, "virtual", args.target, out / PLOT_FILES[0])
-    plot_accuracy(runs, "wall", args.target, out / PLOT_FILES[1])
-    plot_staleness(runs, out / PLOT_FILES[2])
-    plot_participation(runs, out / PLOT_FILES[3])
-    rows = [summarize(run, args.target) for run in runs]
-    print(format_table(rows))
+    written = []
+    for name, fig in zip(PLOT_NAMES, (plot_accuracy(groups, "virtual", args.target),
+                                      plot_accuracy(groups, "wall", args.target),
+                                      plot_staleness(groups), plot_participation(groups))):
+        written += save(fig, out, name, args.format)
+    rows = {id(run): summarize(run, args.target) for run in runs}
+    print(format_table(list(rows.values())))
+    group_lines = [summarize_group(g, [rows[id(r)] for r in g.runs]) for g in groups]
+    print()
+    print(format_group_table(group_lines))
     if args.json:
-        for row in rows:
+        for row in [*rows.values(), *group_lines]:
             print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}))
-    print(f"plots: {', '.join(str(out / name) for name in PLOT_FILES)}", file=sys.stderr)
+    print(f"plots: {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 

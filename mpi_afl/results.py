@@ -75,7 +75,7 @@ def run_file(path: str | Path) -> Path:
             raise FileNotFoundError(f"{path} is a directory without a {RUN_FILE}; not an mpi_afl run directory")
         return path / RUN_FILE
     if not path.exists():
-        raise FileNotFoundError(f"run not found: {path}")
+        raise FileNotFoundError(f"run file not found: {path}")
     return path
 
 

@@ -39,7 +39,7 @@ def two_runs(tmp_path):
                   "label": "runA"},
               [(0.5 * (i + 1), i % 4, i % 4, True) for i in range(8)] + [(3.5, 5, -1, False), (4.0, 5, -1, False)],
               [(0, 0.0, 0.0, 0.1), (5, 2.0, 10.0, 0.6), (10, 4.0, 20.0, 0.55)])
-    # Run B: no label attribute -> "<algorithm> seed <seed>"; never reaches 0.5.
+    # Run B: no label attribute -> "<algorithm> s<seed>"; never reaches 0.5.
     write_run(b, {"config": {"server": {"algorithm": "fedasync"}, "run": {"seed": 7}}},
               [(1.0, 0, 0, True), (2.0, 1, 5, True), (5.0, 0, 1, True)],
               [(0, 0.0, 0.0, 0.2), (3, 5.0, 9.0, 0.45)])
@@ -57,15 +57,16 @@ def test_report_cli_writes_plots_and_summary(tmp_path, two_runs):
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
         assert len(data) > 10_000, name  # axes, curves and legend, not an empty canvas
     lines = done.stdout.splitlines()
-    table = [line.split() for line in lines if not line.startswith("{")]
+    runs_table = lines[:lines.index("")]   # then a blank line and the per-setting table
+    table = [line.split() for line in runs_table]
     assert table[0] == ["run", "final_acc", "best_acc", "virt_to_target", "wall_to_target", "accepted",
                         "updates/s", "mean_stale", "max_stale", "rejected"]
     assert table[1] == ["runA", "0.5500", "0.6000", "10.00", "2.00", "8", "2.0", "1.50", "3", "2"]
-    # "fedasync seed 7": 3 accepted over 5 s, staleness 0, 5, 1.
-    assert table[2] == ["fedasync", "seed", "7", "0.4500", "0.4500", "-", "-", "3", "0.6", "2.00", "5", "0"]
-    assert len({len(line) for line in lines if not line.startswith("{")}) == 1  # aligned columns
-    rows = [json.loads(line) for line in lines if line.startswith("{")]
-    assert [r["label"] for r in rows] == ["runA", "fedasync seed 7"]
+    # "fedasync s7" (algorithm and seed, as train.py labels runs): 3 accepted over 5 s, staleness 0, 5, 1.
+    assert table[2] == ["fedasync", "s7", "0.4500", "0.4500", "-", "-", "3", "0.6", "2.00", "5", "0"]
+    assert len({len(line) for line in runs_table}) == 1  # aligned columns
+    rows = [json.loads(line) for line in lines if line.startswith('{"run"')]
+    assert [r["label"] for r in rows] == ["runA", "fedasync s7"]
     assert rows[0]["virtual_time_to_target"] == 10.0 and rows[0]["updates_per_second"] == 2.0
     assert rows[1]["wall_time_to_target"] is None and rows[1]["target"] == 0.5
     assert rows[1]["max_staleness"] == 5 and rows[1]["rejected"] == 0
@@ -82,8 +83,9 @@ def test_default_out_dir_and_no_target(two_runs, capsys):
 def test_same_labels_are_told_apart(two_runs, tmp_path, capsys):
     a, _ = two_runs
     assert main([str(a), str(a), "--out", str(tmp_path / "o"), "--json"]) == 0
-    labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert labels == [f"runA [{a}]"] * 2
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["label"] for r in rows if "label" in r] == [f"runA [{a.parent}]"] * 2
+    assert [(r["setting"], r["runs"]) for r in rows if "setting" in r] == [("fedbuff", 2)]   # same config
 
 
 def test_missing_and_foreign_files_are_clear_errors(tmp_path, capsys):
@@ -101,5 +103,57 @@ def test_help_describes_options(capsys):
         main(["--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    for word in ("RUN.h5", "--out", "--target", "--json", "accuracy_vs_virtual_time.png"):
+    for word in ("RUN", "--out", "--target", "--json", "--format", "accuracy_vs_virtual_time.png"):
         assert word in text
+
+
+def _seed_runs(root: Path) -> list[Path]:
+    """Three seeds of two algorithms as run directories: accuracy = base + 0.1 * seed at virtual 0, 10, 20."""
+    dirs = []
+    for algorithm, base in (("fedbuff", 0.5), ("afl_dw", 0.6)):
+        for seed in range(3):
+            d = root / f"{algorithm}-s{seed}"
+            d.mkdir(parents=True)
+            acc = base + 0.1 * seed
+            write_run(d / "run.h5", {"config": {"server": {"algorithm": algorithm, "lr": 0.5},
+                                                "run": {"seed": seed, "out": str(d)}}},
+                      [(1.0 + seed, 0, 1, True), (2.0 + seed, 1, 2, True)],
+                      [(0, 0.0, 0.0, acc - 0.3), (5, 1.0 + seed, 10.0, acc - 0.1), (10, 2.0 + seed, 20.0, acc)])
+            dirs.append(d)
+    return dirs
+
+
+def test_seeds_of_a_setting_become_mean_std_bands(tmp_path, capsys):
+    from mpi_afl.report import band, plot_accuracy
+    from mpi_afl.results import group_by_setting, load_many
+    _seed_runs(tmp_path / "sweep")
+    groups = group_by_setting(load_many([tmp_path / "sweep"]))   # a directory of runs
+    assert [(g.label, len(g.runs)) for g in groups] == [("afl_dw", 3), ("fedbuff", 3)]
+    times, mean, std = band(groups[1].runs, "virtual")
+    assert times.tolist() == [0.0, 10.0, 20.0]
+    assert mean.tolist() == pytest.approx([0.3, 0.5, 0.6]) and std.tolist() == pytest.approx([0.1] * 3)
+    fig = plot_accuracy(groups, "virtual", None)
+    assert len(fig.axes[0].collections) == 2   # one filled band per setting
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "afl_dw (mean ± std, 3 runs)", "fedbuff (mean ± std, 3 runs)"]
+
+    out = tmp_path / "plots"
+    assert main([*map(str, sorted((tmp_path / "sweep").iterdir())), "--out", str(out), "--format", "png,pdf,svg",
+                 "--target", "0.65", "--json"]) == 0
+    for name in PLOT_FILES:
+        stem = name[:-4]
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in (out / f"{stem}.svg").read_bytes()[:1000]
+        assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    settings = {r["setting"]: r for r in map(json.loads, capsys.readouterr().out.splitlines()[-2:])}
+    fedbuff = settings["fedbuff"]
+    assert fedbuff["runs"] == 3 and fedbuff["final_accuracy_mean"] == pytest.approx(0.6)
+    assert fedbuff["final_accuracy_std"] == pytest.approx(0.1)
+    assert fedbuff["reached"] == 1 and fedbuff["virtual_time_to_target_mean"] == 20.0   # only seed 2 got there
+    assert settings["afl_dw"]["reached"] == 2   # 0.6 (seed 0) stays below 0.65
+
+
+def test_bad_format_is_refused(two_runs, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([str(two_runs[0]), "--format", "jpg"])
+    assert stop.value.code == 2 and "unknown format(s) ['jpg']" in capsys.readouterr().err
