@@ -119,11 +119,10 @@ def test_resume_into_another_out_is_refused(runs, tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
-@pytest.mark.parametrize("override", ["--client.lr=inf", "--server.lr=nan", "--delays.train_means=1,nan",
-                                      "--client.lr=1e30"])
-def test_non_finite_or_absurd_values_are_refused_at_start(tmp_path, override):
-    proc = launch(1, [*ARGS, override, "--out", str(tmp_path / "x")], timeout=120)
-    _refused(proc, override.split("=")[0][2:])
+def test_infinite_learning_rate_is_refused_at_start(tmp_path):
+    """It used to make every update non-finite and run forever (other values: test_run_dir.py)."""
+    proc = launch(3, [*ARGS, "--client.lr=inf", "--out", str(tmp_path / "x")], timeout=120)
+    _refused(proc, "client.lr", "not a finite number")
     assert not (tmp_path / "x").exists()
 
 
@@ -216,7 +215,7 @@ def _launch_async(ranks, args):
 
 def test_tracebacks_reach_stderr_in_full_before_the_abort(tmp_path):
     """About one abort in ten used to cut the traceback; run several at once, workers and the server failing."""
-    cases = [("raise", "rank 1 (worker) failed: RuntimeError: injected fault")] * 3 + \
+    cases = [("raise", "rank 1 (worker) failed: RuntimeError: injected fault")] * 2 + \
             [("server_raise", "rank 0 (server) failed: RuntimeError: injected fault")] * 2
     procs = [_launch_async(3, [*ARGS, "--max-versions", "200", f"--fault.kind={kind}", "--fault.job=3",
                                "--out", str(tmp_path / f"f{i}")]) for i, (kind, _) in enumerate(cases)]

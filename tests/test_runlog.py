@@ -190,7 +190,7 @@ def test_read_run_errors(tmp_path):
         read_run(tmp_path / "text.h5")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = 1
-    with pytest.raises(RunLogError, match="other.h5 is not an mpi_afl run log"):
+    with pytest.raises(RunLogError, match="other.h5 is not an mpi_afl run file"):
         read_run(tmp_path / "other.h5")
 
 

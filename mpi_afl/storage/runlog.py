@@ -337,7 +337,7 @@ def _open_run(path: Path) -> h5py.File:
             version = f.attrs.get("format_version")
             missing = [name for name in TABLES if name not in f]
             if marker != FORMAT or missing:
-                raise RunLogError(f"{path} is not an mpi_afl run log (root attribute format={marker!r}, "
+                raise RunLogError(f"{path} is not an mpi_afl run file (root attribute format={marker!r}, "
                                   f"expected {FORMAT!r}; missing tables {missing})")
             if version not in READABLE_VERSIONS:
                 raise RunLogError(f"run log {path} has format_version {version}; this version of mpi_afl reads "
