@@ -3,7 +3,8 @@
 # jobs/ scripts (tests/test_slurm_jobs.py). Needs root and apt; idempotent (a running cluster is left alone).
 #   .ci/slurm_up.sh            install if needed, write /etc/slurm/slurm.conf, start the daemons, wait for the node
 # Settings a container needs: no cgroups (proctrack/linuxproc, task/none), more declared CPUs than the hardware
-# has (config_overrides) so 17 ranks fit, count-only GPUs (gres.conf on empty files, slurmd accepts the count),
+# has (config_overrides) so 17 ranks fit, 32 count-only GPUs (gres.conf on empty files, slurmd accepts the
+# count; the tests run several 4-GPU jobs at once),
 # and MpiDefault=none, SLURM's default, so the job scripts must pass --mpi to srun themselves.
 set -euo pipefail
 STATE=${MPI_AFL_SLURM_STATE:-/var/tmp/mpi_afl-slurm}
@@ -22,7 +23,7 @@ if sinfo -h -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; then
 fi
 
 mkdir -p "$STATE"/{state,spool,log,gpu} /etc/slurm /run/munge
-touch "$STATE"/gpu/nvidia{0..7}
+touch "$STATE"/gpu/nvidia{0..31}
 [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
 chown munge:munge /etc/munge/munge.key /run/munge
 chmod 400 /etc/munge/munge.key
@@ -54,11 +55,11 @@ SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 SchedulerType=sched/backfill
-NodeName=$HOST CPUs=64 RealMemory=20000 Gres=gpu:8 State=UNKNOWN
+NodeName=$HOST CPUs=64 RealMemory=20000 Gres=gpu:32 State=UNKNOWN
 PartitionName=gpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:16
 PartitionName=debug Nodes=$HOST MaxTime=INFINITE State=UP OverSubscribe=FORCE:16
 EOF
-echo "NodeName=$HOST Name=gpu File=$STATE/gpu/nvidia[0-7]" > /etc/slurm/gres.conf
+echo "NodeName=$HOST Name=gpu File=$STATE/gpu/nvidia[0-31]" > /etc/slurm/gres.conf
 
 pgrep -x slurmctld >/dev/null || slurmctld -i
 pgrep -x slurmd >/dev/null || slurmd

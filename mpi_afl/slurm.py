@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,10 @@ def trainer_args(out: Path, restarts: int) -> list[str]:
 
 def should_requeue(out: Path, returncode: int, started: float) -> tuple[bool, str]:
     """(requeue?, why) after the training step ended with `returncode`; `started`: when it was launched."""
+    if returncode == 128 + signal.SIGUSR1:
+        # Killed by the time-limit signal itself: it came while the ranks' Python was starting, before the
+        # trainer's first line could take it over. Nothing was written: start (or resume) again.
+        return True, "the ranks got SIGUSR1 before the trainer could handle it (at process start)"
     if returncode != 0:
         return False, f"the training step failed (exit {returncode})"
     summary = out / "summary.json"

@@ -29,6 +29,7 @@ from . import __version__
 from . import plugins
 from . import signals
 from .config import Config, ConfigError, from_dict, parse_args
+from .launch import world_mismatch
 from .storage.lock import LockError, RunLock
 
 EXIT_FAILED = 1
@@ -149,18 +150,6 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def pick_device(kind: str, comm) -> torch.device:
-    """`cuda:(local rank % visible GPUs)` when a GPU is there (DESIGN.md "GPU binding"), else CPU."""
-    import torch
-    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("config key 'run.device': 'cuda' was asked for but no GPU is visible")
-    from mpi4py import MPI
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-
-
 def _collective_or_exit(comm, result) -> object:
     """Broadcast rank 0's ('ok', value) / ('exit', code) and act on it on every rank."""
     status, value = comm.bcast(result, root=0)
@@ -201,6 +190,7 @@ def _run(comm, setup: _Setup) -> int:
     from .data.partition import class_histograms, partition, summary_lines
     from .models import build_model
     from .models import flat
+    from .placement import describe, pick_device, rank_record, record_ranks
     from .storage.runlog import RunLog
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -217,7 +207,11 @@ def _run(comm, setup: _Setup) -> int:
         except DataNotFoundError as e:
             failure = str(e)
     _startup_point(comm, failure)
-    device = pick_device(cfg.run.device, comm)
+    try:
+        device, placement_notes = pick_device(cfg.run.device, cfg.run.placement, comm)
+    except ConfigError as e:   # raised alike on every rank
+        failure = str(e)
+    _startup_point(comm, failure)
     try:
         splits = load_splits(d.dataset, d.root or None, seed=cfg.run.seed, val_fraction=d.val_fraction,
                              test_fraction=d.test_fraction, kd_fraction=d.kd_fraction)
@@ -238,10 +232,10 @@ def _run(comm, setup: _Setup) -> int:
     runner = JobRunner(cfg, make_model(), splits.train_x.to(device), splits.train_y.to(device),
                        [torch.as_tensor(p, dtype=torch.long, device=device) for p in parts])
 
-    hosts = sorted(set(comm.allgather(_processor_name())))
+    placements = comm.allgather(rank_record(rank, device))
     if rank != 0:
         stats = run_worker(comm, runner, cfg.server.queue_depth)
-        comm.gather(stats, root=0)
+        comm.gather((stats, rank_record(rank, device)), root=0)
         return 0
 
     from .server.loop import Server
@@ -257,8 +251,11 @@ def _run(comm, setup: _Setup) -> int:
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
           f"{runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
           f"K={cfg.server.concurrency}, {size} rank(s), {cfg.run.clock} clock, device {device}, out {out}", flush=True)
+    print(f"[server] placement: {describe(placements)}", flush=True)
+    for note in placement_notes + _idle_workers(cfg.server.concurrency, size - 1):
+        print(f"[server] warning: {note}", flush=True)
     resume_state = setup.resume_state
-    log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, hosts), "run_id": setup.run_id},
+    log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, placements), "run_id": setup.run_id},
                  flush_seconds=cfg.run.log_flush_seconds, overwrite=cfg.run.overwrite,
                  resume_counts=resume_state["log_counts"] if resume_state and not setup.new_log else None)
     server = Server(cfg, transport, model=model, make_model=make_model, splits=splits,
@@ -275,7 +272,10 @@ def _run(comm, setup: _Setup) -> int:
 
     signals.on_stop(request_stop)   # also fires now for a signal that came since the last start-up point
     summary = server.run()
-    workers = comm.gather(None, root=0)[1:] if size > 1 else []
+    gathered = comm.gather(None, root=0)[1:] if size > 1 else []
+    workers = [stats for stats, _ in gathered]
+    summary["ranks"] = [rank_record(0, device)] + [record for _, record in gathered]
+    record_ranks(out / "run.h5", summary["ranks"])
     if workers:
         summary["worker_idle_fraction"] = sum(w["idle_seconds"] for w in workers) / sum(w["wall_seconds"] for w in workers)
         summary["workers"] = workers
@@ -312,9 +312,13 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _processor_name() -> str:
-    from mpi4py import MPI
-    return MPI.Get_processor_name()
+def _idle_workers(concurrency: int, workers: int) -> list[str]:
+    """K jobs in flight keep at most K workers busy."""
+    if workers <= concurrency:
+        return []
+    return [f"server.concurrency = {concurrency} keeps {concurrency} job(s) in flight for {workers} workers: "
+            f"{workers - concurrency} worker(s) will never get a job; use --server.concurrency={workers} or more "
+            f"(K is part of the algorithm: it changes staleness and results), or start fewer ranks"]
 
 
 def _git_commit() -> str:
@@ -325,7 +329,7 @@ def _git_commit() -> str:
         return ""
 
 
-def _run_attrs(cfg: Config, size: int, hosts: list[str]) -> dict:
+def _run_attrs(cfg: Config, size: int, placements: list[dict]) -> dict:
     import h5py
     import mpi4py
     import torch
@@ -335,7 +339,8 @@ def _run_attrs(cfg: Config, size: int, hosts: list[str]) -> dict:
         "package_version": __version__, "git_commit": _git_commit(), "world_size": size, "seed": cfg.run.seed,
         "torch_version": str(torch.__version__), "mpi4py_version": mpi4py.__version__,
         "mpi_library": MPI.Get_library_version().strip().splitlines()[0], "h5py_version": h5py.__version__,
-        "hostnames": hosts, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hostnames": sorted({p["host"] for p in placements}), "ranks": placements,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -343,6 +348,11 @@ def main(argv=None) -> int:
     signals.arm()   # first: importing torch, starting MPI and loading data take seconds
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
+    mismatch = world_mismatch(comm.Get_size(), MPI.Get_library_version().strip().splitlines()[0])
+    if mismatch:   # every task sees it; the launcher's first task says it
+        if mismatch[1]:
+            print(f"mpi_afl: error: {mismatch[0]}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     try:
         return run(comm, argv)
     except SystemExit:

@@ -1,0 +1,106 @@
+"""Cluster plumbing without a cluster: the job continuation rules (mpi_afl/slurm.py), the launcher/world
+check (mpi_afl/launch.py) and GPU placement (mpi_afl/placement.py). tests/test_slurm_jobs.py runs the
+same code under a real SLURM."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mpi_afl.launch import world_mismatch
+from mpi_afl.placement import _gpu_slot, _ranges, describe
+from mpi_afl.slurm import fnv1a32, should_requeue, stale_segments, trainer_args
+
+
+def test_segment_names_follow_mpich():
+    # Seen under srun --mpi=pmi2: PMI_JOBID "2.0" -> /dev/shm/mpich_shm_281e0ec3_0
+    assert f"{fnv1a32('2.0'):x}" == "281e0ec3"
+
+
+def test_only_this_jobs_segments_are_stale(tmp_path):
+    mine = [f"mpich_shm_{fnv1a32('42.0'):x}_0", f"mpich_vci_{fnv1a32('42.1'):x}_0", f"mpich_shm_{fnv1a32('42.3'):x}_1"]
+    others = [f"mpich_shm_{fnv1a32('43.0'):x}_0", f"mpich_shm_{fnv1a32('420.0'):x}_0", "mpich_shm_1712_0",
+              "other_file", f"mpich_foo_{fnv1a32('42.0'):x}_0"]
+    for name in mine + others:
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(p.name for p in stale_segments("42", tmp_path)) == sorted(mine)
+
+
+def test_trainer_args_resume_restart_or_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert trainer_args(out, restarts=0) == ["--out", str(out)]
+    out.mkdir()
+    (out / "run.h5").write_bytes(b"")
+    # first start into an existing run: no overwrite, the trainer refuses to clobber it
+    assert trainer_args(out, restarts=0) == ["--out", str(out)]
+    # a restart of this job that never reached a checkpoint starts over in its own directory
+    assert trainer_args(out, restarts=2) == ["--out", str(out), "--run.overwrite=true"]
+    assert "starting the run over" in capsys.readouterr().out
+    (out / "checkpoint.h5").write_bytes(b"")
+    assert trainer_args(out, restarts=0) == ["--resume", str(out)]
+    assert trainer_args(out, restarts=3) == ["--resume", str(out)]
+
+
+def test_requeue_only_while_the_run_stopped_on_a_signal(tmp_path):
+    started = time.time() - 5
+    assert should_requeue(tmp_path, 0, started)[0]            # exit 0 without a summary: signalled at start-up
+    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "signal"}))
+    assert should_requeue(tmp_path, 0, started)[0]
+    assert not should_requeue(tmp_path, 1, started)[0]        # a failure would only fail again
+    assert not should_requeue(tmp_path, 137, started)[0]
+    assert should_requeue(tmp_path, 138, started)[0]          # SIGUSR1 killed the ranks before Python handled it
+    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "max_versions"}))
+    requeue, why = should_requeue(tmp_path, 0, started)
+    assert not requeue and "max_versions" in why
+    # a summary older than this start (a finished earlier segment) says nothing about this one
+    os.utime(tmp_path / "summary.json", (started - 60, started - 60))
+    assert should_requeue(tmp_path, 0, started)[0]
+
+
+@pytest.mark.parametrize("env, first", [
+    ({"SLURM_STEP_NUM_TASKS": "17", "SLURM_PROCID": "0"}, True),
+    ({"SLURM_STEP_NUM_TASKS": "17", "SLURM_PROCID": "5"}, False),
+    ({"PMI_SIZE": "4", "PMI_RANK": "0"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, False),
+])
+def test_world_of_one_under_a_multi_task_launch_is_named(env, first):
+    message, is_first = world_mismatch(1, "MPICH Version:   5.0.2", env)
+    assert is_first == first
+    assert "world of 1" in message and "MPICH Version: 5.0.2" in message
+    assert ("--mpi=pmi2" in message) == ("SLURM_STEP_NUM_TASKS" in env)
+
+
+def test_matching_or_single_launches_pass():
+    assert world_mismatch(1, "x", {}) is None
+    assert world_mismatch(1, "x", {"SLURM_NTASKS": "17"}) is None        # a batch script running one process
+    assert world_mismatch(1, "x", {"SLURM_STEP_NUM_TASKS": "1", "PMI_SIZE": "1"}) is None
+    assert world_mismatch(17, "x", {"SLURM_STEP_NUM_TASKS": "17", "PMI_SIZE": "17"}) is None
+
+
+def test_trainer_refuses_a_world_of_one_from_a_multi_task_launcher(tmp_path):
+    """End to end without SLURM: Open MPI's variable says 2 tasks, the MPICH singleton sees 1."""
+    env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")
+    out = subprocess.run([sys.executable, "-m", "mpi_afl.train", "--dataset", "digits", "--out", str(tmp_path / "r")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "started 2 tasks (OMPI_COMM_WORLD_SIZE=2)" in out.stderr and "world of 1" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_server_gpu_placement_keeps_cuda0_for_rank0():
+    # 4 GPUs, 17 ranks on the server's node: rank 0 alone on cuda:0, 16 workers over cuda:1-3
+    slots = [_gpu_slot(r, 4, True, "server_gpu") for r in range(17)]
+    assert slots[0] == 0 and 0 not in slots[1:] and set(slots[1:]) == {1, 2, 3}
+    # other nodes, one GPU, or the shared default: local rank modulo GPUs
+    assert [_gpu_slot(r, 4, False, "server_gpu") for r in range(5)] == [0, 1, 2, 3, 0]
+    assert [_gpu_slot(r, 1, True, "server_gpu") for r in range(3)] == [0, 0, 0]
+    assert [_gpu_slot(r, 4, True, "shared") for r in range(5)] == [0, 1, 2, 3, 0]
+
+
+def test_placement_description():
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    records = [{"rank": r, "host": "n1", "device": f"cuda:{min(r, 1)}", "gpu_name": "H100"} for r in range(4)]
+    assert describe(records) == "n1 cuda:0 (H100): rank(s) 0; n1 cuda:1 (H100): rank(s) 1-3"
