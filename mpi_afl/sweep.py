@@ -1,0 +1,202 @@
+"""Sweeps: a grid of runs (algorithms x overrides x seeds), run locally or as a SLURM job array.
+
+    python -m mpi_afl.sweep --out DIR --algorithms fedbuff,afl_dw --seeds 0,1,2 \\
+        [--set server.lr=0.1,0.5 ...] [--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS ...]
+
+Every grid point is one run directory, DIR/<algorithm>[-<key>=<value>...]/s<seed>. Options after
+`--` (a preset, stop rules, data options...) go to every run. Locally, N runs go at a time, each
+one process (`--ranks 1`, results are identical for any rank count in the virtual clock) or
+`mpiexec -n R`; a run's console output goes to DIR/logs/. The sweep is resumable: a point with a
+summary.json is done and skipped, one with a checkpoint.h5 continues with `--resume`, one with
+neither starts over. At the end the mean ± std table over seeds is printed (`mpi_afl.report`).
+
+With `--slurm FILE` nothing runs here: FILE becomes an sbatch script with one array task per grid
+point, each running `python -m mpi_afl.slurm` (which resumes and requeues itself; see
+mpi_afl/slurm.py) on the same directories, so the local and SLURM sweeps are interchangeable.
+
+bench/accuracy.py predates this module and still runs its own grid (its settings table and budget
+tags); new comparisons should use this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .plugins import short_name
+
+
+@dataclass(frozen=True)
+class Point:
+    algorithm: str
+    overrides: tuple[tuple[str, str], ...]   # (dotted key, value) pairs
+    seed: int
+
+    def setting(self) -> str:
+        parts = [short_name(self.algorithm)] + [f"{key.split('.', 1)[1]}={short_name(value)}"
+                                                for key, value in self.overrides]
+        return "-".join(parts)
+
+    def directory(self, out: Path) -> Path:
+        return out / self.setting() / f"s{self.seed}"
+
+    def train_args(self, out: Path, extra: list[str]) -> list[str]:
+        """The trainer's options for a fresh run of this point (the shared options first, so the grid's
+        own values win)."""
+        return [*extra, "--algorithm", self.algorithm, "--seed", str(self.seed),
+                *(f"--{key}={value}" for key, value in self.overrides), "--out", str(self.directory(out))]
+
+
+def grid(algorithms: list[str], seeds: list[int], sets: list[str]) -> list[Point]:
+    """Every combination, algorithms outermost and seeds innermost. `sets`: "section.key=v1,v2"."""
+    axes = []
+    for item in sets:
+        key, sep, values = item.partition("=")
+        if not sep or "." not in key or not values:
+            raise ValueError(f"--set {item!r}: expected section.key=VALUE[,VALUE...]")
+        axes.append([(key, v) for v in values.split(",")])
+    return [Point(a, combo, s) for a in algorithms for combo in itertools.product(*axes) for s in seeds]
+
+
+def state(point: Point, out: Path) -> str:
+    """'done' (summary.json), 'resume' (checkpoint.h5, no summary) or 'start'."""
+    d = point.directory(out)
+    if (d / "summary.json").is_file():
+        return "done"
+    if (d / "checkpoint.h5").is_file():
+        return "resume"
+    return "start"
+
+
+def command(point: Point, out: Path, extra: list[str], ranks: int) -> list[str]:
+    """The command that brings this point to completion from where it is."""
+    d = point.directory(out)
+    if state(point, out) == "resume":
+        args = ["--resume", str(d)]
+    else:
+        args = point.train_args(out, extra) + (["--run.overwrite=true"] if d.exists() else [])
+    launcher = []
+    if ranks > 1:
+        from .launch import mpiexec_path
+        launcher = [mpiexec_path(), "-n", str(ranks)]
+    return [*launcher, sys.executable, "-m", "mpi_afl.train", *args]
+
+
+def run_local(points: list[Point], out: Path, extra: list[str], parallel: int, ranks: int) -> list[Point]:
+    """Run the points that are not done, `parallel` at a time; returns the ones that failed."""
+    todo = [p for p in points if state(p, out) != "done"]
+    print(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done, {len(todo)} to run, "
+          f"{parallel} at a time", flush=True)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def one(point: Point) -> bool:
+        cmd = command(point, out, extra, ranks)
+        t0 = time.monotonic()
+        with open(logs / f"{point.setting()}-s{point.seed}.log", "a") as fh:
+            fh.write(f"$ {shlex.join(cmd)}\n")
+            fh.flush()
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        ok = code == 0 and state(point, out) == "done"
+        print(f"sweep: {'done' if ok else f'FAILED (exit {code})'} {point.directory(out)} "
+              f"in {time.monotonic() - t0:.0f}s", flush=True)
+        return ok
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        results = list(pool.map(one, todo))
+    return [p for p, ok in zip(todo, results) if not ok]
+
+
+def slurm_script(points: list[Point], out: Path, extra: list[str], ranks: int, time_limit: str,
+                 parallel: int) -> str:
+    """An sbatch script with one array task per point; each runs mpi_afl.slurm on the point's directory."""
+    tasks = "\n".join(f"    {shlex.quote(shlex.join(p.train_args(out, extra)))}" for p in points)
+    dirs = "\n".join(f"    {shlex.quote(str(p.directory(out)))}" for p in points)
+    return f"""#!/usr/bin/env bash
+# Written by `python -m mpi_afl.sweep --slurm`: {len(points)} runs, one array task each, under {out}.
+# Submit from this directory: sbatch THIS_FILE. A task resumes its run and requeues itself near the
+# time limit (mpi_afl/slurm.py); afterwards: python -m mpi_afl.report {shlex.quote(str(out))}
+#SBATCH --job-name=mpi_afl-sweep
+#SBATCH --ntasks={ranks}
+#SBATCH --time={time_limit}
+#SBATCH --array=0-{len(points) - 1}%{parallel}
+#SBATCH --output={out}/logs/%x-%A_%a.out
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+set -euo pipefail
+DIRS=(
+{dirs}
+)
+ARGS=(
+{tasks}
+)
+eval "set -- ${{ARGS[$SLURM_ARRAY_TASK_ID]}}"
+exec {shlex.quote(sys.executable)} -m mpi_afl.slurm "${{DIRS[$SLURM_ARRAY_TASK_ID]}}" "$@"
+"""
+
+
+def print_table(out: Path) -> None:
+    from .report import format_group_table, summarize, summarize_group
+    from .results import group_by_setting, load_many
+    try:
+        runs = load_many([out])
+    except FileNotFoundError:
+        print(f"sweep: no finished run under {out} yet")
+        return
+    groups = group_by_setting(runs)
+    print(format_group_table([summarize_group(g, [summarize(r, None) for r in g.runs]) for g in groups]))
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m mpi_afl.sweep", description=__doc__.split("\n\n")[0],
+        usage="python -m mpi_afl.sweep --out DIR --algorithms A[,A...] --seeds S[,S...] [--set KEY=V[,V...]] "
+              "[--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS]")
+    parser.add_argument("--out", type=Path, required=True, help="sweep directory (one subdirectory per setting)")
+    parser.add_argument("--algorithms", type=_csv, required=True, help="comma-separated algorithms (or plug-ins)")
+    parser.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0], help="comma-separated seeds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=V[,V...]",
+                        help="a grid axis: a dotted config key and its values (repeatable)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local) or array tasks at a time")
+    parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (1: one process, no launcher)")
+    parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch array script instead of running")
+    parser.add_argument("--time", default="04:00:00", help="SLURM time limit per task (with --slurm)")
+    parser.add_argument("--table-only", action="store_true", help="only print the mean ± std table of DIR")
+    args = parser.parse_args(own)
+    if args.parallel < 1 or args.ranks < 1:
+        parser.error("--parallel and --ranks must be >= 1")
+    try:
+        points = grid(args.algorithms, args.seeds, args.set)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.slurm:
+        (args.out / "logs").mkdir(parents=True, exist_ok=True)
+        args.slurm.write_text(slurm_script(points, args.out, extra, args.ranks, args.time, args.parallel))
+        print(f"sweep: wrote {args.slurm} ({len(points)} array tasks); submit with: sbatch {args.slurm}")
+        return 0
+    failed = [] if args.table_only else run_local(points, args.out, extra, args.parallel, args.ranks)
+    print_table(args.out)
+    if failed:
+        print(f"sweep: {len(failed)} run(s) failed; see {args.out / 'logs'}; run the same command again to "
+              "retry them (finished runs are kept)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

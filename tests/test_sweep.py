@@ -1,0 +1,60 @@
+"""mpi_afl.sweep: a small local grid run in parallel, resumed, summarised; the SLURM array script."""
+
+import json
+import subprocess
+
+import pytest
+
+from mpi_afl.sweep import Point, grid, main, slurm_script
+from mpi_helpers import FAST
+
+def test_grid_order_and_directories(tmp_path):
+    points = grid(["fedbuff", "afl_dw"], [0, 1], ["server.lr=0.1,0.5"])
+    assert len(points) == 8 and points[0] == Point("fedbuff", (("server.lr", "0.1"),), 0)
+    assert points[1].directory(tmp_path) == tmp_path / "fedbuff-lr=0.1" / "s1"
+    assert "--server.lr=0.5" in points[2].train_args(tmp_path, [])
+
+
+def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--algorithms", "fedbuff,fedasync", "--seeds", "0,1", "--parallel", "2",
+            "--", *FAST, "--max-versions", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 0 already done, 4 to run" in out
+    table = out[out.index("setting"):].splitlines()
+    assert sorted(line.split()[:3] for line in table[1:]) == [["fedasync", "2", "0"], ["fedbuff", "2", "0"]]
+    assert "±" in table[1]
+    summaries = {p: json.loads((p / "summary.json").read_text()) for p in tmp_path.glob("*/s*")}
+    assert len(summaries) == 4 and {s["versions"] for s in summaries.values()} == {4}
+
+    # Interrupted sweep: one run lost its summary (it has its checkpoint): only it runs again, resumed.
+    lost = tmp_path / "fedasync" / "s1"
+    before = summaries[lost]["model_sha256"]
+    (lost / "summary.json").unlink()
+    assert main(args) == 0
+    assert "4 runs, 3 already done, 1 to run" in capsys.readouterr().out
+    assert "--resume" in (tmp_path / "logs" / "fedasync-s1.log").read_text()
+    assert json.loads((lost / "summary.json").read_text())["model_sha256"] == before
+
+
+def test_slurm_script_lists_every_point(tmp_path):
+    points = grid(["fedbuff", "examples.custom_algorithm:ClippedAsync"], [0, 1, 2], [])
+    text = slurm_script(points, tmp_path, ["--preset", "quickstart"], ranks=5, time_limit="01:00:00", parallel=4)
+    assert "#SBATCH --array=0-5%4" in text and "#SBATCH --ntasks=5" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    # Task 4's arguments, as the script expands them (everything up to the exec line, then print them).
+    probe = text.split("exec ")[0] + 'printf "%s\\n" "${DIRS[$SLURM_ARRAY_TASK_ID]}" "$@"\n'
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
+                          env={"SLURM_ARRAY_TASK_ID": "4", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(tmp_path / "ClippedAsync" / "s1")
+    assert lines[1:] == ["--preset", "quickstart", "--algorithm", "examples.custom_algorithm:ClippedAsync",
+                         "--seed", "1", "--out", lines[0]]
+
+
+def test_bad_set_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path), "--algorithms", "fedbuff", "--set", "lr=0.1"])
+    assert stop.value.code == 2
+    assert "expected section.key=VALUE" in capsys.readouterr().err
