@@ -3,6 +3,7 @@ directory lock, non-finite config values, divergence, signals during start-up, r
 checkpoint, full tracebacks before MPI_Abort, one-line input errors. Real mpiexec runs where ranks are involved."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -215,8 +216,8 @@ def _launch_async(ranks, args):
 
 def test_tracebacks_reach_stderr_in_full_before_the_abort(tmp_path):
     """About one abort in ten used to cut the traceback; run several at once, workers and the server failing."""
-    cases = [("raise", "rank 1 (worker) failed: RuntimeError: injected fault")] * 2 + \
-            [("server_raise", "rank 0 (server) failed: RuntimeError: injected fault")] * 2
+    cases = [("raise", r"rank [12] \(worker\) failed: RuntimeError: injected fault")] * 2 + \
+            [("server_raise", r"rank 0 \(server\) failed: RuntimeError: injected fault")] * 2
     procs = [_launch_async(3, [*ARGS, "--max-versions", "200", f"--fault.kind={kind}", "--fault.job=3",
                                "--out", str(tmp_path / f"f{i}")]) for i, (kind, _) in enumerate(cases)]
     for proc, (kind, line) in zip(procs, cases):
@@ -226,7 +227,7 @@ def test_tracebacks_reach_stderr_in_full_before_the_abort(tmp_path):
             proc.kill()
         assert proc.returncode != 0
         assert "Traceback (most recent call last):" in stderr, (kind, stderr)
-        assert "RuntimeError: injected fault" in stderr and line in stderr, (kind, stderr)
+        assert "RuntimeError: injected fault" in stderr and re.search(line, stderr), (kind, stderr)
 
 
 def test_garbage_data_file_names_the_file(tmp_path):
