@@ -82,7 +82,7 @@ def teacher_logits(ensemble: TeacherEnsemble, images: torch.Tensor) -> torch.Ten
 
 def target_agreement(per_teacher: torch.Tensor, labels: torch.Tensor, gamma: float | None) -> float:
     """How often the argmax of the teachers' combined prediction is `labels`: the plain mean of their
-    softmaxes (gamma None) or FedEcho's entropy-weighted target with temperature gamma (ALGORITHMS.md §4)."""
+    softmaxes (gamma None) or FedEcho's entropy-weighted target with temperature gamma (docs/algorithms.md §4)."""
     probs = per_teacher.softmax(-1)
     weights = (torch.full(probs.shape[:2], 1 / len(probs)) if gamma is None
                else entropy_weights(probs, gamma))

@@ -1,7 +1,7 @@
 """Batched image augmentation on device tensors (no per-sample Python loop).
 
 Random crop with reflect padding and horizontal flip, as the FedRevive code
-applies to client batches on CIFAR and to synthetic images (ALGORITHMS.md §3.3).
+applies to client batches on CIFAR and to synthetic images (docs/algorithms.md §3.3).
 All randomness comes from the caller's `torch.Generator`, so a job's stream
 depends only on (seed, client, job) and a server slice only on its own RNG.
 """

@@ -140,7 +140,7 @@ class ServerConfig:
 
 @dataclass
 class DelayConfig:
-    schedule: str = opt("paper", "delay schedule: 'paper' and 'shifted' are ALGORITHMS.md §3.5; "
+    schedule: str = opt("paper", "delay schedule: 'paper' and 'shifted' are docs/algorithms.md §3.5; "
                         "'custom' uses the fields below; 'none' = every job takes 1 unit",
                         choices=["paper", "shifted", "custom", "none"])
     train_shape: str = opt("exponential", "custom: distribution of a job's training time around the "
@@ -158,7 +158,7 @@ class DelayConfig:
 
 @dataclass
 class DistillConfig:
-    """Server-side distillation shared by FedRevive and FedEcho (ALGORITHMS.md §3.3, §4)."""
+    """Server-side distillation shared by FedRevive and FedEcho (docs/algorithms.md §3.3, §4)."""
     teachers: int = opt(8, "teacher buffer size c (most recent client models)", min=1)
     beta: str = opt("cosine", "staleness weight beta(tau) of the hybrid blend (Eq. 3 and alternatives)",
                     choices=["cosine", "exponential", "linear", "step"])
@@ -206,7 +206,7 @@ class DistillConfig:
 
 @dataclass
 class EchoConfig:
-    """FedEcho reconstruction (ALGORITHMS.md §4; our choices in algorithms/fedecho.py). The first
+    """FedEcho reconstruction (docs/algorithms.md §4; our choices in algorithms/fedecho.py). The first
     reconstruction is echo.backbone=fedbuff echo.weighting=entropy echo.staleness_factor=none
     echo.kd_step=1 echo.kd_share=constant."""
     backbone: str = opt("ca2fl", "buffered parameter step", choices=["fedbuff", "ca2fl"])

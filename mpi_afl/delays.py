@@ -1,7 +1,7 @@
 """Delay models: how long a client's job takes, in virtual time units.
 
 Each client's means are drawn once from a mixture and kept for the run; each
-job then samples download + train + upload around them (ALGORITHMS.md §3.5).
+job then samples download + train + upload around them (docs/algorithms.md §3.5).
 A job's sample depends only on (seed, client, job index), so the virtual
 clock is identical whichever rank runs the job and however many there are.
 """
@@ -26,7 +26,7 @@ class Schedule:
     pareto_shape: float = 2.5
 
 
-# ALGORITHMS.md §3.5: the papers' default and "shifted" schedules.
+# docs/algorithms.md §3.5: the papers' default and "shifted" schedules.
 SCHEDULES = {
     "paper": Schedule("exponential", (1.0, 1.3, 1.6), (0.25, 0.5, 0.25), 0.1, (0.15, 0.25), 0.02),
     "shifted": Schedule("exponential", (0.1,), (1.0,), 0.02, (0.05, 0.10), 0.01),

@@ -3,7 +3,7 @@
 A hot-path message is a fixed header of `HEADER_FIELDS` float64 values
 (integers up to 2**53 are exact) plus the flat float32 model payload, laid
 out in one contiguous byte buffer (`Message`) and sent as MPI.BYTE with
-uppercase calls, so nothing is pickled (DESIGN.md "Roles and messages").
+uppercase calls, so nothing is pickled (docs/design.md "Roles and messages").
 An update (worker -> server) is that one buffer, found with `Improbe`. A job
 (server -> worker) goes as two sends on TAG_JOB, the header and then the
 model straight from the server's version snapshot (no copy); the worker posts

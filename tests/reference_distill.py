@@ -1,6 +1,6 @@
 """The plain per-teacher distillation path, kept as the oracle for the batched one (distill/ensemble.py).
 
-One module per teacher, run one after another: the formulation of ALGORITHMS.md §3.3 as the research code
+One module per teacher, run one after another: the formulation of docs/algorithms.md §3.3 as the research code
 writes it. tests/test_ensemble.py holds the batched path to it (logits, L_bn distances, gradients, the distilled
 student), and bench/distill_cost.py times both side by side.
 """

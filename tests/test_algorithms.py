@@ -1,4 +1,4 @@
-"""FedAvg, FedAsync, FedBuff and AFL-DW (ALGORITHMS.md §2, §3.2) on hand-computed 3-element vectors,
+"""FedAvg, FedAsync, FedBuff and AFL-DW (docs/algorithms.md §2, §3.2) on hand-computed 3-element vectors,
 their equivalences, and state-dict round trips."""
 
 import io

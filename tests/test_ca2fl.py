@@ -1,4 +1,4 @@
-"""CA2FL (ALGORITHMS.md §2) on hand-computed 3-element vectors."""
+"""CA2FL (docs/algorithms.md §2) on hand-computed 3-element vectors."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Delay models (ALGORITHMS.md §3.5): per-client means from the mixture, fixed for the run; a job's times
+"""Delay models (docs/algorithms.md §3.5): per-client means from the mixture, fixed for the run; a job's times
 depend only on (seed, client, job); every shape keeps its configured mean; the named and custom schedules."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Data-free distillation building blocks (mpi_afl/distill, ALGORITHMS.md §3.3)."""
+"""Data-free distillation building blocks (mpi_afl/distill, docs/algorithms.md §3.3)."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""FedEcho reconstruction (ALGORITHMS.md §4): weights, target, KD, the bounded correction and the server flow.
+"""FedEcho reconstruction (docs/algorithms.md §4): weights, target, KD, the bounded correction and the server flow.
 
 Tests of the first reconstruction's behaviour (entropy weights, the student replacing x') run it through
 FIRST, the configuration that keeps it reachable."""

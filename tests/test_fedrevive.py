@@ -1,4 +1,4 @@
-"""FedRevive and DD-FedRevive on a fake server context (ALGORITHMS.md §3.1, §3.4)."""
+"""FedRevive and DD-FedRevive on a fake server context (docs/algorithms.md §3.1, §3.4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Client local training and evaluation (ALGORITHMS.md §1)."""
+"""Client local training and evaluation (docs/algorithms.md §1)."""
 
 import math
 

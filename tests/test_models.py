@@ -1,4 +1,4 @@
-"""Models (ALGORITHMS.md §3.3 "Model note") and the flat state vector."""
+"""Models (docs/algorithms.md §3.3 "Model note") and the flat state vector."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""End-to-end runs of the distillation algorithms under real mpiexec (ALGORITHMS.md §3, §4).
+"""End-to-end runs of the distillation algorithms under real mpiexec (docs/algorithms.md §3, §4).
 
 Small and fast: digits, a tiny generator, KD from version 9 on, B = 1. Each
 run is launched once per module and shared by the tests that read it.

@@ -1,7 +1,6 @@
 """Plug-ins by import path: the examples/ algorithm, model and data set under real mpiexec, resume of a
 plug-in run, and the errors for a wrong path or a broken contract."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,7 @@
 """AFL-DW: asynchronous down-weighting, FedRevive's ablation baseline.
 
 B = 1 and each arrival is scaled by 1 - beta(tau) with the cosine beta of
-Eq. 3:  x_{t+1} = x_t + eta (1 - beta(tau)) Delta_i   (ALGORITHMS.md §2).
+Eq. 3:  x_{t+1} = x_t + eta (1 - beta(tau)) Delta_i   (docs/algorithms.md §2).
 It is FedBuff with a buffer of one and the cosine discount, so it reuses it.
 """
 

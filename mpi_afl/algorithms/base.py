@@ -1,6 +1,6 @@
 """The contract between the server loop and an aggregation algorithm.
 
-An algorithm is tensor math on flat model vectors (DESIGN.md "Algorithms as
+An algorithm is tensor math on flat model vectors (docs/design.md "Algorithms as
 plug-ins"). The server calls `on_update(update, ctx)` once per accepted
 arrival, in processing order, and it returns one of:
 

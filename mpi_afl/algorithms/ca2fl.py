@@ -1,4 +1,4 @@
-"""CA2FL: cache-aided asynchronous FL (Wang et al., ICLR 2024; ALGORITHMS.md §2).
+"""CA2FL: cache-aided asynchronous FL (Wang et al., ICLR 2024; docs/algorithms.md §2).
 
 The server caches the latest update h_i of every client (zeros at start) and
 their mean h̄. Over a buffer S of M = `server.buffer_size` arrivals

@@ -3,7 +3,7 @@
     x_{t+1} = (1 - a_t) x_t + a_t (x_v + Delta_i),   a_t = alpha * s(tau)
 
 with s(tau) from `server.staleness` (constant, polynomial, hinge, ...) and
-alpha = `server.mixing` (ALGORITHMS.md §2). The client model is rebuilt from
+alpha = `server.mixing` (docs/algorithms.md §2). The client model is rebuilt from
 the snapshot of its base version x_v, so stale models also pull the global
 model back towards their base; with tau = 0 this equals FedBuff with B = 1
 and eta = alpha.

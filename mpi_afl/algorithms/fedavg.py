@@ -4,7 +4,7 @@
 
 `synchronous = True` tells the server to dispatch the K = `server.concurrency`
 jobs of a round from one version and to dispatch nothing more until the
-round's last update is in (ALGORITHMS.md §2).
+round's last update is in (docs/algorithms.md §2).
 """
 
 import torch

@@ -4,7 +4,7 @@ Arrivals are summed into a buffer, each discounted by s(tau)
 (`server.staleness`, FedBuff's own choice is 'sqrt' = 1/sqrt(1+tau)); after
 B = `server.buffer_size` arrivals
 
-    x_{t+1} = x_t + eta * (sum_i s(tau_i) Delta_i) / B        (ALGORITHMS.md §2)
+    x_{t+1} = x_t + eta * (sum_i s(tau_i) Delta_i) / B        (docs/algorithms.md §2)
 
 with optional server momentum mu: m <- mu m + v, x <- x + eta m. Returns
 `None` while the buffer fills.

@@ -1,6 +1,6 @@
 """FedEcho: uncertainty-aware distillation for asynchronous FL — a reconstruction.
 
-**What the paper's abstract states** (it is all we have, ALGORITHMS.md §4):
+**What the paper's abstract states** (it is all we have, docs/algorithms.md §4):
 the server distils from client models, stragglers included; it estimates the
 uncertainty of each client's predictions and weights them by it, prioritising
 confident predictions while still using every client, to improve "the

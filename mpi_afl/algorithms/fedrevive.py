@@ -1,6 +1,6 @@
 """FedRevive (arXiv 2511.00655) and its data-dependent reference DD-FedRevive.
 
-ALGORITHMS.md §3.1, on every arrival (B = 1):
+docs/algorithms.md §3.1, on every arrival (B = 1):
 
 1. tau = staleness, beta = beta(tau) (§3.2, `distill.beta`, `server.s_max`);
 2. the client model w_i = x_v + Delta_i goes to the front of a buffer of the

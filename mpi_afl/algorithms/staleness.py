@@ -1,7 +1,7 @@
 """Staleness weights s(tau) and FedRevive's beta(tau), as plain functions.
 
 Every function maps a staleness tau >= 0 (in server versions) to a float.
-`discount(name, tau, cfg)` is the s(tau) of FedAsync / FedBuff (ALGORITHMS.md
+`discount(name, tau, cfg)` is the s(tau) of FedAsync / FedBuff (docs/algorithms.md
 §2); `beta(name, tau, cfg)` is the KD share of FedRevive's blend (§3.2).
 """
 
@@ -58,7 +58,7 @@ def step_beta(tau: float, s_max: float) -> float:
 
 
 def beta(tau: float, distill: DistillConfig, s_max: float) -> float:
-    """KD share beta(tau) in [0, 1] (ALGORITHMS.md §3.2 and the research code's alternatives)."""
+    """KD share beta(tau) in [0, 1] (docs/algorithms.md §3.2 and the research code's alternatives)."""
     name = distill.beta
     if name == "cosine":
         return cosine_beta(tau, s_max)

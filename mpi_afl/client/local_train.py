@@ -1,10 +1,10 @@
 """One client job: local training from a global version, and model evaluation.
 
-ALGORITHMS.md §1: a fixed number of local iterations (the client's data cycles
+docs/algorithms.md §1: a fixed number of local iterations (the client's data cycles
 when exhausted), cross-entropy, an optimizer created fresh for every job, and a
 random stream (batch order, augmentation) that depends only on
 (run seed, client id, job index), never on the rank or on global RNG state.
-Data are tensors already on the device; batches are index slices (DESIGN.md
+Data are tensors already on the device; batches are index slices (docs/design.md
 "Data"), not a DataLoader per job.
 """
 

@@ -2,7 +2,7 @@
 
 The same `JobRunner` serves MPI workers and the one-process path, so a job's
 result depends only on (seed, client, job index) and never on the rank that
-ran it (ALGORITHMS.md §1).
+ran it (docs/algorithms.md §1).
 """
 
 from dataclasses import dataclass

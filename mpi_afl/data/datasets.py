@@ -1,6 +1,6 @@
 """Data sets as normalised tensors, and their train/validation/test/KD splits.
 
-DESIGN.md "Data": files are looked up in this order
+docs/design.md "Data": files are looked up in this order
 
 1. the explicit ``root`` (``--data.root``),
 2. ``$MPI_AFL_DATA``,
@@ -335,7 +335,7 @@ def load_splits(name: str, root: str | None = None, *, seed: int, val_fraction: 
                 test_fraction: float = 0.15, kd_fraction: float = 0.0,
                 env: Mapping[str, str] | None = None, cache_dir: str | os.PathLike | None = None,
                 system_dir: str | os.PathLike = DEFAULT_SYSTEM_DIR) -> Splits:
-    """Pool the official train and test sets and cut test, validation and KD shares (ALGORITHMS.md §3.5).
+    """Pool the official train and test sets and cut test, validation and KD shares (docs/algorithms.md §3.5).
 
     The shuffle comes from ``numpy.random.default_rng(seed)``, so every MPI rank gets the same
     splits. Each share is ``floor(fraction * N)`` samples; the rest is the training set.

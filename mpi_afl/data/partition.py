@@ -1,4 +1,4 @@
-"""Split a training set over the logical clients (DESIGN.md "Data", ALGORITHMS.md §3.5).
+"""Split a training set over the logical clients (docs/design.md "Data", docs/algorithms.md §3.5).
 
 A partition is a list of index arrays into the training labels, one per client (sorted int64).
 Every rank computes it from the same seed, so no index lists travel over MPI.

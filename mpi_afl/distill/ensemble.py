@@ -8,7 +8,7 @@ along a leading teacher dimension and one `torch.func.vmap` over
 convolutions, linear layers batched matmuls), which is what removes the
 per-teacher overhead on a CPU and the kernel-launch overhead on a GPU.
 
-The feature-statistics distance of L_bn (ALGORITHMS.md §3.3) is computed
+The feature-statistics distance of L_bn (docs/algorithms.md §3.3) is computed
 inside the same batched call: forward hooks on the template model's
 normalisation layers read the layer input and, under `functional_call`, the
 layer's buffers are the current teacher's, so each teacher's input moments are

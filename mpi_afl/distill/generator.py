@@ -1,6 +1,6 @@
 """The class-conditional image generator of data-free distillation.
 
-ALGORITHMS.md §3.3 "Generator": the DCGAN-style generator of FastDFKD as the
+docs/algorithms.md §3.3 "Generator": the DCGAN-style generator of FastDFKD as the
 FedRevive research code adapts it. The class enters additively: the input is
 `z + weight * E[y]`, with the class-embedding table `E` passed in by the
 caller, because it is drawn afresh and trained together with `z` in every

@@ -1,6 +1,6 @@
 """Multi-teacher knowledge distillation and its loss utilities.
 
-ALGORITHMS.md §3.3 "Distillation" and §3.4: the student starts at the current
+docs/algorithms.md §3.3 "Distillation" and §3.4: the student starts at the current
 global model; every iteration, each teacher k gets its own batch drawn from
 its class proportions q_k, and the loss is
     sum_k T^2 KL(softmax(T_k/T) || softmax(S/T)) summed over its batch,
@@ -80,7 +80,7 @@ def class_weights(proportions: torch.Tensor) -> torch.Tensor:
 
 
 class OutlierFilter:
-    """The research code's loss stabiliser (ALGORITHMS.md §3.3, last bullet of step 3).
+    """The research code's loss stabiliser (docs/algorithms.md §3.3, last bullet of step 3).
 
     A loss value that is NaN/inf, or more than `factor` times the mean of the
     last `window` accepted values (once at least `min_history` are known and

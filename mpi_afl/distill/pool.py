@@ -1,6 +1,6 @@
 """The FIFO pool of synthetic images and class-conditional batch drawing.
 
-ALGORITHMS.md §3.3: each synthesis appends its kept batch and labels to a pool
+docs/algorithms.md §3.3: each synthesis appends its kept batch and labels to a pool
 of at most `pool_size` images (oldest dropped first); each KD iteration draws,
 for every teacher k, a batch whose labels follow that teacher's class
 proportions q_k. DD-FedRevive draws its real KD batches the same way (§3.4),

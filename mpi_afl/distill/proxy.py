@@ -1,6 +1,6 @@
 """Each teacher's class proportions q_k, estimated without client data.
 
-ALGORITHMS.md §3.3 "Class proportions": the paper feeds a client's first two
+docs/algorithms.md §3.3 "Class proportions": the paper feeds a client's first two
 uploaded models i.i.d. Gaussian inputs (64 probes, in the normalised input
 space the models see), averages softmax(logits / 0.8) over the probes, uses
 the first estimate until the second arrives, then freezes the average of the

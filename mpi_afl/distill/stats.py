@@ -1,6 +1,6 @@
 """Feature statistics of a batch at every normalisation layer, for L_bn.
 
-ALGORITHMS.md §3.3: the synthetic batch's per-channel mean and variance at
+docs/algorithms.md §3.3: the synthetic batch's per-channel mean and variance at
 each normalisation/stat layer `l` are matched against the teacher's running
 statistics with L2 norms (not squared):
     sum_l ||sigma^2_l(teacher) - sigma^2_l(x)||_2 + ||mu_l(teacher) - mu_l(x)||_2.

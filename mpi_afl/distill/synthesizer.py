@@ -1,6 +1,6 @@
 """Meta-learned synthesis of class-conditional images from teacher models.
 
-ALGORITHMS.md §3.3 "Synthesis" (FastDFKD's fast meta-synthesizer, as the
+docs/algorithms.md §3.3 "Synthesis" (FastDFKD's fast meta-synthesizer, as the
 FedRevive research code adapts it to several weighted teachers):
 
 1. labels y ~ Multinomial(mean_k q_k), a batch of `synth_batch`;

@@ -1,6 +1,6 @@
 """The teacher buffer of the distillation algorithms: recent client models and their class proportions.
 
-FedRevive (ALGORITHMS.md §3.1 step 2) pushes every reconstructed client model
+FedRevive (docs/algorithms.md §3.1 step 2) pushes every reconstructed client model
 w_i = x_v + Δ_i to the front of a buffer of the c most recent client models,
 the same client possibly several times. FedEcho (§4 step 2) keeps the latest
 model of each of the C most recently heard-from *distinct* clients, with the

@@ -1,6 +1,6 @@
 """The FedRevive research code's ConvNet for 28x28 data (FEMNIST), after FedDyn.
 
-ALGORITHMS.md §3.3 "Model note": three unpadded conv3x3(64) layers, each followed
+docs/algorithms.md §3.3 "Model note": three unpadded conv3x3(64) layers, each followed
 by a normalisation/stat layer and ReLU, max-pool after the second and the third,
 then FC 200-100-classes. With 28x28 inputs the maps go 26 -> 24 -> 12 -> 10 -> 5.
 """

@@ -1,9 +1,9 @@
 """The whole model state as one contiguous float32 vector.
 
-Models travel over MPI and are aggregated as flat buffers (DESIGN.md "Roles and
+Models travel over MPI and are aggregated as flat buffers (docs/design.md "Roles and
 messages"). The vector holds the parameters AND the floating-point buffers
 (normalisation running_mean/running_var): FedRevive uses each client's running
-statistics as its teacher's feature statistics (ALGORITHMS.md §1, §3.3), and
+statistics as its teacher's feature statistics (docs/algorithms.md §1, §3.3), and
 they are averaged with the parameters. Entries follow `state_dict()` order, so
 every rank agrees on the layout of a given architecture.
 

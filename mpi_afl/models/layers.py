@@ -1,7 +1,7 @@
 """Normalisation layers the models can use.
 
 `StatTracker` is the FedRevive research code's replacement for BatchNorm
-(ALGORITHMS.md §3.3, "Model note"): it passes activations through unchanged
+(docs/algorithms.md §3.3, "Model note"): it passes activations through unchanged
 and only records per-channel running mean and variance, which the generator's
 feature-statistics loss L_bn matches against.
 """
@@ -80,7 +80,7 @@ def tracked_statistics(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def reset_norm_statistics(model: nn.Module) -> None:
     """Set every StatTracker's running stats to mean 0, var 1 (and its update count to 0).
 
-    FedRevive resets them after each aggregation (ALGORITHMS.md §3.1 step 5);
+    FedRevive resets them after each aggregation (docs/algorithms.md §3.1 step 5);
     the research code resets its stat trackers only. BatchNorm layers keep the
     aggregated statistics, which they need for evaluation (a reset would make
     the global model normalise with mean 0 / variance 1)."""

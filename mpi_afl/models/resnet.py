@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18 as in the FedRevive research code (ALGORITHMS.md §3.3 "Model note").
+"""CIFAR ResNet-18 as in the FedRevive research code (docs/algorithms.md §3.3 "Model note").
 
 3x3 stride-1 stem with no max-pool (32x32 inputs stay 32x32 into layer1),
 BasicBlocks [2, 2, 2, 2] at 64/128/256/512 channels, bias-free convolutions

@@ -1,6 +1,6 @@
 """The server loop (rank 0): keep K jobs in flight, aggregate what arrives.
 
-One loop serves both clocks (DESIGN.md "Two clocks, one server loop"):
+One loop serves both clocks (docs/design.md "Two clocks, one server loop"):
 
 - every job gets a virtual start and finish time from the delay model when it
   is created, whatever the clock;

@@ -1,7 +1,7 @@
 """Checkpoints: one HDF5 file holding a nested state dict, written atomically.
 
 Why atomic: SLURM pre-emption (SIGTERM/SIGUSR1) or a node failure can stop
-the job while a checkpoint is being written (DESIGN.md "Output"). The file is
+the job while a checkpoint is being written (docs/design.md "Output"). The file is
 written to a temporary file in the same directory, flushed and fsync'ed, then
 `os.replace`d over the old one and the directory is fsync'ed, so at any moment
 the path holds either the complete old checkpoint or the complete new one.

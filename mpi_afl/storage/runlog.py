@@ -1,6 +1,6 @@
 """Run log: one HDF5 file per run, written by rank 0 only, readable while the run goes on.
 
-Layout (DESIGN.md "Output"):
+Layout (docs/design.md "Output"):
 
 - root attributes: whatever the server passes (config as JSON, versions,
   world size, seed, ...; dict and list values are stored as JSON strings)
@@ -70,7 +70,7 @@ ARRIVAL_FIELDS = [
     ("base_version", "i8"),    # global version the job trained from
     ("version", "i8"),         # server version after processing the arrival
     ("staleness", "i8"),       # version at arrival - base_version
-    ("weight", "f8"),          # aggregation weight, or FedRevive's beta (ALGORITHMS.md §3.2)
+    ("weight", "f8"),          # aggregation weight, or FedRevive's beta (docs/algorithms.md §3.2)
     ("loss", "f8"),            # client's local training loss
     ("samples", "i8"),
     ("bytes", "i8"),           # update payload size

@@ -1,4 +1,4 @@
-"""Nonblocking MPI transport on preallocated byte buffers (DESIGN.md "Roles and messages").
+"""Nonblocking MPI transport on preallocated byte buffers (docs/design.md "Roles and messages").
 
 Server side: a job is two `Isend`s, its header from a pooled buffer and then
 the model straight from the version snapshot (no copy: snapshots are never
