@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mpi_afl.launch import world_mismatch
 from mpi_afl.placement import _gpu_slot, _ranges, describe
@@ -104,3 +105,12 @@ def test_placement_description():
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     records = [{"rank": r, "host": "n1", "device": f"cuda:{min(r, 1)}", "gpu_name": "H100"} for r in range(4)]
     assert describe(records) == "n1 cuda:0 (H100): rank(s) 0; n1 cuda:1 (H100): rank(s) 1-3"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
+def test_cuda_without_a_gpu_stops_every_rank_naming_them(tmp_path):
+    from mpi_helpers import launch
+    out = launch(2, ["--dataset", "digits", "--run.device=cuda", "--out", str(tmp_path / "r")], timeout=180)
+    assert out.returncode == 2, out.stderr
+    assert "2 of 2 rank(s) see no GPU (rank 0 on" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "run.h5").exists()
