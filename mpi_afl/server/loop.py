@@ -282,6 +282,7 @@ class Server:
                 next(work)
             except StopIteration as done:
                 return done.value
+            self.heartbeat()   # a long distillation must not silence the log
             if not self.stopped:
                 self.pump()
                 self.dispatch()
@@ -345,6 +346,12 @@ class Server:
         self.interval.update(busy=0.0, idle=0.0, eval=0.0, distill=distill_total)
         self.progress_line(f"  test acc {test_acc:.4f}  loss {test_loss:.4f}", version, now, wall)
 
+    def heartbeat(self) -> None:
+        """A progress line when none was printed for `run.heartbeat_seconds` (also before the first evaluation)."""
+        if self.wall() - self.last_line >= self.cfg.run.heartbeat_seconds:
+            self.progress_line(f"  ({len(self.in_flight)} jobs in flight, heartbeat)", self.version, self.now,
+                               self.wall())
+
     def progress_line(self, tail: str, version: int, now: float, wall: float) -> None:
         """Print a progress line (stop-rule progress and ETA, docs/design.md "Progress") for `version`."""
         rate = updates_per_second(self.accepted, self.last_arrival_wall)
@@ -382,9 +389,7 @@ class Server:
         every = self.cfg.run.checkpoint_every
         while not self.should_stop():
             self.log.maybe_flush()
-            if self.wall() - self.last_line >= self.cfg.run.heartbeat_seconds:
-                self.progress_line(f"  ({len(self.in_flight)} jobs in flight, heartbeat)", self.version,
-                                   self.now, self.wall())
+            self.heartbeat()
             self.pump()
             ready = self.next_ready()
             if ready is None:
