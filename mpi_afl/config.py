@@ -517,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             choices = f.metadata.get("choices")
             extra = f" {{{','.join(choices)}}}" if choices else ""
+            text = f"{f.metadata['help']}{extra} (default: {_default(f)!r})"
             group.add_argument(f"--{key}", dest=key, default=None, metavar=typ_name(typ),
-                               help=f"{f.metadata['help']}{extra} (default: {_default(f)!r})")
+                               help=text.replace("%", "%%"))   # argparse %-formats help texts
     return p
 
 
