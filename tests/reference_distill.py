@@ -78,3 +78,20 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], draw: Callable[[i
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+class LoopEnsemble:
+    """TeacherEnsemble's interface over one module per teacher, run one after another: the reference path
+    for the synthesizer and for bench/distill_cost.py."""
+
+    def __init__(self, make_model: Callable[[], nn.Module], stacked: torch.Tensor):
+        self.modules = teacher_modules(make_model, stacked)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __call__(self, x: torch.Tensor, per_teacher: bool = False) -> torch.Tensor:
+        return torch.stack([m(x[k] if per_teacher else x) for k, m in enumerate(self.modules)])
+
+    def with_feature_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_feature_loss(self.modules, x)

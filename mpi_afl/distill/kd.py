@@ -17,6 +17,7 @@ from collections.abc import Callable, Generator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.models.flat import load_flat
@@ -128,19 +129,21 @@ def distill(student: nn.Module, teachers: TeacherEnsemble, draw: Callable[[int],
     student.train()
     losses = []
     for _ in range(steps):
-        inputs = torch.stack([draw(k) for k in range(len(teachers))])  # (c, b, ...)
-        with torch.no_grad():
+        with record_function("kd.draw"):
+            inputs = torch.stack([draw(k) for k in range(len(teachers))])  # (c, b, ...)
+        with record_function("kd.teachers"), torch.no_grad():
             targets = teachers(inputs, per_teacher=True)
-        if per_batch:
-            logits = torch.stack([student(x) for x in inputs])
-        else:
-            logits = student(inputs.flatten(0, 1)).view(*targets.shape)
-        loss = kl_div(logits, targets, temperature, reduction="sum") / (inputs.shape[0] * inputs.shape[1])
-        kept = outliers(loss) if outliers is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        if kept is not None:
-            kept.backward()
-            optimizer.step()
+        with record_function("kd.student"):
+            if per_batch:
+                logits = torch.stack([student(x) for x in inputs])
+            else:
+                logits = student(inputs.flatten(0, 1)).view(*targets.shape)
+            loss = kl_div(logits, targets, temperature, reduction="sum") / (inputs.shape[0] * inputs.shape[1])
+            kept = outliers(loss) if outliers is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            if kept is not None:
+                kept.backward()
+                optimizer.step()
         losses.append(float(loss.detach()))
         yield
     return losses

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from mpi_afl.augment import random_crop_flip
 from mpi_afl.config import DistillConfig
@@ -146,17 +147,22 @@ class Synthesizer:
         best_cost, best, best_logits = math.inf, None, None
         try:
             for step in range(cfg.synth_steps):
-                images = self.fast(z, labels, embeddings, cfg.embed_weight)
-                inputs = self.prepare(images)
-                if cfg.bn > 0:
-                    teacher_logits, per_teacher = teachers.with_feature_loss(inputs)
-                else:
-                    teacher_logits = teachers(inputs)
+                # record_function labels name the phases for bench/distill_cost.py (free without a profiler).
+                with record_function("synth.generator"):
+                    images = self.fast(z, labels, embeddings, cfg.embed_weight)
+                    inputs = self.prepare(images)
+                with record_function("synth.teachers"):
+                    if cfg.bn > 0:
+                        teacher_logits, per_teacher = teachers.with_feature_loss(inputs)
+                    else:
+                        teacher_logits = teachers(inputs)
                 terms = {"oh": (cfg.oh, one_hot_loss(teacher_logits, labels, sample_weights))}
                 if cfg.bn > 0:
                     terms["bn"] = (cfg.bn, feature_loss(per_teacher, sample_weights))
                 if adversarial and cfg.adv > 0:
-                    terms["adv"] = (cfg.adv, adversarial_loss(teacher_logits, student(inputs), sample_weights))
+                    with record_function("synth.student"):
+                        student_logits = student(inputs)
+                    terms["adv"] = (cfg.adv, adversarial_loss(teacher_logits, student_logits, sample_weights))
                 loss = None
                 for name, (weight, value) in terms.items():
                     value = self.filters[name](value) if weight > 0 else None
@@ -165,13 +171,15 @@ class Synthesizer:
                 cost = float(loss.detach()) if loss is not None else math.nan
                 if cost < best_cost:
                     best_cost, best, best_logits = cost, images.detach().clone(), teacher_logits.detach()
-                optimizer.zero_grad(set_to_none=True)
-                if loss is not None and loss.requires_grad:
-                    loss.backward()
-                self._fast_step(step, optimizer)
+                with record_function("synth.backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    if loss is not None and loss.requires_grad:
+                        loss.backward()
+                    self._fast_step(step, optimizer)
                 yield
             if cfg.meta == "reptile":
-                self._reptile_step()
+                with record_function("synth.reptile"):
+                    self._reptile_step()
         finally:
             if student is not None:
                 training, flags = student_flags

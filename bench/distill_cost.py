@@ -1,0 +1,224 @@
+"""Server-side distillation cost: seconds of one FedRevive / FedEcho update, by phase, against one client job.
+
+    python bench/distill_cost.py                                   # fmnist_cpu, paper_28x28, paper_cifar10
+    python bench/distill_cost.py --presets fmnist_cpu --calls 5
+    python bench/distill_cost.py --research-settings false          # each preset's own distill settings
+
+For each preset's shapes (data set, model, generator size) and, by default, the FedRevive research code's
+distillation settings (synthesis on every KD call, `distill.kd_steps` = 10 KD iterations of
+`distill.kd_batch` = 32 images per teacher, 8 teachers), one process measures side by side, on random inputs
+of the data set's shape (the cost does not depend on the pixel values):
+
+  client_job_seconds        one client job of the preset (client.iterations x client.batch_size, its optimizer)
+  fedrevive_seconds         one FedRevive update past the warm-up with the batched teachers (distill/ensemble.py):
+                            a synthesis with L_adv, a Reptile step and the KD iterations, plus the KD diagnostic
+  reference_seconds         the same update with the per-teacher path (tests/reference_distill.py: one module per
+                            teacher, one after another; the student sees each teacher's batch in its own forward)
+  fedecho_seconds           one FedEcho update (its default: CA2FL backbone step excluded, synthesis + KD)
+  *_jobs                    each of the above divided by client_job_seconds
+  speedup                   reference_seconds / fedrevive_seconds
+  phases                    seconds of one FedRevive update per phase, measured under torch.profiler (which adds
+                            overhead: compare the shares, not the sum, with fedrevive_seconds):
+                            synth.generator (fast generator forward + normalisation), synth.teachers (teacher
+                            forward with the L_bn statistics), synth.student (student forward for L_adv),
+                            synth.backward (backward through teachers and generator, generator optimizer step),
+                            synth.reptile, kd.draw (pool sampling), kd.teachers (teacher forward on the KD batches),
+                            kd.student (student forward + backward + Adam step), check (the KD diagnostic's two
+                            held-out forwards), other (everything else: bookkeeping, loss terms, filters)
+
+Each figure is the median over `--calls` timed calls after one untimed warm-up call. It runs on a GPU unchanged
+(`--device cuda`, the default when one is present); on a GPU the phases are CPU-side times of the launches plus
+synchronisation, and the totals are synchronised wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the per-teacher reference path lives with the tests
+
+import reference_distill as reference  # noqa: E402
+
+from mpi_afl.algorithms.base import ServerContext  # noqa: E402
+from mpi_afl.algorithms.fedecho import FedEcho  # noqa: E402
+from mpi_afl.algorithms.fedrevive import FedRevive  # noqa: E402
+from mpi_afl.client.local_train import train_job  # noqa: E402
+from mpi_afl.config import Config, parse_args  # noqa: E402
+from mpi_afl.data.datasets import DATASETS  # noqa: E402
+from mpi_afl.models import build_model  # noqa: E402
+from mpi_afl.models.flat import flatten, load_flat, param_mask  # noqa: E402
+from mpi_afl.slices import drain  # noqa: E402
+
+RESEARCH = ["--distill.synth_every=1", "--distill.kd_steps=10", "--distill.kd_batch=32", "--distill.teachers=8",
+            "--echo.teachers=8"]
+PHASES = ["synth.generator", "synth.teachers", "synth.student", "synth.backward", "synth.reptile", "kd.draw",
+          "kd.teachers", "kd.student", "check"]
+
+
+def preset_config(name: str, research: bool, device: str) -> Config:
+    return parse_args(["--preset", name, *(RESEARCH if research else []), f"--run.device={device}"])[0]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+class Bench:
+    """One preset's models, teachers and algorithms, on random data of its shapes."""
+
+    def __init__(self, cfg: Config, device: torch.device, seed: int = 0):
+        self.cfg, self.device = cfg, device
+        info = DATASETS[cfg.data.dataset]
+        self.shape = (info.channels, info.image_size, info.image_size)
+        self.classes = info.num_classes
+
+        def make_model() -> torch.nn.Module:
+            return build_model(cfg.model.name, in_channels=info.channels, image_size=info.image_size,
+                               num_classes=info.num_classes, norm=cfg.model.norm).to(device)
+
+        self.make_model = make_model
+        g = torch.Generator().manual_seed(seed)
+        n = cfg.data.samples_per_client or 350
+        self.x = torch.randn(n, *self.shape, generator=g).to(device)
+        self.y = torch.randint(info.num_classes, (n,), generator=g).to(device)
+        self.model = make_model()
+        self.x0 = flatten(self.model)
+        # Teachers = client models: one client job each from x0 (their statistics are real EMAs).
+        self.clients = [self.x0 + self.client_job(job) for job in range(cfg.distill.teachers)]
+        histograms = np.stack([np.bincount(self.y.cpu().numpy(), minlength=info.num_classes)] * 4)
+        self.ctx = ServerContext(
+            cfg=cfg, device=device, global_model=self.x0, version=cfg.distill.warmup_versions + 1,
+            snapshot=lambda v: self.x0, make_model=make_model, param_mask=param_mask(self.model).to(device),
+            num_classes=info.num_classes, image_shape=self.shape, data_mean=info.mean, data_std=info.std,
+            client_histograms=histograms, check_x=self.x[:cfg.distill.kd_check_images],
+            check_y=self.y[:cfg.distill.kd_check_images])
+
+    def client_job(self, job: int = 0) -> torch.Tensor:
+        c = self.cfg.client
+        return train_job(self.model, self.x0, self.x, self.y, torch.arange(len(self.x), device=self.device),
+                         iterations=c.iterations, batch_size=c.batch_size, optimizer=c.optimizer, lr=c.lr,
+                         momentum=c.momentum, weight_decay=c.weight_decay, augment=c.augment, seed=0, client_id=0,
+                         job_index=job).delta
+
+    def fedrevive(self) -> FedRevive:
+        alg = FedRevive(self.cfg, self.ctx)
+        for k, model in enumerate(self.clients):
+            alg.teachers.push(k % 4, 0, model)
+        return alg
+
+    def fedrevive_update(self, alg: FedRevive, path: str) -> None:
+        """One FedRevive KD call as the algorithm runs it (synthesis, Reptile, KD), plus the KD diagnostic."""
+        d, ctx = self.cfg.distill, self.ctx
+        q = alg.teachers.proportions()
+        if path == "batched":
+            drain(alg.knowledge(ctx, self.x0))
+        else:  # the same steps with one module per teacher
+            stacked = torch.stack(alg.teachers.models)
+            teachers = reference.LoopEnsemble(self.make_model, stacked)
+            load_flat(alg.student, self.x0)
+            drain(alg.synth.synthesize(teachers, q, alg.student, adversarial=True))
+            optimizer = torch.optim.Adam(alg.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
+            reference.distill(alg.student, teachers.modules, lambda k: alg.synth.sample(q[k], d.kd_batch)[0],
+                              optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature)
+        kd_delta = flatten(alg.student) - self.x0
+        with torch.profiler.record_function("check"):
+            alg._check(ctx, self.x0, kd_delta, 0.5, 10)
+
+    def fedecho_update(self, alg: FedEcho) -> None:
+        drain(alg.distill(self.ctx, self.x0, staleness=10.0))
+
+
+def phase_seconds(bench: Bench, alg: FedRevive, calls: int) -> dict[str, float]:
+    """Per-phase CPU seconds of one update under torch.profiler (record_function labels in the code)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            bench.fedrevive_update(alg, "batched")
+        sync(bench.device)
+        total = (time.perf_counter() - start) / calls
+    sums = {name: 0.0 for name in PHASES}
+    for event in prof.key_averages():
+        if event.key in sums:
+            sums[event.key] += event.cpu_time_total / 1e6 / calls
+    sums = {k: round(v, 4) for k, v in sums.items()}
+    sums["other"] = round(max(total - sum(sums.values()), 0.0), 4)
+    sums["profiled_total"] = round(total, 4)
+    return sums
+
+
+def measure(name: str, research: bool, calls: int, device: torch.device) -> dict:
+    cfg = preset_config(name, research, str(device))
+    bench = Bench(cfg, device)
+    revive, reference_alg = bench.fedrevive(), bench.fedrevive()
+    echo_cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, algorithm="fedecho"))
+    echo = FedEcho(echo_cfg, bench.ctx)
+    for k, model in enumerate(bench.clients):
+        echo.teachers.push(k, 0, model)
+    runs = {"client_job": lambda: bench.client_job(),
+            "fedrevive": lambda: bench.fedrevive_update(revive, "batched"),
+            "reference": lambda: bench.fedrevive_update(reference_alg, "reference"),
+            "fedecho": lambda: bench.fedecho_update(echo)}
+    for fn in runs.values():  # warm-up: first-call allocations, the pool gets its first batch
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(calls):  # interleaved, so a change in machine load hits every measure alike
+        for k, fn in runs.items():
+            times[k].append(timed(fn, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    job = med["client_job"]
+    d = cfg.distill
+    return {
+        "bench": "distill_cost", "preset": name, "device": str(device), "model": cfg.model.name,
+        "settings": {"research": research, "synth_every": d.synth_every, "synth_steps": d.synth_steps,
+                     "synth_batch": d.synth_batch, "ngf": d.ngf, "nz": d.nz, "kd_steps": d.kd_steps,
+                     "kd_batch": d.kd_batch, "teachers": d.teachers, "client_iterations": cfg.client.iterations,
+                     "client_batch": cfg.client.batch_size},
+        "calls": calls,
+        "client_job_seconds": round(job, 4),
+        "fedrevive_seconds": round(med["fedrevive"], 4), "fedrevive_jobs": round(med["fedrevive"] / job, 2),
+        "reference_seconds": round(med["reference"], 4), "reference_jobs": round(med["reference"] / job, 2),
+        "speedup": round(med["reference"] / med["fedrevive"], 2),
+        "fedecho_seconds": round(med["fedecho"], 4), "fedecho_jobs": round(med["fedecho"] / job, 2),
+        "phases": phase_seconds(bench, revive, max(1, calls // 2)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="fmnist_cpu,paper_28x28,paper_cifar10")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per measure (median); the ResNet-18 "
+                        "preset gets max(1, calls // 3) on a CPU")
+    parser.add_argument("--research-settings", default="true", choices=["true", "false"],
+                        help="the research code's distillation settings (default) or the preset's own")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as a server rank under mpiexec on shared cores
+    device = torch.device(args.device)
+    for name in [p for p in args.presets.split(",") if p]:
+        calls = max(1, args.calls // 3) if name == "paper_cifar10" and device.type == "cpu" else args.calls
+        print(json.dumps(measure(name, args.research_settings == "true", calls, device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
