@@ -252,3 +252,18 @@ def test_beta_variants():
     d.beta = "bogus"
     with pytest.raises(ValueError, match="allowed"):
         beta(1, d, 75.0)
+
+
+def test_batchnorm_statistics_are_aggregated_not_reset():
+    """The reset after aggregation touches stat trackers only (as the research code): a BatchNorm model keeps
+    the aggregated running statistics it needs for evaluation, instead of mean 0 / variance 1."""
+    cfg = make_cfg(freeze_versions=0, warmup_versions=0)
+    server = FakeServer(cfg, lambda: TinyNet("batchnorm", CLASSES), num_classes=CLASSES, num_clients=CLIENTS,
+                        stat_batches=3, input_shift=0.1, weight_noise=0.05)
+    alg = FedRevive(server.ctx.cfg, server.ctx)
+    x = server.ctx.global_model
+    _, new, _, delta = server.arrive(alg, client=1, base=0)  # fresh: beta = 0, the update passes unchanged
+    assert torch.equal(new, x + 0.5 * delta)
+    model = TinyNet("batchnorm", CLASSES)
+    load_flat(model, new)
+    assert not torch.equal(model.norm.running_var, torch.ones(4))
