@@ -28,7 +28,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_SRUN_MPI = "pmi2"
@@ -77,22 +76,34 @@ def trainer_args(out: Path, restarts: int) -> list[str]:
     return ["--out", str(out)]
 
 
-def should_requeue(out: Path, returncode: int, started: float) -> tuple[bool, str]:
-    """(requeue?, why) after the training step ended with `returncode`; `started`: when it was launched."""
+def summary_stamp(out: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of OUT/summary.json, or None: tells whether the training step wrote a new one
+    (a comparison with this machine's clock could be fooled by a file server's)."""
+    try:
+        st = (out / "summary.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def should_requeue(out: Path, returncode: int, stamp_before: tuple[int, int] | None) -> tuple[bool, str]:
+    """(requeue?, why) after the training step ended with `returncode`; `stamp_before`: summary_stamp(out)
+    taken before the step started."""
+    stamp = summary_stamp(out)
+    fresh = stamp is not None and stamp != stamp_before
+    reason = json.loads((out / "summary.json").read_text()).get("stop_reason", "") if fresh else ""
+    if fresh and reason != "signal":
+        return False, f"the run ended by its stop rule ({reason})" + (f", exit {returncode}" if returncode else "")
     if returncode == 128 + signal.SIGUSR1:
-        # Killed by the time-limit signal itself: it came while the ranks' Python was starting, before the
-        # trainer's first line could take it over. Nothing was written: start (or resume) again.
-        return True, "the ranks got SIGUSR1 before the trainer could handle it (at process start)"
+        # Killed by the time-limit signal itself: it came while a rank's Python was starting or exiting (no
+        # handler is installed then) and the run had not met its stop rule: start (or resume) again.
+        return True, "the ranks were killed by SIGUSR1 while Python started or exited"
     if returncode != 0:
         return False, f"the training step failed (exit {returncode})"
-    summary = out / "summary.json"
-    if not summary.exists() or summary.stat().st_mtime < started:
+    if not fresh:
         # Exit 0 without a new summary: the ranks were signalled while starting up, before the run began.
         return True, "the run was stopped by a signal before it wrote a summary"
-    reason = json.loads(summary.read_text()).get("stop_reason", "")
-    if reason == "signal":
-        return True, "the run stopped on a signal (time limit or pre-emption) and has not met its stop rule"
-    return False, f"the run ended by its stop rule ({reason})"
+    return True, "the run stopped on a signal (time limit or pre-emption) and has not met its stop rule"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -132,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["srun", f"--mpi={mpi}", "--kill-on-bad-exit=1", sys.executable, "-m", "mpi_afl.train",
            *trainer_args(out, restarts), *options]
     print(f"mpi_afl.slurm: job {job_id} restart {restarts}: {' '.join(cmd)}", flush=True)
-    started = time.time()
+    before = summary_stamp(out)
     code = subprocess.run(cmd, check=False).returncode
-    requeue, why = should_requeue(out, code, started)
+    requeue, why = should_requeue(out, code, before)
     if not requeue:
         print(f"mpi_afl.slurm: job {job_id} done: {why}", flush=True)
         return code

@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from mpi_afl.launch import world_mismatch
 from mpi_afl.placement import _gpu_slot, _ranges, describe
-from mpi_afl.slurm import fnv1a32, should_requeue, stale_segments, trainer_args
+from mpi_afl.slurm import fnv1a32, should_requeue, stale_segments, summary_stamp, trainer_args
 
 
 def test_segment_names_follow_mpich():
@@ -46,19 +45,22 @@ def test_trainer_args_resume_restart_or_start(tmp_path, capsys):
 
 
 def test_requeue_only_while_the_run_stopped_on_a_signal(tmp_path):
-    started = time.time() - 5
-    assert should_requeue(tmp_path, 0, started)[0]            # exit 0 without a summary: signalled at start-up
-    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "signal"}))
-    assert should_requeue(tmp_path, 0, started)[0]
-    assert not should_requeue(tmp_path, 1, started)[0]        # a failure would only fail again
-    assert not should_requeue(tmp_path, 137, started)[0]
-    assert should_requeue(tmp_path, 138, started)[0]          # SIGUSR1 killed the ranks before Python handled it
-    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "max_versions"}))
-    requeue, why = should_requeue(tmp_path, 0, started)
+    def write(reason: str) -> None:
+        (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": reason, "pad": reason * 3}))
+
+    assert should_requeue(tmp_path, 0, None)[0]              # exit 0 without a summary: signalled at start-up
+    write("signal")
+    assert should_requeue(tmp_path, 0, None)[0]
+    assert not should_requeue(tmp_path, 1, None)[0]          # a failure would only fail again
+    assert not should_requeue(tmp_path, 137, None)[0]
+    assert should_requeue(tmp_path, 138, None)[0]            # SIGUSR1 killed the ranks before Python handled it
+    write("max_versions")
+    requeue, why = should_requeue(tmp_path, 0, None)
     assert not requeue and "max_versions" in why
-    # a summary older than this start (a finished earlier segment) says nothing about this one
-    os.utime(tmp_path / "summary.json", (started - 60, started - 60))
-    assert should_requeue(tmp_path, 0, started)[0]
+    # USR1 that killed the ranks while Python exited, after the run met its stop rule: done
+    assert not should_requeue(tmp_path, 138, None)[0]
+    # the same summary as before the step (an earlier segment's) says nothing about this one
+    assert should_requeue(tmp_path, 0, summary_stamp(tmp_path))[0]
 
 
 @pytest.mark.parametrize("env, first", [

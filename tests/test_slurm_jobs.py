@@ -1,0 +1,303 @@
+"""The real jobs/*.sbatch scripts on a real SLURM (`.ci/slurm_up.sh` brings up a one-node cluster).
+
+Skipped when no SLURM answers. The scripts are adapted only through what they document: sbatch options
+on the command line (fewer tasks, a short time limit), their environment variables (OUT, SWEEP,
+MPI_AFL_ALGORITHMS, MPI_AFL_SEEDS) and trainer options after the script name (digits, CPU, tiny runs).
+The runs use the wall clock with injected sleeps (`delays.wall_scale`), so they last long enough to be
+signalled or killed while using little CPU.
+
+All jobs are submitted at once by one module fixture (`campaign`) and driven together by one polling
+loop (signals, SIGKILLs and requeues at the right moment), so the module takes about as long as its
+longest job, the time-limit one (a few minutes), instead of the sum. SLURM holds a requeued job for
+about two minutes (reason BeginTime); the loop releases it with `scontrol update StartTime=now` once the
+previous start has left the node, which changes nothing else about the restart.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from mpi_afl.storage.runlog import read_run
+
+REPO = Path(__file__).resolve().parents[1]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# Small and slow on purpose: 2 workers, jobs of 1 virtual unit that sleep `delays.wall_scale` seconds each.
+RUN = ["--dataset", "digits", "--run.device=cpu", "--algorithm", "fedasync", "--clock", "wall",
+       "--data.num_clients=8", "--server.concurrency=2", "--client.iterations=2", "--delays.schedule=none",
+       "--run.eval_every=5", "--run.log_flush_seconds=0.5"]
+SMALL = ["--ntasks=3", "--cpus-per-task=1"]
+
+
+def _slurm_problem() -> str:
+    if shutil.which("sbatch") is None:
+        return "sbatch not found: no SLURM on this machine (.ci/slurm_up.sh brings up a one-node SLURM as root)"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed ({e}): SLURM is installed but not running (.ci/slurm_up.sh)"
+    if not any(s in states for s in ("idle", "mixed", "allocated")):
+        return f"SLURM has no usable node (sinfo says {states.split() or 'nothing'}; .ci/slurm_up.sh)"
+    return ""
+
+
+_PROBLEM = _slurm_problem()
+# The campaign takes 3-5 minutes on an otherwise idle 2-core machine; much longer under heavy load.
+pytestmark = [pytest.mark.skipif(bool(_PROBLEM), reason=_PROBLEM or "SLURM ready"), pytest.mark.timeout(1500)]
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"   # `python` in the script = this one
+    return env
+
+
+def submit(tmp_path: Path, script: str, sbatch: list[str], args: list[str], **env: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *sbatch, str(REPO / "jobs" / script), *args], cwd=tmp_path,
+                         env=_env(**env), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=20).stdout
+    info = {}
+    for line in text.splitlines():   # an array job gives one line per task; the caller asks for one
+        for pair in line.split():
+            key, _, value = pair.partition("=")
+            info.setdefault(key, value)
+    return info
+
+
+def _tail(log: Path) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-60:]) if log.exists() else f"(no {log})"
+
+
+def rank_pids(job: str, every_step: bool = False) -> list[int]:
+    """Processes of the job's tasks on this node (`every_step`: also the batch script and helpers)."""
+    out = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True, timeout=20).stdout
+    return [int(f[0]) for f in (line.split() for line in out.splitlines()[1:])
+            if len(f) == 5 and (every_step or (f[2] != "batch" and f[3] != "-"))]
+
+
+def kill_ranks(job: str) -> None:
+    """SIGKILL to the ranks of the job's training step, and nothing else: what pre-emption does to ranks that
+    have not exited after KillWait. (`scancel --signal=KILL` would cancel the job, with a SIGTERM first.)"""
+    pids = rank_pids(job)
+    assert pids, f"no rank processes listed for job {job}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def assert_complete_log(out: Path, versions: int) -> None:
+    """run.h5 holds every version 1..versions once (fedasync: one accepted update per version), and every
+    evaluation (every 5 versions) once."""
+    run = read_run(out / "run.h5")
+    a = run["arrivals"]
+    accepted = np.sort(a["version"][a["accepted"]])
+    np.testing.assert_array_equal(accepted, np.arange(1, versions + 1))
+    assert len(np.unique(a["job"])) == len(a["job"]), "an arrival row is duplicated"
+    evals = run["evals"]["version"]
+    assert len(np.unique(evals)) == len(evals), f"duplicate evaluation rows: {evals}"
+    assert set(range(5, versions + 1, 5)) <= set(evals.tolist()), f"missing evaluation rows: {evals}"
+
+
+def logged_versions(out: Path) -> int:
+    """Accepted updates in the live run.h5 so far (0 while it does not exist yet)."""
+    try:
+        return int(read_run(out / "run.h5")["arrivals"]["accepted"].sum())
+    except (OSError, ValueError):
+        return 0
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@dataclass
+class Job:
+    """One submitted job and what the polling loop does to it."""
+    id: str
+    log: Path
+    out: Path
+    on_running: Callable[["Job", dict], None] | None = None   # called at every poll while it runs
+    requeue_when_ended: bool = False                          # after a kill: requeue once it has ended
+    done: dict = field(default_factory=dict)                  # `scontrol show job` fields once finished
+    held_since: float = 0.0                                   # when the loop first saw it in SLURM's requeue hold
+    events: list = field(default_factory=list)                # what the loop did, for the assertions
+
+
+def kill_after(versions: int, with_checkpoint: bool):
+    """SIGKILL the ranks once `versions` are logged (before or after the first checkpoint), then requeue."""
+    def act(job: Job, info: dict) -> None:
+        if not job.events and logged_versions(job.out) >= versions \
+                and (job.out / "checkpoint.h5").exists() == with_checkpoint:
+            kill_ranks(job.id)
+            job.events.append("killed")
+            job.requeue_when_ended = True
+    return act
+
+
+def handles_usr1(pid: int) -> bool:
+    """The process has a handler for SIGUSR1 (its SigCgt mask), i.e. the trainer's first line has run."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGUSR1 - 1)))
+
+
+def usr1_during_start_up(job: Job, info: dict) -> None:
+    """USR1 to the ranks once all of them handle it, while they are still starting up (no run.h5 yet)."""
+    pids = rank_pids(job.id)
+    if not job.events and len(pids) == 3 and all(handles_usr1(p) for p in pids):
+        subprocess.run(["scancel", "--signal=USR1", job.id], check=True, timeout=20)
+        job.events.append("signalled" if not (job.out / "run.h5").exists() else "signalled too late")
+
+
+def drive(jobs: dict[str, Job], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pending = [j for j in jobs.values() if not j.done]
+        if not pending:
+            return
+        for job in pending:
+            info = job_info(job.id)
+            state = info.get("JobState", "")
+            if state in TERMINAL:
+                if job.requeue_when_ended:
+                    job.requeue_when_ended = False
+                    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=20)
+                    job.events.append("requeued")
+                else:
+                    job.done = info
+            elif state == "PENDING" and info.get("Reason") == "BeginTime":
+                # Released only once the previous start has left the node: a restart launched while slurmd
+                # still revokes the old one's credential is killed at once ("Job credential revoked").
+                job.held_since = job.held_since or time.monotonic()
+                if time.monotonic() - job.held_since > 5 and not rank_pids(job.id, every_step=True):
+                    subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], capture_output=True,
+                                   timeout=20)
+                    job.held_since = 0.0
+            elif state == "RUNNING" and job.on_running is not None:
+                job.on_running(job, info)
+        time.sleep(1)
+    for job in jobs.values():
+        if not job.done:
+            subprocess.run(["scancel", job.id], timeout=20)
+            job.done = {"JobState": "still running after the campaign's timeout"}
+
+
+TIME_LIMIT_VERSIONS = 45   # 2-s jobs on 1 worker: >= 90 s of training, longer than the first SIGUSR1 (60-90 s in)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory) -> dict[str, Job]:
+    root = tmp_path_factory.mktemp("slurm")
+    jobs = {}
+
+    def single(name: str, sbatch: list[str], args: list[str], **kw) -> None:
+        d = root / name
+        d.mkdir()
+        job_id = submit(d, "slurm_single_node.sbatch", [*SMALL, *sbatch], [*RUN, *args], OUT=str(d / "run"))
+        jobs[name] = Job(job_id, d / f"mpi_afl-{job_id}.out", d / "run", **kw)
+
+    # --time=2 with USR1 30 s before the end: SLURM sends it 60-90 s into the job (its time-limit check runs
+    # every 30 s and signals early rather than late). It starts alone, so that its ranks are training, not
+    # starting up, by then (a signal during start-up is the usr1_at_start case).
+    single("time_limit", ["--time=2", "--signal=USR1@30", "--ntasks=2"],
+           ["--delays.wall_scale=2.0", f"--max-versions={TIME_LIMIT_VERSIONS}"])
+    started = time.monotonic()
+    while logged_versions(jobs["time_limit"].out) == 0 and time.monotonic() - started < 120:
+        time.sleep(1)
+    single("kill_before_checkpoint", ["--time=10"],
+           ["--delays.wall_scale=0.3", "--max-versions=20", "--run.checkpoint_every=0"],
+           on_running=kill_after(5, with_checkpoint=False))
+    single("kill_after_checkpoint", ["--time=10"],
+           ["--delays.wall_scale=0.3", "--max-versions=30", "--run.checkpoint_every=5"],
+           on_running=kill_after(10, with_checkpoint=True))
+    single("usr1_at_start", ["--time=10"], ["--delays.wall_scale=0.2", "--max-versions=10"],
+           on_running=usr1_during_start_up)
+    d = root / "sweep"
+    d.mkdir()
+    array = submit(d, "sweep_array.sbatch", ["--ntasks=2", "--cpus-per-task=1", "--time=10", "--array=0-1"],
+                   [*RUN, "--delays.wall_scale=0.1", "--max-versions=10"], SWEEP=str(d / "runs"),
+                   MPI_AFL_ALGORITHMS="fedasync", MPI_AFL_SEEDS="0 1")
+    for task in (0, 1):
+        jobs[f"sweep_{task}"] = Job(f"{array}_{task}", d / f"mpi_afl-sweep-{array}_{task}.out",
+                                    d / "runs" / f"fedasync-s{task}")
+    drive(jobs, timeout=1200)
+    return jobs
+
+
+def finished(job: Job, versions: int) -> str:
+    """The job log, after checking that the job completed and its run ended at `versions` by its stop rule."""
+    assert job.done.get("JobState") == "COMPLETED", f"{job.done.get('JobState')}; log:\n{_tail(job.log)}"
+    s = summary(job.out)
+    assert (s["stop_reason"], s["versions"]) == ("max_versions", versions), _tail(job.log)
+    return job.log.read_text()
+
+
+def test_time_limit_signal_requeues_until_the_run_is_done(campaign):
+    job = campaign["time_limit"]
+    text = finished(job, TIME_LIMIT_VERSIONS)
+    assert int(job.done["Restarts"]) >= 1, _tail(job.log)
+    assert "signal SIGUSR1" in text and "requeueing job" in text, _tail(job.log)
+    assert "restart 0:" in text and "restart 1:" in text, _tail(job.log)   # one log, appended to across restarts
+    assert_complete_log(job.out, TIME_LIMIT_VERSIONS)
+
+
+def test_requeue_before_the_first_checkpoint_starts_over_and_does_not_hang(campaign):
+    """Ranks SIGKILLed before any checkpoint leave MPICH's shared memory behind; the requeued job removes
+    it (or MPI_Init would spin forever on it) and starts the run over in the same OUT."""
+    job = campaign["kill_before_checkpoint"]
+    assert job.events == ["killed", "requeued"], _tail(job.log)
+    text = finished(job, 20)
+    assert "removed stale MPI shared memory" in text and "finds no checkpoint" in text, _tail(job.log)
+    assert_complete_log(job.out, 20)
+
+
+def test_requeue_after_sigkill_resumes_from_the_checkpoint(campaign):
+    job = campaign["kill_after_checkpoint"]
+    assert job.events == ["killed", "requeued"], _tail(job.log)
+    text = finished(job, 30)
+    assert "removed stale MPI shared memory" in text and "restart 1: srun" in text, _tail(job.log)
+    assert "resumed from" in text, _tail(job.log)
+    assert_complete_log(job.out, 30)
+
+
+def test_usr1_during_start_up_leaves_no_crashed_rank(campaign):
+    """USR1 to the ranks while they start up (importing torch, loading data): every rank exits 0, the job
+    requeues itself and the restart completes the run."""
+    job = campaign["usr1_at_start"]
+    assert job.events == ["signalled"], _tail(job.log)
+    text = finished(job, 10)
+    assert int(job.done["Restarts"]) >= 1, _tail(job.log)
+    assert "Traceback" not in text and "Exited with exit code" not in text, _tail(job.log)
+
+
+@pytest.mark.parametrize("task", [0, 1])
+def test_sweep_array_completes(campaign, task):
+    job = campaign[f"sweep_{task}"]
+    finished(job, 10)
+    assert (summary(job.out)["algorithm"], summary(job.out)["seed"]) == ("fedasync", task)
+
+
+def test_srun_without_pmi_is_refused_with_the_cause(tmp_path):
+    """`srun --mpi=none` starts N MPI worlds of one: every task stops with exit 2 naming the mismatch."""
+    out = subprocess.run(["srun", "-n", "2", "--mpi=none", "--time=5", sys.executable, "-m", "mpi_afl.train",
+                          "--dataset", "digits", "--out", str(tmp_path / "run")], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "started 2 tasks" in out.stderr and "world of 1" in out.stderr and "--mpi=pmi2" in out.stderr
+    assert not (tmp_path / "run").exists()
