@@ -63,6 +63,7 @@ def _rank0_setup(argv) -> _Setup:
     Nothing is written into the directory before every check has passed: a refused run or
     resume leaves it as it was."""
     from .storage.checkpoint import CheckpointError, load_checkpoint
+    from .server.loop import check_server_format
     from .storage.rundir import RUN_FILES, RunDirError, check_resume, new_run_id, set_aside_log
     checkpoint = {}
     setup = _Setup()
@@ -70,6 +71,7 @@ def _rank0_setup(argv) -> _Setup:
     def resume_config(directory: str) -> dict:
         try:
             checkpoint["state"] = load_checkpoint(Path(directory) / "checkpoint.h5")
+            check_server_format(checkpoint["state"])   # before anything else reads the state
             return json.loads(checkpoint["state"]["config"])
         except CheckpointError as e:
             raise ConfigError(f"cannot resume from {directory}: {e}") from None

@@ -359,7 +359,8 @@ def _read_prefix(path: Path, counts: dict[str, int],
     """The first counts[table] rows of each table and the root attributes of an existing run file
     (of run `run_id`, when given)."""
     if set(counts) != set(TABLES):
-        raise ValueError(f"resume_counts must give a row count for each of {list(TABLES)}, got {counts}")
+        raise RunLogError(f"the checkpoint counts rows of the tables {sorted(counts)}, but this version of mpi_afl "
+                          f"logs {list(TABLES)}: it was written by another version")
     with _open_run(path) as f, _damage_is_an_error(path):
         if f.attrs.get("format_version") != FORMAT_VERSION:
             raise RunLogError(f"run log {path} has format_version {f.attrs.get('format_version')} (written by an "
