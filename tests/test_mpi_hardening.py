@@ -92,7 +92,7 @@ def test_foreign_checkpoint_is_refused_and_nothing_changes(runs, tmp_path):
     assert _snapshot(run) == before
 
 
-@pytest.mark.parametrize("damage", ["missing", "empty", "foreign", "truncated_rows"])
+@pytest.mark.parametrize("damage", ["missing", "empty", "foreign", "truncated_file", "flipped_rows", "truncated_rows"])
 def test_bad_run_log_on_resume_is_a_one_line_error(runs, tmp_path, damage):
     run = _copy(runs[0], tmp_path)
     log = run / "run.h5"
@@ -102,6 +102,16 @@ def test_bad_run_log_on_resume_is_a_one_line_error(runs, tmp_path, damage):
         log.write_bytes(b"")
     elif damage == "foreign":
         shutil.copy(runs[1] / "run.h5", log)
+    elif damage == "truncated_file":   # it used to resume with exit 0 and zero-filled rows
+        log.write_bytes(log.read_bytes()[: log.stat().st_size // 2])
+    elif damage == "flipped_rows":     # they used to be carried into the resumed log silently
+        import h5py
+        with h5py.File(log, "r") as f:
+            offset = f["arrivals"].id.get_chunk_info(0).byte_offset
+        data = bytearray(log.read_bytes())
+        for i in range(offset + 8, offset + 16):
+            data[i] ^= 0x5A
+        log.write_bytes(bytes(data))
     else:   # a log with fewer rows than the checkpoint counts: another run's log truncated by hand
         import h5py
         with h5py.File(log, "r+") as f:
@@ -109,7 +119,8 @@ def test_bad_run_log_on_resume_is_a_one_line_error(runs, tmp_path, damage):
     before = _snapshot(run)
     proc = launch(1, ["--resume", str(run), "--max-versions", "10"], timeout=120)
     words = {"missing": ["run.h5 is missing"], "empty": ["run.h5", "not a readable HDF5 file"],
-             "foreign": ["run.h5 belongs to run"], "truncated_rows": ["has 2 rows but the checkpoint counts"]}
+             "foreign": ["run.h5 belongs to run"], "truncated_file": ["run.h5", "truncated"],
+             "flipped_rows": ["run.h5 is damaged"], "truncated_rows": ["has 2 rows but the checkpoint counts"]}
     _refused(proc, *words[damage], "--new-log")
     assert _snapshot(run) == before
 
