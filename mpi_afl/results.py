@@ -35,8 +35,8 @@ from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES, read_run
 RUN_FILE = "run.h5"
 # Config keys that do not change what a run computes; runs that differ only in these (and the seed) are
 # repetitions of one setting. Resume-time placement keys, output place and logging cadence.
-NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.device", "run.log_flush_seconds",
-               "run.checkpoint_every", "server.queue_depth"}
+NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.device", "run.placement",
+               "run.log_flush_seconds", "run.heartbeat_seconds", "run.checkpoint_every", "server.queue_depth"}
 
 
 @dataclass
