@@ -79,9 +79,9 @@ GROUP_KEYS = ["final_accuracy", "best_accuracy", "virtual_time_to_target", "wall
 
 def summarize_group(group: Group, rows: list[dict]) -> dict:
     """Mean and sample std of each GROUP_KEYS value over the group's runs (`rows` in the group's order);
-    `reached`: how many runs reached the target (the time means are over those)."""
-    line = {"setting": group.label, "runs": len(rows),
-            "reached": sum(r["virtual_time_to_target"] is not None for r in rows)}
+    `reached`: how many runs reached the target (the time means are over those; None without a target)."""
+    reached = sum(r["virtual_time_to_target"] is not None for r in rows) if rows[0]["target"] is not None else None
+    line = {"setting": group.label, "runs": len(rows), "reached": reached}
     for key in GROUP_KEYS:
         line[f"{key}_mean"], line[f"{key}_std"] = mean_std([r[key] for r in rows])
     return line
@@ -110,7 +110,7 @@ def format_group_table(lines: list[dict]) -> str:
     formats = {"final_accuracy": "{:.4f}", "best_accuracy": "{:.4f}", "virtual_time_to_target": "{:.2f}",
                "wall_time_to_target": "{:.2f}", "updates_per_second": "{:.1f}", "mean_staleness": "{:.2f}"}
     header = ["setting", "runs", "reached", *(f"{key} (mean ± std)" for key in GROUP_KEYS)]
-    cells = [[line["setting"], str(line["runs"]), str(line["reached"]),
+    cells = [[line["setting"], str(line["runs"]), "-" if line["reached"] is None else str(line["reached"]),
               *(_pm(line[f"{key}_mean"], line[f"{key}_std"], formats[key]) for key in GROUP_KEYS)]
              for line in lines]
     return _table(header, cells)

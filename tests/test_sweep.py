@@ -22,7 +22,7 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 runs, 0 already done, 4 to run" in out
     table = out[out.index("setting"):].splitlines()
-    assert sorted(line.split()[:3] for line in table[1:]) == [["fedasync", "2", "0"], ["fedbuff", "2", "0"]]
+    assert sorted(line.split()[:3] for line in table[1:]) == [["fedasync", "2", "-"], ["fedbuff", "2", "-"]]
     assert "±" in table[1]
     summaries = {p: json.loads((p / "summary.json").read_text()) for p in tmp_path.glob("*/s*")}
     assert len(summaries) == 4 and {s["versions"] for s in summaries.values()} == {4}
