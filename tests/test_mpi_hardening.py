@@ -200,7 +200,10 @@ def test_signal_during_start_up_stops_cleanly(tmp_path, sig):
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     try:
-        time.sleep(1.0)   # the ranks are importing torch (seconds)
+        # rank 0 takes the lock early in its start-up, while the other ranks import torch (seconds)
+        deadline = time.monotonic() + 120
+        while not (out / "run.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -249,7 +252,7 @@ def test_garbage_data_file_names_the_file(tmp_path):
     for name, (ndim, dims) in sizes.items():
         header = (0x0800 + ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
         (raw / name).write_bytes(header + b"\0" * 100)   # a truncated download
-    proc = launch(3, [*FAST, "--dataset", "fashion-mnist", "--data.root", str(tmp_path / "data"),
+    proc = launch(2, [*FAST, "--dataset", "fashion-mnist", "--data.root", str(tmp_path / "data"),
                       "--out", str(tmp_path / "out")], timeout=120)
     _refused(proc, "train-images-idx3-ubyte", "truncated")
 
