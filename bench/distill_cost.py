@@ -129,6 +129,7 @@ class Bench:
     def fedrevive_update(self, alg: FedRevive, path: str) -> None:
         """One FedRevive KD call as the algorithm runs it (synthesis, Reptile, KD), plus the KD diagnostic."""
         d, ctx = self.cfg.distill, self.ctx
+        ctx.version += 1  # a new version per call, so synthesis runs whenever synth_every says (every call: 1)
         q = alg.teachers.proportions()
         if path == "batched":
             drain(alg.knowledge(ctx, self.x0))
@@ -136,7 +137,9 @@ class Bench:
             stacked = torch.stack(alg.teachers.models)
             teachers = reference.LoopEnsemble(self.make_model, stacked)
             load_flat(alg.student, self.x0)
-            drain(alg.synth.synthesize(teachers, q, alg.student, adversarial=True))
+            if alg.last_synthesis < 0 or ctx.version - alg.last_synthesis >= d.synth_every:
+                drain(alg.synth.synthesize(teachers, q, alg.student, adversarial=True))
+                alg.last_synthesis = ctx.version
             optimizer = torch.optim.Adam(alg.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
             reference.distill(alg.student, teachers.modules, lambda k: alg.synth.sample(q[k], d.kd_batch)[0],
                               optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature)
@@ -145,6 +148,7 @@ class Bench:
             alg._check(ctx, self.x0, kd_delta, 0.5, 10)
 
     def fedecho_update(self, alg: FedEcho) -> None:
+        self.ctx.version += 1
         drain(alg.distill(self.ctx, self.x0, staleness=10.0))
 
 
