@@ -16,6 +16,7 @@ server tells them to.
 
 from __future__ import annotations
 
+import atexit
 import signal
 from typing import Callable
 
@@ -26,9 +27,19 @@ _callback: Callable[[int], None] | None = None
 
 
 def arm() -> None:
-    """Record stop signals from now on (call once, first thing, in the main thread)."""
+    """Record stop signals from now on (call once, first thing, in the main thread), and ignore them once the
+    process is exiting."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
+    atexit.register(_ignore)
+
+
+def _ignore() -> None:
+    """At exit, after the run's work: Python's finalisation puts the default action (terminate) back for every
+    signal with a Python handler, so a USR1 arriving then (SLURM's time-limit signal as a finished job exits)
+    killed ranks that had finished cleanly (exit 138, seen under SLURM). It leaves ignored signals alone."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _record(signum: int, frame) -> None:

@@ -108,3 +108,15 @@ def test_resume_into_another_out_and_new_log_without_resume_are_config_errors(tm
         parse_args(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")], lambda d: {})
     cfg, _ = parse_args(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a")], lambda d: {})
     assert cfg.run.out == str(tmp_path / "a")
+
+
+def test_stop_signals_are_ignored_once_the_process_exits():
+    """Python's finalisation restores the default action (terminate) for signals with Python handlers; armed
+    signals are set to ignored at exit, so a late USR1 cannot kill a rank that finished cleanly."""
+    code = ("import atexit, signal, sys\n"
+            "atexit.register(lambda: print(signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN))\n"  # runs last
+            "from mpi_afl import signals\n"
+            "signals.arm()\n"
+            "assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out
