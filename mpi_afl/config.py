@@ -217,7 +217,7 @@ class EchoConfig:
     gamma: float = opt(1.0, "temperature of the teacher weights' certainty score (nats)", min=0, min_exclusive=True)
     staleness_factor: str = opt("sqrt", "staleness prior s(tau_k) of each teacher: 'relative' weighting: the floor "
                                 "of its reliability; 'entropy': a factor on its weights", choices=STALENESS_NAMES)
-    kd_step: float = opt(0.3, "KD correction step eta_kd: new parameters x' + eta_kd * share * (student - x'); "
+    kd_step: float = opt(0.1, "KD correction step eta_kd: new parameters x' + eta_kd * share * (student - x'); "
                          "0 = the backbone alone", min=0, max=1)
     kd_share: str = opt("staleness", "share of the KD correction: 'staleness' = distill.beta of B x the mean "
                         "staleness of the buffered updates (server.s_max); 'constant' = 1",
