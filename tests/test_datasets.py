@@ -236,3 +236,39 @@ def test_fraction_validation(kwargs, field):
 def test_unknown_data_set():
     with pytest.raises(ValueError, match=r"unknown data set 'svhn'.*cifar10.*digits"):
         locate("svhn")
+
+
+def _unpack_together(barrier, sources, targets, failures):
+    from mpi_afl.data.datasets import _unpack
+    barrier.wait()
+    try:
+        _unpack(sources, targets)
+    except OSError as e:
+        failures.put(repr(e))
+
+
+def test_concurrent_unpacks_of_the_same_files_all_succeed(tmp_path):
+    """Runs started together (a sweep) unpack Debian's recompressed files at the same time; each writes its own
+    partial file, so no rename can take another's (with one shared '.partial' name, a run failed with
+    FileNotFoundError: its partial file had been renamed away by the other)."""
+    import gzip
+    import multiprocessing
+
+    payload = bytes(range(256)) * 65536   # 16 MB: long enough for the copies to overlap
+    sources, targets = [], []
+    for i in range(3):
+        source = tmp_path / f"f{i}.gz"
+        source.write_bytes(gzip.compress(payload, compresslevel=1))
+        sources.append(source)
+        targets.append(tmp_path / "raw" / f"f{i}")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, failures = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_unpack_together, args=(barrier, sources, targets, failures)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    errors = [failures.get() for _ in range(failures.qsize())]
+    assert not errors and all(p.exitcode == 0 for p in procs)
+    assert all(t.read_bytes() == payload for t in targets)
+    assert not list((tmp_path / "raw").glob("*.partial"))

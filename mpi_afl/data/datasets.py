@@ -233,10 +233,13 @@ def prepare(name: str, root: str | None = None, download: bool = False, *,
 
 
 def _unpack(sources: list[pathlib.Path], targets: list[pathlib.Path]) -> None:
-    """Decompress (or copy) each source to its target, atomically so a reader never sees half a file."""
+    """Decompress (or copy) each source to its target, atomically so a reader never sees half a file.
+
+    The partial file is private to this process: two runs started together on one machine (a sweep) unpack
+    concurrently, and with a shared name the first rename left the second without its file."""
     for source, target in zip(sources, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         opener = gzip.open if source.suffix == ".gz" else open
         with opener(source, "rb") as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst)
