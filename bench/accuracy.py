@@ -8,7 +8,8 @@
 Every run is ONE process, `python -m mpi_afl.train --preset fmnist_cpu ... --out DIR` without mpiexec: the
 virtual clock makes the final model and every recorded value except wall times bit-identical for any number
 of ranks (README, "The two clocks"), so more ranks would only change the wall time. `--jobs` runs that many
-runs side by side. A run whose DIR/summary.json exists is not run again, so an interrupted grid continues
+runs side by side. A run whose DIR/summary.json says it reached its budget is not run again (one stopped by a
+signal is run again from the start), so an interrupted grid continues
 where it stopped and the tables can be rebuilt from finished runs alone.
 
 Runs live in OUT/<schedule>-alpha<alpha>/<algorithm>-<server settings>[-budget<B>]-s<seed>/ (the budget part
@@ -144,6 +145,13 @@ class RunSpec:
                 "--run.overwrite=true", "--out", str(self.directory(out))]
 
 
+def finished(directory: Path) -> bool:
+    """The run in `directory` reached its budget (a run stopped by a signal also writes summary.json: it is
+    run again from the start, not counted)."""
+    summary = directory / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["stop_reason"] == "max_virtual_time"
+
+
 def usage_path(directory: Path) -> Path:
     return directory.parent / f"{directory.name}.usage.json"
 
@@ -154,7 +162,7 @@ def run_one(spec: RunSpec, out: Path) -> str | None:
     The run's CPU seconds (user + system, from wait4) go to DIR.usage.json: on a shared machine they
     measure its cost where its wall time also counts the other processes."""
     directory = spec.directory(out)
-    if (directory / "summary.json").exists():
+    if finished(directory):
         return None
     directory.parent.mkdir(parents=True, exist_ok=True)
     log = directory.parent / f"{directory.name}.log"
@@ -192,7 +200,7 @@ def tail_accuracy(evals: list[dict], budget: float) -> float | None:
 def run_row(spec: RunSpec, out: Path) -> dict | None:
     """The JSON line of one finished run (None when it has no summary.json)."""
     directory = spec.directory(out)
-    if not (directory / "summary.json").exists():
+    if not finished(directory):
         return None
     summary = json.loads((directory / "summary.json").read_text())
     # The tuned FedBuff of the same seed and setting, with this run's non-server overrides (e.g. a KD split).
