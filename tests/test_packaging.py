@@ -40,15 +40,15 @@ def installed(tmp_path_factory):
     build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp / "dist")]
     if _setuptools_builds_pep639():
         build.append("--no-build-isolation")   # offline; otherwise pip fetches setuptools>=77 to build
-    done = subprocess.run(build, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(build, capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp / "dist").glob("mpi_afl-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], check=True, timeout=120)
     python = tmp / "venv" / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+                          capture_output=True, text=True, check=True, env=_env()).stdout.strip()
     done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                           str(wheel)], capture_output=True, text=True, timeout=300)
+                           str(wheel)], capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stderr
     Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     work = tmp / "work"
@@ -56,8 +56,14 @@ def installed(tmp_path_factory):
     return python, python.parent, work
 
 
+def _env() -> dict:
+    """The environment without PYTHONPATH: a checkout on it (with the egg-info an in-tree build leaves)
+    would make pip take the wheel for installed already, and the venv import the checkout."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _run(cmd, cwd, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = _env()
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # mpi4py finds the `mpich` wheel's libmpi under its venv's prefix; the fresh venv borrows this one's
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(Path(sys.prefix) / "lib"), env.get("LD_LIBRARY_PATH")]))
