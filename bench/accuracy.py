@@ -69,7 +69,7 @@ PRESET = "fmnist_cpu"
 #   fedrevive, afl_dw  B = 1, server.lr in {0.1, 0.2*, 0.5}
 #   fedbuff            B = 4 with FedBuff's own 1/sqrt(1 + tau) discount, server.lr in {0.25, 0.5*, 1, 2}
 #   ca2fl              B = 4, no discount (the cache replaces it), server.lr in {0.125, 0.25*, 0.5, 1}
-#   fedecho            B = 4 FedBuff backbone without discount (ALGORITHMS.md §4), server.lr in {0.25, 0.5*, 1}
+#   fedecho            B = 4 FedBuff backbone without discount (docs/algorithms.md §4), server.lr in {0.25, 0.5*, 1}
 #   fedasync           polynomial s(tau) = (tau + 1)^-0.5, mixing alpha in {0.1, 0.3, 0.6*, 0.9}
 #   fedavg             K = 20 clients per round, server.lr in {1.0, 1.4*} (2-3 rounds fit in the budget)
 SERVER_SETTINGS: dict[str, dict[str, str]] = {
@@ -85,7 +85,7 @@ SERVER_SETTINGS: dict[str, dict[str, str]] = {
 }
 
 
-# Delay settings. "paper" is ALGORITHMS.md §3.5. "high" has longer and heavier-tailed training times: a
+# Delay settings. "paper" is docs/algorithms.md §3.5. "high" has longer and heavier-tailed training times: a
 # fifth of the clients average 6 units (the paper's means are <= 1.6) and the Pareto(1.5) tail (infinite
 # variance) gives occasional jobs many times their mean. By Little's law the mean staleness stays about K
 # (the jobs in flight) whatever the delays; what grows is the tail (stragglers return hundreds of versions

@@ -159,21 +159,23 @@ def test_corrected_teacher_statistics_match_the_clients_feature_statistics():
 
 
 def test_synthesis_with_the_batched_teachers_matches_the_per_teacher_path():
-    """The same synthesis (same seed, adversarial student) with both teacher paths: same labels, images and
-    meta-generator within float tolerance."""
+    """The same synthesis call (same seed, adversarial student) with both teacher paths keeps the same labels
+    and images. One generator step: later steps and the Reptile step go through Adam, which divides near-zero
+    gradients by their own size, so summation-order differences become lr-sized steps and no float tolerance
+    holds there (the gradients themselves are compared in the first test of this file)."""
     from mpi_afl.config import DistillConfig
     from mpi_afl.distill.synthesizer import Synthesizer
 
     make_model = make("stat")
     stacked = trained_teachers(make_model, 3, seed=2)
-    cfg = DistillConfig(nz=16, ngf=8, synth_batch=8, synth_steps=2, pool_size=32, bn=0.3)
+    cfg = DistillConfig(nz=16, ngf=8, synth_batch=8, synth_steps=1, pool_size=32, bn=0.3)
     q = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(5)), dim=1)
     results = []
     for teachers in (TeacherEnsemble(make_model()).load(stacked), reference.LoopEnsemble(make_model, stacked)):
         synth = Synthesizer(cfg, (1, 28, 28), 10, (0.5,), (0.25,), "cpu", 11)
-        images, labels = drain(synth.synthesize(teachers, q, make_model(), adversarial=True))
-        results.append((images, labels, flatten(synth.generator)))
-    (a_img, a_lab, a_gen), (b_img, b_lab, b_gen) = results
-    assert torch.equal(a_lab, b_lab)
-    assert torch.allclose(a_img, b_img, atol=1e-5)
-    assert torch.allclose(a_gen, b_gen, atol=1e-5)
+        stats = {}
+        images, labels = drain(synth.synthesize(teachers, q, make_model(), adversarial=True, stats=stats))
+        results.append((images, labels, stats["synth_agreement"]))
+    (a_img, a_lab, a_agree), (b_img, b_lab, b_agree) = results
+    assert torch.equal(a_lab, b_lab) and a_agree == b_agree
+    assert torch.allclose(a_img, b_img, atol=1e-6)
