@@ -137,7 +137,7 @@ class Bench:
             stacked = torch.stack(alg.teachers.models)
             teachers = reference.LoopEnsemble(self.make_model, stacked)
             load_flat(alg.student, self.x0)
-            if alg.last_synthesis < 0 or ctx.version - alg.last_synthesis >= d.synth_every:
+            if alg.synthesis_due(ctx.version):
                 drain(alg.synth.synthesize(teachers, q, alg.student, adversarial=True))
                 alg.last_synthesis = ctx.version
             optimizer = torch.optim.Adam(alg.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)

@@ -1,8 +1,6 @@
 """The batched teacher path (distill/ensemble.py, kd.distill) against the per-teacher oracle (reference_distill.py),
 and the bias-corrected statistics L_bn matches (models/layers.tracked_statistics)."""
 
-import copy
-
 import pytest
 import torch
 

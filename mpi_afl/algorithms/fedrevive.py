@@ -156,7 +156,7 @@ class FedRevive(_TeacherDistillation):
             return None
         teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
-        if self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every:
+        if self.synthesis_due(version):
             # L_adv only once the KD warm-up is over (§3.3, step 3).
             yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
                                              stats=ctx.stats)
@@ -168,6 +168,10 @@ class FedRevive(_TeacherDistillation):
                               optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature,
                               outliers=self.kd_filter)
         return flatten(self.student) - x_t
+
+    def synthesis_due(self, version: int) -> bool:
+        """Synthesise at the first DFKD call and then every `distill.synth_every` versions."""
+        return self.last_synthesis < 0 or version - self.last_synthesis >= self.cfg.distill.synth_every
 
     def state_dict(self) -> dict:
         state = super().state_dict()
