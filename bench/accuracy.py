@@ -7,10 +7,11 @@
 
 Every run is ONE process, `python -m mpi_afl.train --preset fmnist_cpu ... --out DIR` without mpiexec: the
 virtual clock makes the final model and every recorded value except wall times bit-identical for any number
-of ranks (README, "The two clocks"), so more ranks would only change the wall time. `--jobs` runs that many
-runs side by side. A run whose DIR/summary.json says it reached its budget is not run again (one stopped by a
-signal is run again from the start), so an interrupted grid continues
-where it stopped and the tables can be rebuilt from finished runs alone.
+of ranks (README, "The two clocks"), so more ranks would only change the wall time. The runs go through
+`mpi_afl.sweep.run_local` (what this script adds is the grid: tuned settings per algorithm, delay schedules,
+budgets, and the metrics below): `--jobs` runs that many side by side, a finished run is not run again and an
+interrupted one resumes from its checkpoint, so an interrupted grid continues where it stopped and the tables
+can be rebuilt from finished runs alone. Console logs go to OUT/logs/.
 
 Runs live in OUT/<schedule>-alpha<alpha>/<algorithm>-<server settings>[-budget<B>]-s<seed>/ (the budget part
 only when --budget is not the preset's; use a new OUT after changing the preset). The script prints one JSON line per run (fields below), then one per (algorithm,
@@ -34,8 +35,8 @@ setting) with the mean and sample std over seeds:
   staleness_mean, staleness_p90, staleness_max   of the accepted updates (run.h5 arrivals): compare with
                                         server.s_max, which sets FedRevive's and AFL-DW's beta(tau)
   wall_seconds, versions                summary.json
-  cpu_seconds                           user + system CPU seconds of the run's process (null for runs this
-                                        script did not start)
+  cpu_seconds                           user + system CPU seconds of the run's process, from the sweep's
+                                        DIR.usage.json (null for runs no sweep finished)
 """
 
 from __future__ import annotations
@@ -43,12 +44,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +54,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/accuracy.py` from anywhere
 
+from mpi_afl import results  # noqa: E402
 from mpi_afl.config import ConfigError, DelayConfig, load_toml, preset_path  # noqa: E402
 from mpi_afl.delays import schedule_from  # noqa: E402
-from mpi_afl.storage.runlog import read_run  # noqa: E402
+from mpi_afl.sweep import run_local, state, usage_path  # noqa: E402
 
 PRESET = "fmnist_cpu"
 
@@ -137,50 +135,15 @@ class RunSpec:
         suffix = f"-{self.budget_tag}" if self.budget_tag else ""
         return out / self.setting / f"{self.algorithm}-{tag}{suffix}-s{self.seed}"
 
-    def command(self, out: Path) -> list[str]:
+    def train_args(self, out: Path, extra: list[str]) -> list[str]:
+        """mpi_afl.train's options for a fresh run (the sweep.GridPoint contract)."""
         keys = {"data.alpha": f"{self.alpha:g}", "run.max_virtual_time": f"{self.budget:g}",
                 **delay_overrides(SCHEDULES[self.schedule]), **self.settings}
-        return [sys.executable, "-m", "mpi_afl.train", "--preset", PRESET, "--algorithm", self.algorithm,
-                "--seed", str(self.seed), *(f"--{k}={v}" for k, v in keys.items()),
-                "--run.overwrite=true", "--out", str(self.directory(out))]
+        return [*extra, "--preset", PRESET, "--algorithm", self.algorithm, "--seed", str(self.seed),
+                *(f"--{k}={v}" for k, v in keys.items()), "--out", str(self.directory(out))]
 
-
-def finished(directory: Path) -> bool:
-    """The run in `directory` reached its budget (a run stopped by a signal also writes summary.json: it is
-    run again from the start, not counted)."""
-    summary = directory / "summary.json"
-    return summary.exists() and json.loads(summary.read_text())["stop_reason"] == "max_virtual_time"
-
-
-def usage_path(directory: Path) -> Path:
-    return directory.parent / f"{directory.name}.usage.json"
-
-
-def run_one(spec: RunSpec, out: Path) -> str | None:
-    """Run `spec` unless its summary.json exists; returns an error message or None.
-
-    The run's CPU seconds (user + system, from wait4) go to DIR.usage.json: on a shared machine they
-    measure its cost where its wall time also counts the other processes."""
-    directory = spec.directory(out)
-    if finished(directory):
-        return None
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    log = directory.parent / f"{directory.name}.log"
-    cmd = spec.command(out)
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        return f"{directory}: exit code {proc.returncode} after {elapsed:.0f}s; see {log}"
-    usage_path(directory).write_text(json.dumps({"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-                                                 "max_rss_mb": round(usage.ru_maxrss / 1024)}))
-    print(f"# done {directory} in {elapsed:.0f}s", file=sys.stderr, flush=True)
-    return None
+    def log_name(self) -> str:
+        return f"{self.setting}-{self.directory(Path()).name}"
 
 
 def time_to_reach(evals: list[dict], target: float) -> float | None:
@@ -200,7 +163,7 @@ def tail_accuracy(evals: list[dict], budget: float) -> float | None:
 def run_row(spec: RunSpec, out: Path) -> dict | None:
     """The JSON line of one finished run (None when it has no summary.json)."""
     directory = spec.directory(out)
-    if not finished(directory):
+    if state(directory) != "done":
         return None
     summary = json.loads((directory / "summary.json").read_text())
     # The tuned FedBuff of the same seed and setting, with this run's non-server overrides (e.g. a KD split).
@@ -211,7 +174,7 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
     if (reference / "summary.json").exists():
         fedbuff_final = json.loads((reference / "summary.json").read_text())["final_accuracy"]
     stats = summary.get("algorithm_stats", {})
-    arrivals = read_run(directory / "run.h5")["arrivals"]
+    arrivals = results.load(directory).tables["arrivals"]
     staleness = arrivals["staleness"][arrivals["accepted"].astype(bool)]
     distill = stats.get("distill_seconds")
     usage = usage_path(directory)
@@ -242,11 +205,7 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
-    present = [v for v in values if v is not None]
-    if not present:
-        return None, None
-    std = statistics.stdev(present) if len(present) > 1 else None
-    return round(statistics.fmean(present), 4), (round(std, 4) if std is not None else None)
+    return tuple(None if v is None else round(v, 4) for v in results.mean_std(values))
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -342,19 +301,17 @@ def main() -> None:
              for s in schedules for alpha in _csv(args.alphas, float) for seed in _csv(args.seeds, int)
              for a in sorted(algorithms, key=lambda a: a not in ("fedrevive", "fedecho"))]
 
-    errors = []
-    if not args.no_run:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            errors = [e for e in pool.map(lambda s: run_one(s, out), specs) if e]
+    failed = [] if args.no_run else run_local(specs, out, [], args.jobs, ranks=1)
     rows = [row for row in (run_row(s, out) for s in specs) if row is not None]
     if args.markdown:
         print(markdown(aggregate(rows)))
     else:
         for line in rows + aggregate(rows):
             print(json.dumps(line), flush=True)
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    if errors:
+    for spec in failed:
+        print(f"error: {spec.directory(out)} did not finish; see {out / 'logs' / spec.log_name()}.log",
+              file=sys.stderr)
+    if failed:
         sys.exit(1)
 
 

@@ -6,22 +6,27 @@
 Every grid point is one run directory, DIR/<algorithm>[-<key>=<value>...]/s<seed>. Options after
 `--` (a preset, stop rules, data options...) go to every run. Locally, N runs go at a time, each
 one process (`--ranks 1`, results are identical for any rank count in the virtual clock) or
-`mpiexec -n R`; a run's console output goes to DIR/logs/. The sweep is resumable: a point with a
-summary.json is done and skipped, one with a checkpoint.h5 continues with `--resume`, one with
+`mpiexec -n R`; a run's console output goes to DIR/logs/ and its CPU seconds (user + system, all its
+processes, of the launch that finished it) to <run directory>.usage.json beside it. The sweep is resumable: a point whose summary.json
+says it met its stop rule is done and skipped; one stopped by a signal (pre-emption, Ctrl-C: its
+summary.json says "signal") or killed outright continues from its checkpoint.h5 with `--resume`; one with
 neither starts over. At the end the mean ± std table over seeds is printed (`mpi_afl.report`).
 
 With `--slurm FILE` nothing runs here: FILE becomes an sbatch script with one array task per grid
 point, each running `python -m mpi_afl.slurm` (which resumes and requeues itself; see
 mpi_afl/slurm.py) on the same directories, so the local and SLURM sweeps are interchangeable.
 
-bench/accuracy.py predates this module and still runs its own grid (its settings table and budget
-tags); new comparisons should use this one.
+`run_local` takes any grid points that name their directory, their fresh-run options and their log:
+bench/accuracy.py runs its Fashion-MNIST grid (tuned settings per algorithm, delay schedules, budgets)
+through it with its own directory layout.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -29,8 +34,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .plugins import short_name
+
+
+class GridPoint(Protocol):
+    """What `run_local` needs of a grid point (Point below; bench/accuracy.py's RunSpec)."""
+
+    def directory(self, out: Path) -> Path: ...
+    def train_args(self, out: Path, extra: list[str]) -> list[str]: ...
+    def log_name(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,9 @@ class Point:
 
     def directory(self, out: Path) -> Path:
         return out / self.setting() / f"s{self.seed}"
+
+    def log_name(self) -> str:
+        return f"{self.setting()}-s{self.seed}"
 
     def train_args(self, out: Path, extra: list[str]) -> list[str]:
         """The trainer's options for a fresh run of this point (the shared options first, so the grid's
@@ -65,20 +82,26 @@ def grid(algorithms: list[str], seeds: list[int], sets: list[str]) -> list[Point
     return [Point(a, combo, s) for a in algorithms for combo in itertools.product(*axes) for s in seeds]
 
 
-def state(point: Point, out: Path) -> str:
-    """'done' (summary.json), 'resume' (checkpoint.h5, no summary) or 'start'."""
-    d = point.directory(out)
-    if (d / "summary.json").is_file():
+def state(directory: Path) -> str:
+    """'done' (summary.json of a run that met its stop rule), 'resume' (a checkpoint.h5 and no such
+    summary: the run was stopped by a signal or killed) or 'start'."""
+    summary = directory / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("stop_reason") != "signal":
         return "done"
-    if (d / "checkpoint.h5").is_file():
+    if (directory / "checkpoint.h5").is_file():
         return "resume"
     return "start"
 
 
-def command(point: Point, out: Path, extra: list[str], ranks: int) -> list[str]:
+def usage_path(directory: Path) -> Path:
+    """Where `run_local` writes a run's CPU usage: beside its directory, so --run.overwrite leaves it."""
+    return directory.parent / f"{directory.name}.usage.json"
+
+
+def command(point: GridPoint, out: Path, extra: list[str], ranks: int) -> list[str]:
     """The command that brings this point to completion from where it is."""
     d = point.directory(out)
-    if state(point, out) == "resume":
+    if state(d) == "resume":
         args = ["--resume", str(d)]
     else:
         args = point.train_args(out, extra) + (["--run.overwrite=true"] if d.exists() else [])
@@ -89,24 +112,34 @@ def command(point: Point, out: Path, extra: list[str], ranks: int) -> list[str]:
     return [*launcher, sys.executable, "-m", "mpi_afl.train", *args]
 
 
-def run_local(points: list[Point], out: Path, extra: list[str], parallel: int, ranks: int) -> list[Point]:
+def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: int,
+              ranks: int) -> list[GridPoint]:
     """Run the points that are not done, `parallel` at a time; returns the ones that failed."""
-    todo = [p for p in points if state(p, out) != "done"]
+    todo = [p for p in points if state(p.directory(out)) != "done"]
     print(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done, {len(todo)} to run, "
           f"{parallel} at a time", flush=True)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    def one(point: Point) -> bool:
+    def one(point: GridPoint) -> bool:
+        directory = point.directory(out)
         cmd = command(point, out, extra, ranks)
         t0 = time.monotonic()
-        with open(logs / f"{point.setting()}-s{point.seed}.log", "a") as fh:
+        with open(logs / f"{point.log_name()}.log", "a") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")
             fh.flush()
-            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
-        ok = code == 0 and state(point, out) == "done"
-        print(f"sweep: {'done' if ok else f'FAILED (exit {code})'} {point.directory(out)} "
-              f"in {time.monotonic() - t0:.0f}s", flush=True)
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            # wait4: the CPU seconds of the run and every process it waited for (the ranks under mpiexec);
+            # on a shared machine they measure a run's cost where its wall time also counts the others.
+            _, status, usage = os.wait4(proc.pid, 0)
+            code = proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
+        ok = code == 0 and state(directory) == "done"
+        if ok:
+            usage_path(directory).write_text(json.dumps({"cpu_seconds": round(cpu, 1),
+                                                         "max_rss_mb": round(usage.ru_maxrss / 1024)}))
+        print(f"sweep: {'done' if ok else f'FAILED (exit {code})'} {directory} "
+              f"in {time.monotonic() - t0:.0f}s ({cpu:.0f} CPU s)", flush=True)
         return ok
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from mpi_afl.sweep import Point, grid, main, slurm_script
+from mpi_afl.sweep import Point, grid, main, slurm_script, state
 from mpi_helpers import FAST
 
 def test_grid_order_and_directories(tmp_path):
@@ -24,8 +24,10 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     table = out[out.index("setting"):].splitlines()
     assert sorted(line.split()[:3] for line in table[1:]) == [["fedasync", "2", "-"], ["fedbuff", "2", "-"]]
     assert "±" in table[1]
-    summaries = {p: json.loads((p / "summary.json").read_text()) for p in tmp_path.glob("*/s*")}
+    summaries = {p: json.loads((p / "summary.json").read_text()) for p in tmp_path.glob("*/s?")}
     assert len(summaries) == 4 and {s["versions"] for s in summaries.values()} == {4}
+    usage = json.loads((tmp_path / "fedbuff" / "s0.usage.json").read_text())
+    assert usage["cpu_seconds"] > 0
 
     # Interrupted sweep: one run lost its summary (it has its checkpoint): only it runs again, resumed.
     lost = tmp_path / "fedasync" / "s1"
@@ -35,6 +37,16 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     assert "4 runs, 3 already done, 1 to run" in capsys.readouterr().out
     assert "--resume" in (tmp_path / "logs" / "fedasync-s1.log").read_text()
     assert json.loads((lost / "summary.json").read_text())["model_sha256"] == before
+
+
+def test_state_resumes_a_run_stopped_by_a_signal(tmp_path):
+    assert state(tmp_path) == "start"
+    (tmp_path / "checkpoint.h5").touch()
+    assert state(tmp_path) == "resume"
+    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "signal"}))
+    assert state(tmp_path) == "resume"      # pre-empted: its summary is not a result
+    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "max_versions"}))
+    assert state(tmp_path) == "done"
 
 
 def test_slurm_script_lists_every_point(tmp_path):
