@@ -11,12 +11,13 @@ per run:
   teacher_agreement                  fraction of pool images whose teacher-ensemble (mean logits of the
                                      buffered client models) argmax is the image's conditioning label
   mean_target_agreement              the same for the plain mean of the teachers' softmaxes
-  echo_target_agreement              the same for FedEcho's entropy-weighted target (the run's echo.gamma)
+  echo_target_agreement              the same for FedEcho's weighted target, with the run's echo settings
+                                     (weighting, gamma, staleness prior at the checkpoint's version)
   test_mean_target_accuracy, test_echo_target_accuracy   both targets on 2,000 real test images: does
-                                     weighting by certainty pick the right teachers on real data, on synthetic?
-  echo_weight_skew_correlation       Pearson r between each teacher's mean entropy weight on the pool images
+                                     the weighting pick the right teachers on real data, on synthetic?
+  echo_weight_skew_correlation       Pearson r between each teacher's mean FedEcho weight on the pool images
                                      and the largest-class share of its client's data (the run's partition,
-                                     rebuilt from its config): > 0 means the certainty weighting leans on the
+                                     rebuilt from its config): > 0 means the weighting leans on the
                                      most class-skewed clients
   global_agreement                   the same for the run's final global model
   global_confidence                  mean max-softmax of the global model on the pool images
@@ -24,6 +25,17 @@ per run:
   pool_pixel_mean/std, real_pixel_mean/std   in [0, 1] units: synthetic vs real training images
   pool_within_class_distance         mean pairwise L2 distance between pool images of one class (diversity),
   real_within_class_distance         the same for real training images (up to 256 per class)
+
+With --kd-probe N, also `kd_probe`: the run's KD repeated from its final global model with its final teachers
+for N iterations, once per input source, everything else fixed: `pool` (the run's synthetic pool, drawn per
+teacher from its q_k as FedRevive draws), `pool_histogram` (the pool drawn from each teacher's true label
+histogram, as with distill.proxy=histogram), `pool_balanced` (the pool with uniform class proportions), `kd_split`
+(the real 10% KD split drawn from the same q_k, DD-FedRevive's inputs; runs with data.kd_fraction > 0 only) and
+`noise` (Gaussian images, the floor). For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay,
+temperature) and with DD-FedRevive's (dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of
+the student against the global model on the whole test split, and the norm of its parameter change. Also
+`proxy_tv`: the mean total variation between the run's q_k and the true label histograms of its clients. Every source
+shares one seed, so the differences are the inputs' alone: which inputs carry the teachers' knowledge.
 
 With --synth-steps, also one line per step count N: the run's final meta-generator synthesises one batch
 from the final teachers with N fast-generator steps (the run's other synthesis settings, no L_adv), and
@@ -47,16 +59,18 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/synthetic_images.py` from anywhere
 
-from mpi_afl.algorithms.fedecho import echo_target, entropy_weights  # noqa: E402
+from mpi_afl.algorithms.fedecho import echo_target, teacher_staleness, teacher_weights  # noqa: E402
 from mpi_afl.config import from_dict  # noqa: E402
 from mpi_afl.data.datasets import load_splits  # noqa: E402
 from mpi_afl.data.partition import class_histograms, partition  # noqa: E402
+from mpi_afl.distill import kd  # noqa: E402
 from mpi_afl.distill.ensemble import TeacherEnsemble  # noqa: E402
-from mpi_afl.distill.proxy import ProbeProxy  # noqa: E402
+from mpi_afl.distill.pool import sample_by_class  # noqa: E402
+from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions  # noqa: E402
 from mpi_afl.distill.synthesizer import Synthesizer  # noqa: E402
 from mpi_afl.distill.teachers import TeacherBuffer  # noqa: E402
 from mpi_afl.models import build_model  # noqa: E402
-from mpi_afl.models.flat import load_flat  # noqa: E402
+from mpi_afl.models.flat import flatten, load_flat, param_mask  # noqa: E402
 from mpi_afl.server.loop import check_server_format  # noqa: E402
 from mpi_afl.slices import drain  # noqa: E402
 from mpi_afl.storage.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
@@ -80,20 +94,20 @@ def teacher_logits(ensemble: TeacherEnsemble, images: torch.Tensor) -> torch.Ten
         return torch.cat([ensemble(images[i:i + 512]) for i in range(0, len(images), 512)], dim=1)
 
 
-def target_agreement(per_teacher: torch.Tensor, labels: torch.Tensor, gamma: float | None) -> float:
+def target_agreement(per_teacher: torch.Tensor, labels: torch.Tensor, echo_weights=None) -> float:
     """How often the argmax of the teachers' combined prediction is `labels`: the plain mean of their
-    softmaxes (gamma None) or FedEcho's entropy-weighted target with temperature gamma (docs/algorithms.md §4)."""
-    probs = per_teacher.softmax(-1)
-    weights = (torch.full(probs.shape[:2], 1 / len(probs)) if gamma is None
-               else entropy_weights(probs, gamma))
+    softmaxes (`echo_weights` None) or FedEcho's weighted target; `echo_weights(logits)` gives the weights
+    (docs/algorithms.md §4)."""
+    weights = (torch.full(per_teacher.shape[:2], 1 / len(per_teacher)) if echo_weights is None
+               else echo_weights(per_teacher))
     target = echo_target(per_teacher, weights, 1.0)
     return round(float((target.argmax(1) == labels).float().mean()), 4)
 
 
 def weight_skew_correlation(per_teacher: torch.Tensor, clients: list[int], histograms: np.ndarray,
-                            gamma: float) -> float | None:
+                            echo_weights) -> float | None:
     """Pearson r between each teacher's mean FedEcho weight on the images and its client's largest-class share."""
-    weights = entropy_weights(per_teacher.softmax(-1), gamma).mean(1)
+    weights = echo_weights(per_teacher).mean(1)
     skew = torch.tensor([histograms[c].max() / histograms[c].sum() for c in clients], dtype=torch.float32)
     if len(clients) < 3 or float(skew.std()) == 0:
         return None
@@ -147,7 +161,51 @@ def synthesis_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, steps: 
             "batch_teacher_confidence": round(float(ensemble.softmax(1).max(1).values.mean()), 4)}
 
 
-def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) -> dict:
+def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np.ndarray, splits, make_model,
+             global_model: torch.Tensor, steps: int) -> dict:
+    """KD from the final teachers into the final global model on each input source (module docstring)."""
+    d = cfg.distill
+    synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
+                        info.std, torch.device("cpu"), cfg.run.seed)
+    synth.load_state_dict(algorithm["synthesizer"])
+    modules, q = teachers.ensemble(), teachers.proportions()
+    true_q = torch.stack([histogram_proportions(histograms[c]) for c in teachers.clients])
+    uniform = torch.full((info.num_classes,), 1.0 / info.num_classes)
+    rng = torch.Generator()
+    sources = {
+        "pool": lambda k: synth.sample(q[k], d.kd_batch)[0],
+        "pool_histogram": lambda k: synth.sample(true_q[k], d.kd_batch)[0],
+        "pool_balanced": lambda k: synth.sample(uniform, d.kd_batch)[0],
+        "noise": lambda k: torch.randn(d.kd_batch, info.channels, info.image_size, info.image_size, generator=rng),
+    }
+    if len(splits.kd_y):
+        sources["kd_split"] = lambda k: splits.kd_x[sample_by_class(splits.kd_y, q[k], d.kd_batch, rng)]
+    settings = {"fedrevive": (d.kd_lr, d.kd_weight_decay, d.temperature), "dd": (d.dd_lr, 0.0, d.dd_temperature)}
+    student = make_model()
+    trainable = param_mask(student)
+    x, y = splits.test_x, splits.test_y
+    loss_before = kd.held_out_loss(student, global_model, x, y)
+    acc_before = float((logits(student, global_model, x).argmax(1) == y).float().mean())
+    result = {"steps": steps, "test_loss": round(loss_before, 4), "test_accuracy": round(acc_before, 4),
+              "proxy_tv": round(float(0.5 * (q - true_q).abs().sum(1).mean()), 3)}
+    for name, draw in sources.items():
+        for label, (lr, decay, temperature) in settings.items():
+            torch.manual_seed(cfg.run.seed)
+            rng.manual_seed(cfg.run.seed)
+            synth.rng.manual_seed(cfg.run.seed)
+            load_flat(student, global_model)
+            optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=decay)
+            drain(kd.distill(student, modules, draw, optimizer=optimizer, steps=steps, temperature=temperature))
+            after = flatten(student)
+            acc = float((logits(student, after, x).argmax(1) == y).float().mean())
+            result[f"{name}/{label}"] = {
+                "loss_change": round(kd.held_out_loss(student, after, x, y) - loss_before, 4),
+                "accuracy_change": round(acc - acc_before, 4),
+                "parameter_change": round(float((after - global_model)[trainable].norm()), 4)}
+    return result
+
+
+def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd_steps: int) -> dict:
     state = load_checkpoint(run_dir / "checkpoint.h5")
     try:
         check_server_format(state)
@@ -194,6 +252,11 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
     test_accuracy = float((logits(model, global_model, splits.test_x).argmax(1) == splits.test_y).float().mean())
     real = splits.train_x * torch.tensor(info.std).view(1, -1, 1, 1) + torch.tensor(info.mean).view(1, -1, 1, 1)
 
+    s = teacher_staleness(cfg, teachers.versions, int(state["version"]))
+
+    def echo_weights(logits: torch.Tensor) -> torch.Tensor:
+        return teacher_weights(logits, s, cfg.echo)[0]
+
     name = f"{run_dir.parent.name}-{run_dir.name}"
     grid(images, labels, info.num_classes, per_class, out / f"{name}-pool.png")
     return {
@@ -203,11 +266,11 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
         "teachers": len(teachers),
         "teacher_agreement": round(float((ensemble.argmax(1) == labels).float().mean()), 4),
         "mean_target_agreement": target_agreement(pool_logits, labels, None),
-        "echo_target_agreement": target_agreement(pool_logits, labels, cfg.echo.gamma),
+        "echo_target_agreement": target_agreement(pool_logits, labels, echo_weights),
         "test_mean_target_accuracy": target_agreement(test_logits, test_y, None),
-        "test_echo_target_accuracy": target_agreement(test_logits, test_y, cfg.echo.gamma),
+        "test_echo_target_accuracy": target_agreement(test_logits, test_y, echo_weights),
         "echo_weight_skew_correlation": weight_skew_correlation(pool_logits, teachers.clients, histograms,
-                                                                cfg.echo.gamma),
+                                                                echo_weights),
         "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
         "global_confidence": round(float(global_logits.softmax(1).max(1).values.mean()), 4),
         "global_test_accuracy": round(test_accuracy, 4),
@@ -217,6 +280,9 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int]) ->
         "real_within_class_distance": round(within_class_distance(real, splits.train_y, info.num_classes), 3),
         "png": str(out / f"{name}-pool.png"),
         "synthesis_probes": [synthesis_probe(cfg, algorithm, info, teachers, n) for n in probe_steps],
+        "kd_probe": (kd_probe(cfg, algorithm, info, teachers, histograms, splits, make_model, global_model,
+                              kd_steps)
+                     if kd_steps else None),
     }
 
 
@@ -226,6 +292,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/synthetic"), help="where PNGs go")
     parser.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
     parser.add_argument("--synth-steps", default="", help="comma-separated fast-generator step counts to probe")
+    parser.add_argument("--kd-probe", type=int, default=0, metavar="N",
+                        help="KD iterations of the input-source probe (0: no probe)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +301,7 @@ def main() -> None:
     for run_dir in args.runs:
         if not (run_dir / "checkpoint.h5").exists():
             raise SystemExit(f"{run_dir}: no checkpoint.h5 (not a finished run directory?)")
-        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps)), flush=True)
+        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe)), flush=True)
 
 
 if __name__ == "__main__":

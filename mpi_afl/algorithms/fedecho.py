@@ -177,6 +177,24 @@ def relative_weights(probs: torch.Tensor, gamma: float,
     return weights, reliability
 
 
+def teacher_staleness(cfg, teacher_versions: list[int], version: int) -> torch.Tensor | None:
+    """s(τ_k) of every teacher, τ_k = version − v_k (`echo.staleness_factor`), or None for "none"."""
+    name = cfg.echo.staleness_factor
+    if name == "none":
+        return None
+    return torch.tensor([discount(name, version - v, cfg.server) for v in teacher_versions])
+
+
+def teacher_weights(logits: torch.Tensor, s: torch.Tensor | None,
+                    echo) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """a_k(x) of `echo.weighting` (step 4) for teacher logits (K, B, C) and staleness prior `s`, and the
+    reliabilities ρ_k ("relative") or None ("entropy")."""
+    probs = torch.softmax(logits, dim=-1)
+    if echo.weighting == "entropy":
+        return entropy_weights(probs, echo.gamma, s), None
+    return relative_weights(probs, echo.gamma, s)
+
+
 def echo_target(logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
     """p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T): logits (K, B, C), weights (K, B) -> (B, C)."""
     return (weights[..., None] * torch.softmax(logits / temperature, dim=-1)).sum(dim=0)
@@ -242,27 +260,11 @@ class FedEcho(Algorithm):
 
     # -- distillation ---------------------------------------------------------
 
-    def staleness_weights(self, version: int) -> torch.Tensor | None:
-        """s(τ_k) of every teacher, τ_k = version − v_k, or None without a staleness factor."""
-        name = self.cfg.echo.staleness_factor
-        if name == "none":
-            return None
-        return torch.tensor([discount(name, version - v, self.cfg.server) for v in self.teachers.versions])
-
     def kd_share(self, staleness: float) -> float:
         """Share b of the KD correction for buffered updates of mean staleness τ̄ = `staleness` (step 6)."""
         if self.cfg.echo.kd_share == "constant":
             return 1.0
         return staleness_beta(self.cfg.server.buffer_size * staleness, self.cfg.distill, self.cfg.server.s_max)
-
-    def teacher_weights(self, logits: torch.Tensor,
-                        s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """a_k(x) of `echo.weighting` (step 4) for teacher logits (K, B, C), and the reliabilities ρ_k
-        ("relative") or None ("entropy")."""
-        probs = torch.softmax(logits, dim=-1)
-        if self.cfg.echo.weighting == "entropy":
-            return entropy_weights(probs, self.cfg.echo.gamma, s), None
-        return relative_weights(probs, self.cfg.echo.gamma, s)
 
     def draw(self, q: torch.Tensor | None) -> torch.Tensor:
         """One KD batch shared by all teachers (§4 step 3; see the module docstring)."""
@@ -289,7 +291,7 @@ class FedEcho(Algorithm):
         step = echo.kd_step * share
         if step == 0:
             return self.finish(x_new, x_new)
-        s = self.staleness_weights(version)
+        s = teacher_staleness(self.cfg, self.teachers.versions, version)
         reliability = 0.0
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         self.student.train()  # as distill.kd.distill: the research code distils in train mode
@@ -297,7 +299,7 @@ class FedEcho(Algorithm):
             inputs = self.draw(q)
             with torch.no_grad():
                 logits = teachers(inputs)
-                weights, rho = self.teacher_weights(logits, s)
+                weights, rho = teacher_weights(logits, s, echo)
                 target = echo_target(logits, weights, d.temperature)
             if rho is not None:
                 reliability += float(rho.mean()) / d.kd_steps
