@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mpi_helpers import FAST, MPIEXEC, env, launch, summary
+from mpi_helpers import FAST, env, launch, start, summary, wait_until
 from mpi_afl.storage.checkpoint import load_checkpoint
 
 ARGS = [*FAST, "--clock", "virtual", "--seed", "4", "--run.eval_every=5"]
@@ -140,13 +140,9 @@ def test_infinite_learning_rate_is_refused_at_start(tmp_path):
 
 def test_second_run_on_the_same_out_is_refused_before_writing(tmp_path):
     out = tmp_path / "busy"
-    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "mpi_afl.train", *ARGS, "--max-versions", "100000",
-           "--run.checkpoint_every=2", "--out", str(out)]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    first = start(3, [*ARGS, "--max-versions", "100000", "--run.checkpoint_every=2", "--out", str(out)])
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.h5").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until((out / "checkpoint.h5").exists)
         assert (out / "run.lock").exists()
         commands = (out / "command.txt").read_text()
         clients = (out / "clients.txt").read_bytes()
@@ -196,14 +192,10 @@ def test_non_finite_global_model_stops_the_run_at_the_last_finite_version(tmp_pa
 def test_signal_during_start_up_stops_cleanly(tmp_path, sig):
     """USR1 during the imports used to kill every rank; TERM was ignored and the run went on to the end."""
     out = tmp_path / "early"
-    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "mpi_afl.train", *ARGS, "--max-versions", "100000",
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    proc = start(3, [*ARGS, "--max-versions", "100000", "--out", str(out)])
     try:
         # rank 0 takes the lock early in its start-up, while the other ranks import torch (seconds)
-        deadline = time.monotonic() + 120
-        while not (out / "run.lock").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until((out / "run.lock").exists, interval=0.01)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -223,16 +215,11 @@ def test_results_are_written_before_the_final_checkpoint(tmp_path):
     assert summary(out)["versions"] == 5 and (out / "model.pt").stat().st_size > 0
 
 
-def _launch_async(ranks, args):
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi_afl.train", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-
-
 def test_tracebacks_reach_stderr_in_full_before_the_abort(tmp_path):
     """About one abort in ten used to cut the traceback; run several at once, workers and the server failing."""
     cases = [("raise", r"rank [12] \(worker\) failed: RuntimeError: injected fault")] * 2 + \
             [("server_raise", r"rank 0 \(server\) failed: RuntimeError: injected fault")] * 2
-    procs = [_launch_async(3, [*ARGS, "--max-versions", "200", f"--fault.kind={kind}", "--fault.job=3",
+    procs = [start(3, [*ARGS, "--max-versions", "200", f"--fault.kind={kind}", "--fault.job=3",
                                "--out", str(tmp_path / f"f{i}")]) for i, (kind, _) in enumerate(cases)]
     for proc, (kind, line) in zip(procs, cases):
         try:

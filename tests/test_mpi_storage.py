@@ -1,15 +1,13 @@
 """Run files, checkpoints, exact resume and pre-emption, with real mpiexec runs (issue: storage)."""
 
 import signal
-import subprocess
-import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
 
-from mpi_helpers import FAST, MPIEXEC, env, launch, summary
+from mpi_helpers import FAST, launch, start, summary, wait_until
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
 from mpi_afl.storage.runlog import read_run
 
@@ -64,20 +62,18 @@ def test_resume_after_max_versions_is_exact(tmp_path):
 def test_sigterm_under_mpiexec_checkpoints_and_resumes_exactly(tmp_path):
     """Pre-emption: SIGTERM to mpiexec reaches every rank; all exit 0; a live SWMR reader follows the run."""
     out = tmp_path / "sig"
-    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "mpi_afl.train", *ARGS, "--max-versions", "100000",
-           "--run.log_flush_seconds=0.2", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    proc = start(3, [*ARGS, "--max-versions", "100000", "--run.log_flush_seconds=0.2", "--out", str(out)])
+
+    def live_rows() -> int:   # follow the live file like a user would
+        try:
+            with h5py.File(out / "run.h5", "r", swmr=True) as f:
+                f["arrivals"].refresh()
+                return len(f["arrivals"])
+        except (OSError, KeyError):
+            return 0
+
     try:
-        rows, deadline = 0, time.monotonic() + 120
-        while rows < 30 and time.monotonic() < deadline:   # follow the live file like a user would
-            time.sleep(0.5)
-            try:
-                with h5py.File(out / "run.h5", "r", swmr=True) as f:
-                    f["arrivals"].refresh()
-                    rows = len(f["arrivals"])
-            except (OSError, KeyError):
-                continue
-        assert rows >= 30, "the live run file never showed arrivals"
+        assert wait_until(lambda: live_rows() >= 30, interval=0.5), "the live run file never showed arrivals"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
