@@ -239,7 +239,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
     teachers = TeacherBuffer(len(algorithm["teacher_clients"]), make_model, torch.device("cpu"), histograms,
                              ProbeProxy((info.channels, info.image_size, info.image_size), info.num_classes,
                                         cfg.distill.probes, cfg.distill.probe_temperature),
-                             probe=cfg.distill.proxy == "probe", distinct=False, generator=torch.Generator())
+                             proportions=cfg.distill.proxy, distinct=False, generator=torch.Generator())
     teachers.load_state_dict(algorithm)
     modules = teachers.ensemble()
     pool_logits = teacher_logits(modules, normalise(images, info))

@@ -184,8 +184,9 @@ class DistillConfig:
     kd_weight_decay: float = opt(1e-5, "student weight decay", min=0)
     kd_batch: int = opt(32, "images per teacher per KD iteration", min=1)
     temperature: float = opt(1.0, "KD temperature T", min=0, min_exclusive=True)
-    proxy: str = opt("probe", "teacher class proportions: Gaussian-probe proxy or true label histograms (ablation)",
-                     choices=["probe", "histogram"])
+    proxy: str = opt("probe", "teacher class proportions q_k of synthesis labels and KD draws: the Gaussian-probe "
+                     "proxy, the true label histograms (the research code), or uniform",
+                     choices=["probe", "histogram", "uniform"])
     probes: int = opt(64, "Gaussian probe inputs for the proxy", min=1)
     probe_temperature: float = opt(0.8, "softmax temperature of the probe proxy", min=0, min_exclusive=True)
     embed_weight: float = opt(0.2, "weight of the class embedding in the generator input z + w E[y]", min=0)

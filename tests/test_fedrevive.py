@@ -180,6 +180,17 @@ def test_histogram_proxy_uses_true_label_proportions():
     assert server.ctx.stats["kd_applied"] == 1
 
 
+def test_uniform_proportions_need_no_estimate():
+    cfg = make_cfg(proxy="uniform", freeze_versions=0, warmup_versions=0)
+    server = Server(cfg)
+    alg = FedRevive(cfg, server.ctx)
+    server.arrive(alg, client=0, base=0)
+    server.arrive(alg, client=4, base=0)
+    assert torch.equal(alg.teachers.proportions(), torch.full((2, CLASSES), 1 / CLASSES))
+    assert alg.teachers.proxy.seen == {}
+    assert server.ctx.stats["kd_applied"] == 1
+
+
 def run(alg_cls, server: Server, alg, arrivals):
     for client, lag in arrivals:
         server.arrive(alg, client=client, base=max(0, server.ctx.version - lag))

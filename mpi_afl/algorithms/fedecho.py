@@ -232,7 +232,7 @@ class FedEcho(Algorithm):
         # q_k only steers synthetic inputs, so only then is the probe proxy fed.
         self.teachers = TeacherBuffer(echo.teachers, ctx.make_model, ctx.device, ctx.client_histograms,
                                       ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature),
-                                      probe=self.synthetic and d.proxy == "probe", distinct=True,
+                                      proportions=d.proxy if self.synthetic else "histogram", distinct=True,
                                       generator=self.rng)
         self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
                                  stream_seed(cfg.run.seed, _SYNTHESIS_STREAM)) if self.synthetic else None

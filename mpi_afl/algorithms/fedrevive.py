@@ -54,16 +54,16 @@ def stream_seed(seed: int, stream: int) -> int:
 class _TeacherDistillation(Algorithm):
     """The flow shared by FedRevive and DD-FedRevive: teacher buffer, blend, aggregation, timing."""
 
-    def __init__(self, cfg, ctx: ServerContext, probe: bool):
+    def __init__(self, cfg, ctx: ServerContext, proportions: str):
         super().__init__(cfg, ctx)
         d = cfg.distill
         self.rng = torch.Generator()
         self.rng.manual_seed(stream_seed(cfg.run.seed, _SERVER_STREAM))
         self.student = ctx.make_model()
-        # `probe`: q_k from the probe proxy (fed every arrival) rather than the true histograms.
+        # `proportions`: where the teachers' q_k come from (TeacherBuffer).
         self.teachers = TeacherBuffer(d.teachers, ctx.make_model, ctx.device, ctx.client_histograms,
                                       ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature),
-                                      probe=probe, distinct=False, generator=self.rng)
+                                      proportions=proportions, distinct=False, generator=self.rng)
 
     def beta(self, tau: int) -> float:
         raise NotImplementedError
@@ -140,7 +140,7 @@ class FedRevive(_TeacherDistillation):
     name = "fedrevive"
 
     def __init__(self, cfg, ctx: ServerContext):
-        super().__init__(cfg, ctx, probe=cfg.distill.proxy == "probe")
+        super().__init__(cfg, ctx, proportions=cfg.distill.proxy)
         d = cfg.distill
         self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
                                  stream_seed(cfg.run.seed, _SYNTHESIS_STREAM))
@@ -198,7 +198,7 @@ class DDFedRevive(_TeacherDistillation):
     name = "dd_fedrevive"
 
     def __init__(self, cfg, ctx: ServerContext):
-        super().__init__(cfg, ctx, probe=False)  # batches match the true label histograms
+        super().__init__(cfg, ctx, proportions="histogram")  # batches match the true label histograms
         if ctx.kd_x is None or ctx.kd_y is None or len(ctx.kd_x) == 0:
             raise ValueError("dd_fedrevive distils on the real KD split, but the server context has none; "
                              "set data.kd_fraction > 0 (the paper uses 0.1)")

@@ -6,8 +6,9 @@ the same client possibly several times. FedEcho (§4 step 2) keeps the latest
 model of each of the C most recently heard-from *distinct* clients, with the
 base version v_k of each model for its staleness τ_k = t − v_k. Both steer
 their synthesis and KD draws by the teachers' class proportions q_k (§3.3):
-the Gaussian-probe proxy, fed the first two uploads of every client, or, as
-ablation, the true label histograms.
+the Gaussian-probe proxy, fed the first two uploads of every client; as
+ablations, the true label histograms (the research code) or uniform
+proportions (no estimate at all).
 """
 
 from collections.abc import Callable
@@ -26,17 +27,20 @@ class TeacherBuffer:
     """The `capacity` most recent client models (flat vectors), most recent first.
 
     `distinct=True` keeps one model per client (FedEcho): a client already in
-    the buffer moves to the front with its new model. `probe=True` feeds
-    every pushed model to the probe proxy (which keeps only a client's first
-    two) and takes q_k from it; otherwise q_k is the client's true label
-    histogram. `generator` (CPU) draws the probe inputs; it belongs to the
-    caller, which saves its state."""
+    the buffer moves to the front with its new model. `proportions` is where
+    q_k comes from: "probe" feeds every pushed model to the probe proxy
+    (which keeps only a client's first two) and takes q_k from it,
+    "histogram" takes the client's true label histogram, "uniform" gives
+    every class the same share. `generator` (CPU) draws the probe inputs; it
+    belongs to the caller, which saves its state."""
 
     def __init__(self, capacity: int, make_model: Callable[[], nn.Module], device: torch.device, histograms: np.ndarray,
-                 proxy: ProbeProxy, *, probe: bool, distinct: bool, generator: torch.Generator):
+                 proxy: ProbeProxy, *, proportions: str, distinct: bool, generator: torch.Generator):
         if capacity < 1:
             raise ValueError(f"teacher buffer capacity must be >= 1, got {capacity}")
-        self.capacity, self.distinct, self.probe = capacity, distinct, probe
+        if proportions not in ("probe", "histogram", "uniform"):
+            raise ValueError(f"unknown class proportions {proportions!r}; allowed: probe, histogram, uniform")
+        self.capacity, self.distinct, self.source = capacity, distinct, proportions
         self.device = torch.device(device)
         self.proxy = proxy
         self.clients: list[int] = []
@@ -62,7 +66,7 @@ class TeacherBuffer:
         self.models.insert(0, model)
         del self.clients[self.capacity:], self.versions[self.capacity:], self.models[self.capacity:]
         self._stacked = None
-        if self.probe:
+        if self.source == "probe":
             if self._scratch is None:
                 self._scratch = self._make_model()
             load_flat(self._scratch, model)
@@ -76,8 +80,11 @@ class TeacherBuffer:
 
     def proportions(self) -> torch.Tensor:
         """q_k of every buffered teacher, (teachers, classes), on the buffer's device."""
-        if self.probe:
+        if self.source == "probe":
             return torch.stack([self.proxy.proportions(c).to(self.device) for c in self.clients])
+        if self.source == "uniform":
+            return torch.full((len(self.clients), self.proxy.num_classes), 1.0 / self.proxy.num_classes,
+                              device=self.device)
         return torch.stack([histogram_proportions(self._histograms[c]).to(self.device) for c in self.clients])
 
     def state_dict(self) -> dict:
