@@ -166,8 +166,9 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
     if state(directory) != "done":
         return None
     summary = json.loads((directory / "summary.json").read_text())
-    # The tuned FedBuff of the same seed and setting, with this run's non-server overrides (e.g. a KD split).
-    shared = tuple(o for o in spec.overrides if not o.startswith("server."))
+    # The tuned FedBuff of the same seed and setting, with this run's overrides of the setting (e.g. a KD split),
+    # not those of the algorithm (server.*, distill.*, echo.*).
+    shared = tuple(o for o in spec.overrides if o.split(".", 1)[0] not in ("server", "distill", "echo"))
     reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, shared,
                         spec.budget_tag).directory(out)
     fedbuff_final = None

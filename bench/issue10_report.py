@@ -1,0 +1,90 @@
+"""The tables of bench/ACCURACY.md's FedRevive experiment (and the FedEcho cell that shares its runs).
+
+    python bench/issue10_report.py [--out bench/runs/issue10] [--jsonl bench/results/accuracy_issue10.jsonl]
+
+Reads the finished runs of bench/issue10_grid.sh through `bench/accuracy.py --no-run` (one call per method
+variant, as the grid ran them), writes every run's JSON line to --jsonl and prints, per arm, a Markdown table
+of mean ± sample std over the seeds each method has, then paired per-seed differences (same clients and
+delays) for the comparisons the experiment registered in bench/ACCURACY.md.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# label -> (algorithm, overrides beyond the grid's data.kd_fraction=0.1, table name)
+VARIANTS = {
+    "fedrevive": ("fedrevive", [], "FedRevive (probe proxy, lr 0.2)"),
+    "fedrevive_hist": ("fedrevive", ["distill.proxy=histogram"], "FedRevive (true histograms, lr 0.2)"),
+    "dd_fedrevive": ("dd_fedrevive", [], "DD-FedRevive (real KD split, lr 0.4)"),
+    "afl_dw": ("afl_dw", [], "AFL-DW (lr 0.2)"),
+    "c1": ("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.2"],
+           "C1: FedBuff B 1, no discount, lr 0.2"),
+    "fedbuff": ("fedbuff", [], "FedBuff (tuned: B 4, sqrt discount, lr 0.5)"),
+    "ca2fl": ("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
+    "fedecho": ("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
+}
+ARMS = {"A": ("0.5", "paper"), "B": ("0.1", "high")}
+PAIRS = [("fedrevive", "afl_dw"), ("fedrevive_hist", "afl_dw"), ("fedrevive_hist", "fedrevive"),
+         ("dd_fedrevive", "afl_dw"), ("dd_fedrevive", "c1"), ("c1", "afl_dw"), ("fedecho", "ca2fl")]
+COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final", "kd_loss_change",
+           "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "distill_seconds_per_update"]
+
+
+def rows_of(out: Path, alpha: str, schedule: str, algorithm: str, overrides: list[str]) -> list[dict]:
+    cmd = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--no-run", "--out", str(out), "--alphas", alpha,
+           "--schedules", schedule, "--seeds", "0,1,2,3,4", "--algorithms", algorithm,
+           *(f"--override={o}" for o in ["data.kd_fraction=0.1", *overrides])]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [row for row in map(json.loads, text.splitlines()) if row["bench"] == "accuracy"]
+
+
+def mean_std(values: list) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if len(present) == 1:
+        return f"{present[0]:.3f}"
+    return f"{statistics.fmean(present):.3f} ± {statistics.stdev(present):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "runs" / "issue10")
+    parser.add_argument("--jsonl", type=Path, default=REPO / "bench" / "results" / "accuracy_issue10.jsonl")
+    args = parser.parse_args()
+    lines = []
+    for arm, (alpha, schedule) in ARMS.items():
+        runs = {}
+        for label, (algorithm, overrides, _) in VARIANTS.items():
+            runs[label] = {r["seed"]: r for r in rows_of(args.out, alpha, schedule, algorithm, overrides)}
+            lines += [{"variant": label, **r} for r in runs[label].values()]
+        print(f"\nArm {arm}: alpha {alpha}, {schedule} schedule\n")
+        print("| method | seeds | final | best | tail | time to FedBuff final | kd_loss_change | kd_loss_improved "
+              "| kd_norm_ratio | synth_agreement | distill s/update |")
+        print("|" + " --- |" * (len(COLUMNS) + 2))
+        for label, (_, _, name) in VARIANTS.items():
+            if runs[label]:
+                members = runs[label].values()
+                print(f"| {name} | {len(runs[label])} | "
+                      + " | ".join(mean_std([r[c] for r in members]) for c in COLUMNS) + " |")
+        print()
+        for a, b in PAIRS:
+            common = sorted(set(runs[a]) & set(runs[b]))
+            if not common:
+                continue
+            for column in ("final_accuracy", "tail_accuracy"):
+                d = [runs[a][s][column] - runs[b][s][column] for s in common]
+                print(f"    {a} - {b} {column.split('_')[0]}: {mean_std(d)} over seeds {common}; "
+                      f"per seed {[round(x, 3) for x in d]}")
+    args.jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    print(f"\n{len(lines)} runs -> {args.jsonl}")
+
+
+if __name__ == "__main__":
+    main()
