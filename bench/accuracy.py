@@ -11,7 +11,8 @@ of ranks (README, "The two clocks"), so more ranks would only change the wall ti
 `mpi_afl.sweep.run_local` (what this script adds is the grid: tuned settings per algorithm, delay schedules,
 budgets, and the metrics below): `--jobs` runs that many side by side, a finished run is not run again and an
 interrupted one resumes from its checkpoint, so an interrupted grid continues where it stopped and the tables
-can be rebuilt from finished runs alone. Console logs go to OUT/logs/.
+can be rebuilt from finished runs alone. Console logs go to OUT/logs/, progress lines to stderr. A run that
+diverged is finished (its row says so in `stop_reason`) and counts in the means: it is the method's result.
 
 Runs live in OUT/<schedule>-alpha<alpha>/<algorithm>-<server settings>[-budget<B>]-s<seed>/ (the budget part
 only when --budget is not the preset's; use a new OUT after changing the preset). The script prints one JSON line per run (fields below), then one per (algorithm,
@@ -35,8 +36,9 @@ setting) with the mean and sample std over seeds:
   staleness_mean, staleness_p90, staleness_max   of the accepted updates (run.h5 arrivals): compare with
                                         server.s_max, which sets FedRevive's and AFL-DW's beta(tau)
   wall_seconds, versions                summary.json
-  cpu_seconds                           user + system CPU seconds of the run's process, from the sweep's
-                                        DIR.usage.json (null for runs no sweep finished)
+  cpu_seconds                           user + system CPU seconds of the run's process, summed over its
+                                        launches (DIR.usage.json, written by the sweep runner)
+  stop_reason                           summary.json: max_virtual_time, or diverged
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def tail_accuracy(evals: list[dict], budget: float) -> float | None:
 
 
 def run_row(spec: RunSpec, out: Path) -> dict | None:
-    """The JSON line of one finished run (None when it has no summary.json)."""
+    """The JSON line of one finished run (None when the run has not met its stop rule)."""
     directory = spec.directory(out)
     if state(directory) != "done":
         return None
@@ -172,7 +174,7 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
     reference = RunSpec("fedbuff", spec.seed, spec.alpha, spec.schedule, spec.budget, shared,
                         spec.budget_tag).directory(out)
     fedbuff_final = None
-    if (reference / "summary.json").exists():
+    if state(reference) == "done":
         fedbuff_final = json.loads((reference / "summary.json").read_text())["final_accuracy"]
     stats = summary.get("algorithm_stats", {})
     arrivals = results.load(directory).tables["arrivals"]
@@ -199,7 +201,7 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
         "staleness_mean": round(float(staleness.mean()), 2), "staleness_p90": float(np.percentile(staleness, 90)),
         "staleness_max": int(staleness.max()),
         "wall_seconds": round(summary["wall_seconds"], 1), "cpu_seconds": cpu_seconds,
-        "versions": summary["versions"],
+        "versions": summary["versions"], "stop_reason": summary["stop_reason"],
         "updates": summary["updates_accepted"], "virtual_time": round(summary["virtual_time"], 2),
         "budget": spec.budget, "ranks": 1,
     }
@@ -302,7 +304,7 @@ def main() -> None:
              for s in schedules for alpha in _csv(args.alphas, float) for seed in _csv(args.seeds, int)
              for a in sorted(algorithms, key=lambda a: a not in ("fedrevive", "fedecho"))]
 
-    failed = [] if args.no_run else run_local(specs, out, [], args.jobs, ranks=1)
+    failed = [] if args.no_run else run_local(specs, out, [], args.jobs, ranks=1, log=sys.stderr)
     rows = [row for row in (run_row(s, out) for s in specs) if row is not None]
     if args.markdown:
         print(markdown(aggregate(rows)))
@@ -310,8 +312,7 @@ def main() -> None:
         for line in rows + aggregate(rows):
             print(json.dumps(line), flush=True)
     for spec in failed:
-        print(f"error: {spec.directory(out)} did not finish; see {out / 'logs' / spec.log_name()}.log",
-              file=sys.stderr)
+        print(f"error: {spec.directory(out)} did not finish (see its log above)", file=sys.stderr)
     if failed:
         sys.exit(1)
 

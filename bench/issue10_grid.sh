@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Issue 10's decisive experiment (bench/ACCURACY.md): two queues side by side, one per arm, one run at a time
-# each, seed-major so the first seeds of both arms complete first; resumable (finished runs are skipped).
+# each, seed-major so the first seeds of both arms complete first; resumable (finished runs are skipped,
+# interrupted ones resume from their checkpoints). Tables: python bench/issue10_report.py
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 OUT=bench/runs/issue10
 KD="--override data.kd_fraction=0.1"
+run() {  # run ALPHA SCHEDULE SEED ALGORITHMS [--override KEY=VALUE ...]
+  python bench/accuracy.py --alphas $1 --schedules $2 --seeds $3 --algorithms $4 --out $OUT $KD --jobs 1 "${@:5}"
+}
 queue() {  # queue ALPHA SCHEDULE
+  for s in 0 1 2 3 4; do run $1 $2 $s fedrevive,dd_fedrevive,afl_dw; done
   for s in 0 1 2 3 4; do
-    python bench/accuracy.py --alphas $1 --schedules $2 --out $OUT $KD --jobs 1 --seeds $s \
-      --algorithms fedrevive,dd_fedrevive,afl_dw
+    run $1 $2 $s fedrevive --override distill.proxy=histogram
+    # C1: DD-FedRevive without its KD term (every update at 0.4 x 0.5 = 0.2, no discount)
+    run $1 $2 $s fedbuff --override server.buffer_size=1 --override server.staleness=none --override server.lr=0.2
   done
+  for s in 0 1 2 3 4; do run $1 $2 $s fedbuff,ca2fl; done
+  # FedEcho's cell of issue 12 shares these runs (same clients and delays): alpha 0.1, high delay.
+  if [ "$1" = 0.1 ]; then for s in 0 1 2 3 4; do run $1 $2 $s fedecho --override server.lr=0.25; done; fi
+  # FedBuff in the research code's form: B = 1, no discount, half FedRevive's lr.
   for s in 0 1 2 3 4; do
-    python bench/accuracy.py --alphas $1 --schedules $2 --out $OUT $KD --jobs 1 --seeds $s --algorithms fedrevive \
-      --override distill.proxy=histogram
-    python bench/accuracy.py --alphas $1 --schedules $2 --out $OUT $KD --jobs 1 --seeds $s --algorithms fedbuff,ca2fl
-    python bench/accuracy.py --alphas $1 --schedules $2 --out $OUT $KD --jobs 1 --seeds $s --algorithms fedbuff \
-      --override server.buffer_size=1 --override server.staleness=none --override server.lr=0.1
+    run $1 $2 $s fedbuff --override server.buffer_size=1 --override server.staleness=none --override server.lr=0.1
   done
 }
 queue 0.5 paper &

@@ -10,12 +10,14 @@ delays) for the comparisons the experiment registered in bench/ACCURACY.md.
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/issue10_report.py` from anywhere
+
+from mpi_afl.results import mean_std as _mean_std  # noqa: E402
 
 # label -> (algorithm, overrides beyond the grid's data.kd_fraction=0.1, table name)
 VARIANTS = {
@@ -45,12 +47,10 @@ def rows_of(out: Path, alpha: str, schedule: str, algorithm: str, overrides: lis
 
 
 def mean_std(values: list) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
+    mean, std = _mean_std(values)
+    if mean is None:
         return "-"
-    if len(present) == 1:
-        return f"{present[0]:.3f}"
-    return f"{statistics.fmean(present):.3f} ± {statistics.stdev(present):.3f}"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
 def main() -> None:

@@ -30,10 +30,12 @@ With --kd-probe N, also `kd_probe`: the run's KD repeated from its final global 
 for N iterations, once per input source, everything else fixed: `pool` (the run's synthetic pool, drawn per
 teacher from its q_k as FedRevive draws), `pool_histogram` (the pool drawn from each teacher's true label
 histogram, as with distill.proxy=histogram), `pool_balanced` (the pool with uniform class proportions), `kd_split`
-(the real 10% KD split drawn from the same q_k, DD-FedRevive's inputs; runs with data.kd_fraction > 0 only) and
+(the real 10% KD split drawn from the true histograms, DD-FedRevive's inputs and draws; runs with
+data.kd_fraction > 0 only: compare it with `pool_histogram` for the images alone) and
 `noise` (Gaussian images, the floor). For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay,
 temperature) and with DD-FedRevive's (dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of
-the student against the global model on the whole test split, and the norm of its parameter change. Also
+the student against the global model on the whole test split, and the norm of its parameter change
+(no outlier filter: every KD step is applied). Also
 `proxy_tv`: the mean total variation between the run's q_k and the true label histograms of its clients. Every source
 shares one seed, so the differences are the inputs' alone: which inputs carry the teachers' knowledge.
 
@@ -179,7 +181,7 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np
         "noise": lambda k: torch.randn(d.kd_batch, info.channels, info.image_size, info.image_size, generator=rng),
     }
     if len(splits.kd_y):
-        sources["kd_split"] = lambda k: splits.kd_x[sample_by_class(splits.kd_y, q[k], d.kd_batch, rng)]
+        sources["kd_split"] = lambda k: splits.kd_x[sample_by_class(splits.kd_y, true_q[k], d.kd_batch, rng)]
     settings = {"fedrevive": (d.kd_lr, d.kd_weight_decay, d.temperature), "dd": (d.dd_lr, 0.0, d.dd_temperature)}
     student = make_model()
     trainable = param_mask(student)
@@ -235,7 +237,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         return build_model(cfg.model.name, in_channels=info.channels, image_size=info.image_size,
                            num_classes=info.num_classes, norm=cfg.model.norm)
 
-    # The run's teacher buffer as checkpointed (q_k from the probe proxy or the true histograms, as in the run).
+    # The run's teacher buffer as checkpointed (q_k as in the run: probe proxy, histograms or uniform).
     teachers = TeacherBuffer(len(algorithm["teacher_clients"]), make_model, torch.device("cpu"), histograms,
                              ProbeProxy((info.channels, info.image_size, info.image_size), info.num_classes,
                                         cfg.distill.probes, cfg.distill.probe_temperature),

@@ -6,11 +6,14 @@
 Every grid point is one run directory, DIR/<algorithm>[-<key>=<value>...]/s<seed>. Options after
 `--` (a preset, stop rules, data options...) go to every run. Locally, N runs go at a time, each
 one process (`--ranks 1`, results are identical for any rank count in the virtual clock) or
-`mpiexec -n R`; a run's console output goes to DIR/logs/ and its CPU seconds (user + system, all its
-processes, of the launch that finished it) to <run directory>.usage.json beside it. The sweep is resumable: a point whose summary.json
-says it met its stop rule is done and skipped; one stopped by a signal (pre-emption, Ctrl-C: its
-summary.json says "signal") or killed outright continues from its checkpoint.h5 with `--resume`; one with
-neither starts over. At the end the mean ± std table over seeds is printed (`mpi_afl.report`).
+`mpiexec -n R`; a run's console output goes to DIR/logs/ and its CPU seconds (user + system of all its
+processes, summed over its launches) to <run directory>.usage.json beside it. The sweep is resumable: a
+point whose summary.json says it met its stop rule (diverged included: that is a result) is done and
+skipped; one stopped by a signal (pre-emption, Ctrl-C: its summary.json says "signal") or killed outright
+continues from its checkpoint.h5 with `--resume`; one with neither starts over. A run whose resume is
+refused (a damaged run file, a checkpoint of another version) is reported as failed with its log and left as
+it is: delete its directory to start it over. At the end the mean ± std table over seeds is printed
+(`mpi_afl.report`).
 
 With `--slurm FILE` nothing runs here: FILE becomes an sbatch script with one array task per grid
 point, each running `python -m mpi_afl.slurm` (which resumes and requeues itself; see
@@ -34,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from .plugins import short_name
 
@@ -98,6 +101,20 @@ def usage_path(directory: Path) -> Path:
     return directory.parent / f"{directory.name}.usage.json"
 
 
+def add_usage(directory: Path, cpu_seconds: float, max_rss_mb: float, fresh: bool) -> dict:
+    """Add one launch's CPU seconds to the run's usage file (started over when the launch was `fresh`).
+
+    `max_rss_mb`: the largest resident set of any one of the launch's processes, the maximum over launches."""
+    path = usage_path(directory)
+    usage = {"cpu_seconds": 0.0, "launches": 0, "max_rss_mb": 0}
+    if not fresh and path.is_file():
+        usage.update(json.loads(path.read_text()))
+    usage = {"cpu_seconds": round(usage["cpu_seconds"] + cpu_seconds, 1), "launches": usage.get("launches", 1) + 1,
+             "max_rss_mb": max(usage["max_rss_mb"], round(max_rss_mb))}
+    path.write_text(json.dumps(usage))
+    return usage
+
+
 def command(point: GridPoint, out: Path, extra: list[str], ranks: int) -> list[str]:
     """The command that brings this point to completion from where it is."""
     d = point.directory(out)
@@ -112,17 +129,20 @@ def command(point: GridPoint, out: Path, extra: list[str], ranks: int) -> list[s
     return [*launcher, sys.executable, "-m", "mpi_afl.train", *args]
 
 
-def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: int,
-              ranks: int) -> list[GridPoint]:
-    """Run the points that are not done, `parallel` at a time; returns the ones that failed."""
+def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: int, ranks: int,
+              log: TextIO | None = None) -> list[GridPoint]:
+    """Run the points that are not done, `parallel` at a time; returns the ones that did not finish.
+    Progress lines go to `log` (default: standard output)."""
+    log = log or sys.stdout
     todo = [p for p in points if state(p.directory(out)) != "done"]
     print(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done, {len(todo)} to run, "
-          f"{parallel} at a time", flush=True)
+          f"{parallel} at a time", file=log, flush=True)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
     def one(point: GridPoint) -> bool:
         directory = point.directory(out)
+        fresh = state(directory) == "start"
         cmd = command(point, out, extra, ranks)
         t0 = time.monotonic()
         with open(logs / f"{point.log_name()}.log", "a") as fh:
@@ -134,12 +154,12 @@ def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: in
             _, status, usage = os.wait4(proc.pid, 0)
             code = proc.returncode = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
-        ok = code == 0 and state(directory) == "done"
-        if ok:
-            usage_path(directory).write_text(json.dumps({"cpu_seconds": round(cpu, 1),
-                                                         "max_rss_mb": round(usage.ru_maxrss / 1024)}))
-        print(f"sweep: {'done' if ok else f'FAILED (exit {code})'} {directory} "
-              f"in {time.monotonic() - t0:.0f}s ({cpu:.0f} CPU s)", flush=True)
+        if directory.is_dir():
+            add_usage(directory, cpu, usage.ru_maxrss / 1024, fresh)
+        ok = state(directory) == "done"
+        ended = (f"done ({json.loads((directory / 'summary.json').read_text())['stop_reason']})" if ok
+                 else f"FAILED (exit {code}; log {logs / point.log_name()}.log)")
+        print(f"sweep: {ended} {directory} in {time.monotonic() - t0:.0f}s ({cpu:.0f} CPU s)", file=log, flush=True)
         return ok
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:

@@ -142,7 +142,7 @@ def test_second_run_on_the_same_out_is_refused_before_writing(tmp_path):
     out = tmp_path / "busy"
     first = start(3, [*ARGS, "--max-versions", "100000", "--run.checkpoint_every=2", "--out", str(out)])
     try:
-        wait_until((out / "checkpoint.h5").exists)
+        assert wait_until((out / "checkpoint.h5").exists), "no checkpoint within 120 s"
         assert (out / "run.lock").exists()
         commands = (out / "command.txt").read_text()
         clients = (out / "clients.txt").read_bytes()
@@ -195,7 +195,7 @@ def test_signal_during_start_up_stops_cleanly(tmp_path, sig):
     proc = start(3, [*ARGS, "--max-versions", "100000", "--out", str(out)])
     try:
         # rank 0 takes the lock early in its start-up, while the other ranks import torch (seconds)
-        wait_until((out / "run.lock").exists, interval=0.01)
+        assert wait_until((out / "run.lock").exists, interval=0.01), "no run.lock within 120 s"
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:

@@ -27,7 +27,7 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     summaries = {p: json.loads((p / "summary.json").read_text()) for p in tmp_path.glob("*/s?")}
     assert len(summaries) == 4 and {s["versions"] for s in summaries.values()} == {4}
     usage = json.loads((tmp_path / "fedbuff" / "s0.usage.json").read_text())
-    assert usage["cpu_seconds"] > 0
+    assert usage["cpu_seconds"] > 0 and usage["launches"] == 1
 
     # Interrupted sweep: one run lost its summary (it has its checkpoint): only it runs again, resumed.
     lost = tmp_path / "fedasync" / "s1"
@@ -37,10 +37,13 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     assert "4 runs, 3 already done, 1 to run" in capsys.readouterr().out
     assert "--resume" in (tmp_path / "logs" / "fedasync-s1.log").read_text()
     assert json.loads((lost / "summary.json").read_text())["model_sha256"] == before
+    assert json.loads((tmp_path / "fedasync" / "s1.usage.json").read_text())["launches"] == 2   # CPU of both
 
 
 def test_state_resumes_a_run_stopped_by_a_signal(tmp_path):
     assert state(tmp_path) == "start"
+    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "signal"}))
+    assert state(tmp_path) == "start"       # stopped before its first checkpoint: nothing to resume
     (tmp_path / "checkpoint.h5").touch()
     assert state(tmp_path) == "resume"
     (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "signal"}))
