@@ -3,9 +3,11 @@
     python -m mpi_afl.report RUN [RUN ...] [--out DIR] [--target ACC] [--format png,pdf,svg] [--json]
 
 RUN is a run directory, its run.h5, or a directory holding runs below it (a sweep). Runs whose
-configs differ only in the seed (and in keys that do not change results: results.NOT_SETTING) form
-one setting; a setting with several runs is drawn as its mean with a band of one standard deviation
-across the runs, a single run as a plain curve. Writes into DIR (default: the first run's directory):
+configs differ only in the seed (and in keys that do not change results: results.NOT_SETTING, and
+the distill/echo sections for built-in algorithms that do not read them) form one setting; a
+setting with several runs is drawn as its mean with a band of one standard deviation across the
+runs, a single run as a plain curve. When a setting has finished runs, its unfinished ones (live,
+killed, or stopped by a signal) are listed per run but left out of its mean and band. Writes into DIR (default: the first run's directory):
   accuracy_vs_virtual_time, accuracy_vs_wall_time   test accuracy per evaluation
   staleness_histogram                               staleness of the accepted arrivals (mean per run)
   updates_per_client                                accepted updates per client id (mean per run)
@@ -81,7 +83,7 @@ def summarize_group(group: Group, rows: list[dict]) -> dict:
     """Mean and sample std of each GROUP_KEYS value over the group's runs (`rows` in the group's order);
     `reached`: how many runs reached the target (the time means are over those; None without a target)."""
     reached = sum(r["virtual_time_to_target"] is not None for r in rows) if rows[0]["target"] is not None else None
-    line = {"setting": group.label, "runs": len(rows), "reached": reached}
+    line = {"setting": group.label, "runs": len(rows), "unfinished_left_out": len(group.left_out), "reached": reached}
     for key in GROUP_KEYS:
         line[f"{key}_mean"], line[f"{key}_std"] = mean_std([r[key] for r in rows])
     return line
@@ -110,7 +112,9 @@ def format_group_table(lines: list[dict]) -> str:
     formats = {"final_accuracy": "{:.4f}", "best_accuracy": "{:.4f}", "virtual_time_to_target": "{:.2f}",
                "wall_time_to_target": "{:.2f}", "updates_per_second": "{:.1f}", "mean_staleness": "{:.2f}"}
     header = ["setting", "runs", "reached", *(f"{key} (mean ± std)" for key in GROUP_KEYS)]
-    cells = [[line["setting"], str(line["runs"]), "-" if line["reached"] is None else str(line["reached"]),
+    cells = [[line["setting"],
+              str(line["runs"]) + (f" (+{line['unfinished_left_out']} unfinished)" if line["unfinished_left_out"] else ""),
+              "-" if line["reached"] is None else str(line["reached"]),
               *(_pm(line[f"{key}_mean"], line[f"{key}_std"], formats[key]) for key in GROUP_KEYS)]
              for line in lines]
     return _table(header, cells)
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         if labels.count(run.label) > 1:
             run.label = f"{run.label} [{run.directory}]"
     groups = group_by_setting(runs)
+    left_out = sum(len(g.left_out) for g in groups)
+    if left_out:
+        print(f"mpi_afl.report: {left_out} unfinished run(s) (no summary.json, or stopped by a signal) are in the "
+              "per-run table but not in their settings' means and bands", file=sys.stderr)
     out = args.out or runs[0].directory
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -37,6 +37,11 @@ RUN_FILE = "run.h5"
 # repetitions of one setting. Resume-time placement keys, output place and logging cadence.
 NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.device", "run.placement",
                "run.log_flush_seconds", "run.heartbeat_seconds", "run.checkpoint_every", "server.queue_depth"}
+# Config sections that only some built-in algorithms read (mpi_afl/algorithms): for a run of another built-in
+# algorithm their keys change nothing, so they do not tell its settings apart (runs made before a default of
+# such a section changed stay one setting). A plug-in may read any section, so for it every key counts.
+BUILT_IN_ALGORITHMS = {"fedavg", "fedasync", "fedbuff", "afl_dw", "ca2fl", "fedrevive", "dd_fedrevive", "fedecho"}
+SECTION_READERS = {"distill": {"fedrevive", "dd_fedrevive", "fedecho"}, "echo": {"fedecho"}}
 
 
 @dataclass
@@ -60,6 +65,11 @@ class Run:
         df = pandas.DataFrame(self.tables[table])
         df.attrs.update(units=self.units[table], descriptions=self.descriptions[table])
         return df
+
+    @property
+    def finished(self) -> bool:
+        """The run met its stop rule: its summary.json exists and does not say it was stopped by a signal."""
+        return self.summary is not None and self.summary.get("stop_reason") != "signal"
 
     def value(self, dotted: str):
         """A config value by dotted key (`"server.algorithm"`), None when absent."""
@@ -141,34 +151,48 @@ def run_updates_per_second(run: Run) -> float | None:
 
 
 # ------------------------------------------------------------------ groups of seeds
-def _flat_config(run: Run) -> dict[str, object]:
+def _setting(run: Run) -> dict[str, object]:
+    """The run's config keys that can change what it computes (NOT_SETTING and SECTION_READERS)."""
+    algorithm = run.value("server.algorithm")
+    ignored = {section for section, readers in SECTION_READERS.items()
+               if algorithm in BUILT_IN_ALGORITHMS and algorithm not in readers}
     return {f"{section}.{key}": (tuple(v) if isinstance(v, list) else v)
-            for section, body in run.config.items() for key, v in body.items()}
+            for section, body in run.config.items() if section not in ignored
+            for key, v in body.items() if f"{section}.{key}" not in NOT_SETTING}
 
 
 @dataclass
 class Group:
-    """Runs of one setting (configs equal except NOT_SETTING keys, so normally only the seed differs)."""
+    """Runs of one setting (configs equal except NOT_SETTING keys, so normally only the seed differs).
+
+    `runs` are the ones its statistics use: the finished ones when it has any (a sweep in progress), else all
+    (e.g. live runs alone); `left_out` are its unfinished runs when finished ones exist."""
     label: str
     runs: list[Run] = field(default_factory=list)
+    left_out: list[Run] = field(default_factory=list)
 
 
 def group_by_setting(runs: list[Run]) -> list[Group]:
     """Groups in first-seen order; a group's label is its algorithm plus the keys that tell settings apart."""
     settings: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple(sorted((k, v) for k, v in _flat_config(run).items() if k not in NOT_SETTING))
+        key = tuple(sorted(_setting(run).items()))
         settings.setdefault(key, []).append(run)
     keys = list(settings)
-    differing = sorted({k for key in keys for k, v in key if any(dict(other).get(k) != v for other in keys)}
-                       - {"server.algorithm"})
+    # Keys with different values in two settings that both have them (a section the algorithm does not read
+    # is absent, not different).
+    values_of = [dict(key) for key in keys]
+    differing = sorted({k for values in values_of for k, v in values.items()
+                        if any(k in other and other[k] != v for other in values_of)} - {"server.algorithm"})
     groups = []
     for key in keys:
         values = dict(key)
         members = settings[key]
         name = values.get("server.algorithm") or members[0].label
-        extra = " ".join(f"{k.split('.', 1)[1]}={_short(values.get(k))}" for k in differing)
-        groups.append(Group(f"{name} {extra}".strip(), members))
+        extra = " ".join(f"{k.split('.', 1)[1]}={_short(values[k])}" for k in differing if k in values)
+        finished = [run for run in members if run.finished]
+        left_out = [run for run in members if not run.finished] if finished else []
+        groups.append(Group(f"{name} {extra}".strip(), finished or members, left_out))
     return groups
 
 

@@ -122,8 +122,25 @@ def test_group_by_setting_and_mean_std(run_dir):
     groups = results.group_by_setting([run, other, third])
     assert [len(g.runs) for g in groups] == [2, 1]
     assert [g.label for g in groups] == ["fedbuff lr=0.5", "fedbuff lr=0.1"]
+    # FedBuff reads no echo key, so an echo default that changed between runs keeps them one setting ...
+    other.config["echo"]["kd_step"] = 0.3
+    assert [len(g.runs) for g in results.group_by_setting([run, other])] == [2]
+    # ... and a seed still running is listed but left out of the setting's statistics.
+    assert run.finished
+    other.summary = None
+    (group,) = results.group_by_setting([run, other])
+    assert group.runs == [run] and group.left_out == [other]
+    other.summary = {"stop_reason": "signal"}
+    assert results.group_by_setting([run, other])[0].left_out == [other]
+    assert [len(g.runs) for g in results.group_by_setting([other])] == [1]   # live runs alone: all counted
     mean, std = results.mean_std([0.5, 0.7, None])
     assert mean == pytest.approx(0.6) and std == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_built_in_algorithm_names_match_the_registry():
+    from mpi_afl.algorithms import ALGORITHMS
+    assert results.BUILT_IN_ALGORITHMS == set(ALGORITHMS)
+    assert all(readers <= results.BUILT_IN_ALGORITHMS for readers in results.SECTION_READERS.values())
 
 
 def test_missing_or_foreign_paths_are_clear_errors(tmp_path):
