@@ -32,7 +32,9 @@ teacher from its q_k as FedRevive draws), `pool_histogram` (the pool drawn from 
 histogram, as with distill.proxy=histogram), `pool_balanced` (the pool with uniform class proportions), `kd_split`
 (the real 10% KD split drawn from the true histograms, DD-FedRevive's inputs and draws; runs with
 data.kd_fraction > 0 only: compare it with `pool_histogram` for the images alone) and
-`noise` (Gaussian images, the floor). For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay,
+`noise` (Gaussian images, the floor), and with --kd-probe-fresh N[,N...] `fresh<N>`: 256 images synthesised
+anew from the final meta-generator and teachers with N generator steps per call (labels and draws from the true
+histograms; compare with `pool_histogram`: would more generator steps give images that carry the knowledge?). For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay,
 temperature) and with DD-FedRevive's (dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of
 the student against the global model on the whole test split, and the norm of its parameter change
 (no outlier filter: every KD step is applied). Also
@@ -67,7 +69,7 @@ from mpi_afl.data.datasets import load_splits  # noqa: E402
 from mpi_afl.data.partition import class_histograms, partition  # noqa: E402
 from mpi_afl.distill import kd  # noqa: E402
 from mpi_afl.distill.ensemble import TeacherEnsemble  # noqa: E402
-from mpi_afl.distill.pool import sample_by_class  # noqa: E402
+from mpi_afl.distill.pool import SyntheticPool, sample_by_class  # noqa: E402
 from mpi_afl.distill.proxy import ProbeProxy, histogram_proportions  # noqa: E402
 from mpi_afl.distill.synthesizer import Synthesizer  # noqa: E402
 from mpi_afl.distill.teachers import TeacherBuffer  # noqa: E402
@@ -163,8 +165,24 @@ def synthesis_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, steps: 
             "batch_teacher_confidence": round(float(ensemble.softmax(1).max(1).values.mean()), 4)}
 
 
+FRESH_IMAGES = 256  # images of each `fresh<N>` source of the KD probe
+
+
+def fresh_synthesizer(cfg, algorithm: dict, info, teachers: TeacherBuffer, q: torch.Tensor, steps: int) -> Synthesizer:
+    """A copy of the run's final synthesizer with an empty pool, filled with FRESH_IMAGES new images made with
+    `steps` generator steps per call from the final teachers and class proportions `q`."""
+    synth = Synthesizer(dataclasses.replace(cfg.distill, synth_steps=steps),
+                        (info.channels, info.image_size, info.image_size), info.num_classes, info.mean, info.std,
+                        torch.device("cpu"), cfg.run.seed)
+    synth.load_state_dict(algorithm["synthesizer"])
+    synth.pool = SyntheticPool(FRESH_IMAGES)
+    while len(synth.pool) < FRESH_IMAGES:
+        drain(synth.synthesize(teachers.ensemble(), q))
+    return synth
+
+
 def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np.ndarray, splits, make_model,
-             global_model: torch.Tensor, steps: int) -> dict:
+             global_model: torch.Tensor, steps: int, fresh_steps: list[int]) -> dict:
     """KD from the final teachers into the final global model on each input source (module docstring)."""
     d = cfg.distill
     synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
@@ -180,6 +198,14 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np
         "pool_balanced": lambda k: synth.sample(uniform, d.kd_batch)[0],
         "noise": lambda k: torch.randn(d.kd_batch, info.channels, info.image_size, info.image_size, generator=rng),
     }
+    synths, agreement = [synth], {}
+    for n in fresh_steps:
+        fresh = fresh_synthesizer(cfg, algorithm, info, teachers, true_q, n)
+        sources[f"fresh{n}"] = lambda k, fresh=fresh: fresh.sample(true_q[k], d.kd_batch)[0]
+        synths.append(fresh)
+        images, labels = fresh.pool.images[:len(fresh.pool)], fresh.pool.labels[:len(fresh.pool)]
+        votes = teacher_logits(modules, normalise(images, info)).mean(0).argmax(1)
+        agreement[f"fresh{n}_teacher_agreement"] = round(float((votes == labels).float().mean()), 4)
     if len(splits.kd_y):
         sources["kd_split"] = lambda k: splits.kd_x[sample_by_class(splits.kd_y, true_q[k], d.kd_batch, rng)]
     settings = {"fedrevive": (d.kd_lr, d.kd_weight_decay, d.temperature), "dd": (d.dd_lr, 0.0, d.dd_temperature)}
@@ -189,12 +215,13 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np
     loss_before = kd.held_out_loss(student, global_model, x, y)
     acc_before = float((logits(student, global_model, x).argmax(1) == y).float().mean())
     result = {"steps": steps, "test_loss": round(loss_before, 4), "test_accuracy": round(acc_before, 4),
-              "proxy_tv": round(float(0.5 * (q - true_q).abs().sum(1).mean()), 3)}
+              "proxy_tv": round(float(0.5 * (q - true_q).abs().sum(1).mean()), 3), **agreement}
     for name, draw in sources.items():
         for label, (lr, decay, temperature) in settings.items():
             torch.manual_seed(cfg.run.seed)
             rng.manual_seed(cfg.run.seed)
-            synth.rng.manual_seed(cfg.run.seed)
+            for each in synths:
+                each.rng.manual_seed(cfg.run.seed)
             load_flat(student, global_model)
             optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=decay)
             drain(kd.distill(student, modules, draw, optimizer=optimizer, steps=steps, temperature=temperature))
@@ -207,7 +234,8 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np
     return result
 
 
-def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd_steps: int) -> dict:
+def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd_steps: int,
+            fresh_steps: list[int]) -> dict:
     state = load_checkpoint(run_dir / "checkpoint.h5")
     try:
         check_server_format(state)
@@ -283,7 +311,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         "png": str(out / f"{name}-pool.png"),
         "synthesis_probes": [synthesis_probe(cfg, algorithm, info, teachers, n) for n in probe_steps],
         "kd_probe": (kd_probe(cfg, algorithm, info, teachers, histograms, splits, make_model, global_model,
-                              kd_steps)
+                              kd_steps, fresh_steps)
                      if kd_steps else None),
     }
 
@@ -296,6 +324,8 @@ def main() -> None:
     parser.add_argument("--synth-steps", default="", help="comma-separated fast-generator step counts to probe")
     parser.add_argument("--kd-probe", type=int, default=0, metavar="N",
                         help="KD iterations of the input-source probe (0: no probe)")
+    parser.add_argument("--kd-probe-fresh", default="", metavar="N[,N...]",
+                        help="with --kd-probe: also KD on fresh images made with N generator steps per call")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +333,8 @@ def main() -> None:
     for run_dir in args.runs:
         if not (run_dir / "checkpoint.h5").exists():
             raise SystemExit(f"{run_dir}: no checkpoint.h5 (not a finished run directory?)")
-        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe)), flush=True)
+        fresh = [int(n) for n in args.kd_probe_fresh.split(",") if n.strip()]
+        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe, fresh)), flush=True)
 
 
 if __name__ == "__main__":
