@@ -12,6 +12,7 @@ queue() {  # queue ALPHA SCHEDULE
   for s in 0 1 2 3 4; do run $1 $2 $s fedrevive,dd_fedrevive,afl_dw; done
   for s in 0 1 2 3 4; do
     run $1 $2 $s fedrevive --override distill.proxy=histogram
+    run $1 $2 $s fedrevive --override distill.pool_size=256   # a pool of recent syntheses only
     # C1: DD-FedRevive without its KD term (every update at 0.4 x 0.5 = 0.2, no discount)
     run $1 $2 $s fedbuff --override server.buffer_size=1 --override server.staleness=none --override server.lr=0.2
   done

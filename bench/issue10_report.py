@@ -23,16 +23,20 @@ from mpi_afl.results import mean_std as _mean_std  # noqa: E402
 VARIANTS = {
     "fedrevive": ("fedrevive", [], "FedRevive (probe proxy, lr 0.2)"),
     "fedrevive_hist": ("fedrevive", ["distill.proxy=histogram"], "FedRevive (true histograms, lr 0.2)"),
+    "fedrevive_fresh": ("fedrevive", ["distill.pool_size=256"], "FedRevive (pool of the last 256 images, lr 0.2)"),
     "dd_fedrevive": ("dd_fedrevive", [], "DD-FedRevive (real KD split, lr 0.4)"),
     "afl_dw": ("afl_dw", [], "AFL-DW (lr 0.2)"),
     "c1": ("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.2"],
            "C1: FedBuff B 1, no discount, lr 0.2"),
     "fedbuff": ("fedbuff", [], "FedBuff (tuned: B 4, sqrt discount, lr 0.5)"),
+    "fedbuff_paper": ("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.1"],
+                      "FedBuff, research-code form (B 1, no discount, lr 0.1)"),
     "ca2fl": ("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
     "fedecho": ("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
 }
 ARMS = {"A": ("0.5", "paper"), "B": ("0.1", "high")}
 PAIRS = [("fedrevive", "afl_dw"), ("fedrevive_hist", "afl_dw"), ("fedrevive_hist", "fedrevive"),
+         ("fedrevive_fresh", "fedrevive"), ("fedrevive_fresh", "afl_dw"),
          ("dd_fedrevive", "afl_dw"), ("dd_fedrevive", "c1"), ("c1", "afl_dw"), ("fedecho", "ca2fl")]
 COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final", "kd_loss_change",
            "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "distill_seconds_per_update"]
