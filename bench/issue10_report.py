@@ -75,8 +75,14 @@ def main() -> None:
         for label, (_, _, name) in VARIANTS.items():
             if runs[label]:
                 members = runs[label].values()
-                print(f"| {name} | {len(runs[label])} | "
-                      + " | ".join(mean_std([r[c] for r in members]) for c in COLUMNS) + " |")
+                cells = [mean_std([r[c] for r in members]) for c in COLUMNS]
+                # Time to FedBuff's final accuracy: mean over the seeds that reached it (and how many did).
+                times = [r["virtual_time_to_fedbuff_final"] for r in members]
+                with_fedbuff = sum(r["fedbuff_final_accuracy"] is not None for r in members)
+                if with_fedbuff:
+                    cells[COLUMNS.index("virtual_time_to_fedbuff_final")] += (
+                        f" ({sum(t is not None for t in times)} of {with_fedbuff})")
+                print(f"| {name} | {len(runs[label])} | " + " | ".join(cells) + " |")
         print()
         for a, b in PAIRS:
             common = sorted(set(runs[a]) & set(runs[b]))
