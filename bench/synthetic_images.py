@@ -149,12 +149,17 @@ def grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class
     plt.close(fig)
 
 
+def run_synthesizer(cfg, algorithm: dict, info, **distill) -> Synthesizer:
+    """The run's final synthesizer (meta-generator, pool, filters) with `distill` settings changed."""
+    synth = Synthesizer(dataclasses.replace(cfg.distill, **distill), (info.channels, info.image_size, info.image_size),
+                        info.num_classes, info.mean, info.std, torch.device("cpu"), cfg.run.seed)
+    synth.load_state_dict(algorithm["synthesizer"])
+    return synth
+
+
 def synthesis_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, steps: int) -> dict:
     """One synthesis call with `steps` fast-generator steps from the run's final meta-generator and teachers."""
-    d = dataclasses.replace(cfg.distill, synth_steps=steps)
-    synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
-                        info.std, torch.device("cpu"), cfg.run.seed)
-    synth.load_state_dict(algorithm["synthesizer"])
+    synth = run_synthesizer(cfg, algorithm, info, synth_steps=steps)
     modules = teachers.ensemble()
     start = time.perf_counter()
     images, labels = drain(synth.synthesize(modules, teachers.proportions()))
@@ -171,10 +176,7 @@ FRESH_IMAGES = 256  # images of each `fresh<N>` source of the KD probe
 def fresh_synthesizer(cfg, algorithm: dict, info, teachers: TeacherBuffer, q: torch.Tensor, steps: int) -> Synthesizer:
     """A copy of the run's final synthesizer with an empty pool, filled with FRESH_IMAGES new images made with
     `steps` generator steps per call from the final teachers and class proportions `q`."""
-    synth = Synthesizer(dataclasses.replace(cfg.distill, synth_steps=steps),
-                        (info.channels, info.image_size, info.image_size), info.num_classes, info.mean, info.std,
-                        torch.device("cpu"), cfg.run.seed)
-    synth.load_state_dict(algorithm["synthesizer"])
+    synth = run_synthesizer(cfg, algorithm, info, synth_steps=steps)
     synth.pool = SyntheticPool(FRESH_IMAGES)
     while len(synth.pool) < FRESH_IMAGES:
         drain(synth.synthesize(teachers.ensemble(), q))
@@ -185,9 +187,7 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np
              global_model: torch.Tensor, steps: int, fresh_steps: list[int]) -> dict:
     """KD from the final teachers into the final global model on each input source (module docstring)."""
     d = cfg.distill
-    synth = Synthesizer(d, (info.channels, info.image_size, info.image_size), info.num_classes, info.mean,
-                        info.std, torch.device("cpu"), cfg.run.seed)
-    synth.load_state_dict(algorithm["synthesizer"])
+    synth = run_synthesizer(cfg, algorithm, info)
     modules, q = teachers.ensemble(), teachers.proportions()
     true_q = torch.stack([histogram_proportions(histograms[c]) for c in teachers.clients])
     uniform = torch.full((info.num_classes,), 1.0 / info.num_classes)

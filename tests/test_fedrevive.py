@@ -167,28 +167,27 @@ def test_teacher_buffer_holds_the_c_most_recent_client_models():
     assert set(alg.teachers.proxy.seen) == {0, 1, 2, 3, 4} and all(n == 1 for n in alg.teachers.proxy.seen.values())
 
 
-def test_histogram_proxy_uses_true_label_proportions():
-    cfg = make_cfg(proxy="histogram", freeze_versions=0, warmup_versions=0)
+def _two_arrivals_without_probe(proxy: str) -> FedRevive:
+    """FedRevive with `distill.proxy` = proxy after clients 0 and 4 arrived: nothing probed, KD applied once."""
+    cfg = make_cfg(proxy=proxy, freeze_versions=0, warmup_versions=0)
     server = Server(cfg)
     alg = FedRevive(cfg, server.ctx)
     server.arrive(alg, client=0, base=0)
     server.arrive(alg, client=4, base=0)
-    q = alg.teachers.proportions()
-    assert q.shape == (2, CLASSES)
-    assert q[0].tolist() == pytest.approx([0.0] * 4 + [0.75, 0.0, 0.0, 0.25, 0.0, 0.0])
     assert alg.teachers.proxy.seen == {}
     assert server.ctx.stats["kd_applied"] == 1
+    return alg
+
+
+def test_histogram_proxy_uses_true_label_proportions():
+    q = _two_arrivals_without_probe("histogram").teachers.proportions()
+    assert q.shape == (2, CLASSES)
+    assert q[0].tolist() == pytest.approx([0.0] * 4 + [0.75, 0.0, 0.0, 0.25, 0.0, 0.0])
 
 
 def test_uniform_proportions_need_no_estimate():
-    cfg = make_cfg(proxy="uniform", freeze_versions=0, warmup_versions=0)
-    server = Server(cfg)
-    alg = FedRevive(cfg, server.ctx)
-    server.arrive(alg, client=0, base=0)
-    server.arrive(alg, client=4, base=0)
-    assert torch.equal(alg.teachers.proportions(), torch.full((2, CLASSES), 1 / CLASSES))
-    assert alg.teachers.proxy.seen == {}
-    assert server.ctx.stats["kd_applied"] == 1
+    q = _two_arrivals_without_probe("uniform").teachers.proportions()
+    assert torch.equal(q, torch.full((2, CLASSES), 1 / CLASSES))
 
 
 def run(alg_cls, server: Server, alg, arrivals):

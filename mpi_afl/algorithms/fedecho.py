@@ -121,7 +121,7 @@ from mpi_afl.models.layers import reset_norm_statistics
 from .base import Algorithm, Outcome, ServerContext, Update
 from .ca2fl import CA2FL
 from .fedbuff import FedBuff
-from .fedrevive import stream_seed
+from .fedrevive import stream_seed, synthesis_due
 from .staleness import beta as staleness_beta
 from .staleness import discount
 
@@ -280,7 +280,7 @@ class FedEcho(Algorithm):
         teachers = self.teachers.ensemble()
         q = self.teachers.proportions() if self.synthetic else None
         load_flat(self.student, x_new)
-        if self.synthetic and (self.last_synthesis < 0 or version - self.last_synthesis >= d.synth_every):
+        if self.synthetic and synthesis_due(self.last_synthesis, version, d.synth_every):
             yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
                                              stats=ctx.stats)
             self.last_synthesis = version

@@ -45,6 +45,11 @@ from .staleness import beta as staleness_beta
 _SYNTHESIS_STREAM, _SERVER_STREAM = 1, 2
 
 
+def synthesis_due(last_synthesis: int, version: int, synth_every: int) -> bool:
+    """Synthesise at the first DFKD call (`last_synthesis` -1) and then every `synth_every` versions."""
+    return last_synthesis < 0 or version - last_synthesis >= synth_every
+
+
 def stream_seed(seed: int, stream: int) -> int:
     """A seed for one named random stream of a run (hashing keeps nearby seeds unrelated)."""
     value = np.random.SeedSequence([seed, 0x5EB1, stream]).generate_state(1, dtype=np.uint64)[0]
@@ -170,8 +175,7 @@ class FedRevive(_TeacherDistillation):
         return flatten(self.student) - x_t
 
     def synthesis_due(self, version: int) -> bool:
-        """Synthesise at the first DFKD call and then every `distill.synth_every` versions."""
-        return self.last_synthesis < 0 or version - self.last_synthesis >= self.cfg.distill.synth_every
+        return synthesis_due(self.last_synthesis, version, self.cfg.distill.synth_every)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
