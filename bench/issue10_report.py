@@ -1,11 +1,11 @@
-"""The tables of bench/ACCURACY.md's FedRevive experiment (and the FedEcho cell that shares its runs).
+"""The tables of bench/ACCURACY.md's FedRevive experiment and of FedEcho's grid, which shares its runs.
 
     python bench/issue10_report.py [--out bench/runs/issue10] [--jsonl bench/results/accuracy_issue10.jsonl]
 
 Reads the finished runs of bench/issue10_grid.sh through `bench/accuracy.py --no-run` (one call per method
-variant, as the grid ran them), writes every run's JSON line to --jsonl and prints, per arm, a Markdown table
-of mean ± sample std over the seeds each method has, then paired per-seed differences (same clients and
-delays) for the comparisons the experiment registered in bench/ACCURACY.md.
+variant, as the grid ran them), writes every run's JSON line to --jsonl and prints, per cell (arm A, arm B and
+FedEcho's two other cells), a Markdown table of mean ± sample std over the seeds each method has, then paired
+per-seed differences (same clients and delays) for the comparisons registered in bench/ACCURACY.md.
 """
 
 import argparse
@@ -13,13 +13,23 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/issue10_report.py` from anywhere
 
 from mpi_afl.results import mean_std as _mean_std  # noqa: E402
 
-# label -> (algorithm, overrides beyond the grid's data.kd_fraction=0.1, table name)
+
+
+class Variant(NamedTuple):
+    algorithm: str
+    overrides: list[str]        # beyond the grid's data.kd_fraction=0.1
+    name: str                   # in the tables
+    budget: str | None = None   # --budget of bench/accuracy.py (None: the preset's)
+
+
+LONG = "40"  # twice the preset's budget: about 550 versions at B = 1 (the issue's length)
 VARIANTS = {
     "fedrevive": ("fedrevive", [], "FedRevive (probe proxy, lr 0.2)"),
     "fedrevive_hist": ("fedrevive", ["distill.proxy=histogram"], "FedRevive (true histograms, lr 0.2)"),
@@ -33,19 +43,30 @@ VARIANTS = {
                       "FedBuff, research-code form (B 1, no discount, lr 0.1)"),
     "ca2fl": ("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
     "fedecho": ("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
+    "fedecho_old": ("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
+                                "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
+                    "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
+    "fedasync": ("fedasync", [], "FedAsync (mixing 0.6, polynomial)"),
+    "fedrevive_long": ("fedrevive", [], "FedRevive (probe proxy, lr 0.2), about 550 versions", LONG),
+    "afl_dw_long": ("afl_dw", [], "AFL-DW (lr 0.2), about 550 versions", LONG),
 }
-ARMS = {"A": ("0.5", "paper"), "B": ("0.1", "high")}
+VARIANTS = {label: Variant(*v) for label, v in VARIANTS.items()}
+# (title, alpha, schedule): the experiment's two arms, then the two other cells of FedEcho's grid
+CELLS = [("Arm A", "0.5", "paper"), ("Arm B", "0.1", "high"), ("FedEcho grid", "0.1", "paper"),
+         ("FedEcho grid", "0.5", "high")]
 PAIRS = [("fedrevive", "afl_dw"), ("fedrevive_hist", "afl_dw"), ("fedrevive_hist", "fedrevive"),
          ("fedrevive_fresh", "fedrevive"), ("fedrevive_fresh", "afl_dw"),
-         ("dd_fedrevive", "afl_dw"), ("dd_fedrevive", "c1"), ("c1", "afl_dw"), ("fedecho", "ca2fl")]
+         ("dd_fedrevive", "afl_dw"), ("dd_fedrevive", "c1"), ("c1", "afl_dw"), ("fedecho", "ca2fl"),
+         ("fedecho", "fedecho_old"), ("fedrevive_long", "afl_dw_long")]
 COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final", "kd_loss_change",
            "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "distill_seconds_per_update"]
 
 
-def rows_of(out: Path, alpha: str, schedule: str, algorithm: str, overrides: list[str]) -> list[dict]:
+def rows_of(out: Path, alpha: str, schedule: str, variant: Variant) -> list[dict]:
     cmd = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--no-run", "--out", str(out), "--alphas", alpha,
-           "--schedules", schedule, "--seeds", "0,1,2,3,4", "--algorithms", algorithm,
-           *(f"--override={o}" for o in ["data.kd_fraction=0.1", *overrides])]
+           "--schedules", schedule, "--seeds", "0,1,2,3,4", "--algorithms", variant.algorithm,
+           *(["--budget", variant.budget] if variant.budget else []),
+           *(f"--override={o}" for o in ["data.kd_fraction=0.1", *variant.overrides])]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return [row for row in map(json.loads, text.splitlines()) if row["bench"] == "accuracy"]
 
@@ -63,16 +84,16 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=REPO / "bench" / "results" / "accuracy_issue10.jsonl")
     args = parser.parse_args()
     lines = []
-    for arm, (alpha, schedule) in ARMS.items():
+    for title, alpha, schedule in CELLS:
         runs = {}
-        for label, (algorithm, overrides, _) in VARIANTS.items():
-            runs[label] = {r["seed"]: r for r in rows_of(args.out, alpha, schedule, algorithm, overrides)}
+        for label, variant in VARIANTS.items():
+            runs[label] = {r["seed"]: r for r in rows_of(args.out, alpha, schedule, variant)}
             lines += [{"variant": label, **r} for r in runs[label].values()]
-        print(f"\nArm {arm}: alpha {alpha}, {schedule} schedule\n")
+        print(f"\n{title}: alpha {alpha}, {schedule} schedule\n")
         print("| method | seeds | final | best | tail | time to FedBuff final | kd_loss_change | kd_loss_improved "
               "| kd_norm_ratio | synth_agreement | distill s/update |")
         print("|" + " --- |" * (len(COLUMNS) + 2))
-        for label, (_, _, name) in VARIANTS.items():
+        for label, variant in VARIANTS.items():
             if runs[label]:
                 members = runs[label].values()
                 cells = [mean_std([r[c] for r in members]) for c in COLUMNS]
@@ -82,7 +103,7 @@ def main() -> None:
                 if with_fedbuff:
                     cells[COLUMNS.index("virtual_time_to_fedbuff_final")] += (
                         f" ({sum(t is not None for t in times)} of {with_fedbuff})")
-                print(f"| {name} | {len(runs[label])} | " + " | ".join(cells) + " |")
+                print(f"| {variant.name} | {len(runs[label])} | " + " | ".join(cells) + " |")
         print()
         for a, b in PAIRS:
             common = sorted(set(runs[a]) & set(runs[b]))

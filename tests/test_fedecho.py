@@ -265,20 +265,27 @@ def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
         assert kl(new) < 0.9 * kl(x_prime)
 
 
-def new_models(echo: dict, lags=(0, 1, 1, 2)) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
+def new_models(echo: dict, lags=(0, 1, 1, 2), checks: list | None = None
+               ) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
     """The models of a proxy-input run with B = 2, KD from version 1 and s_max = 2, one arrival per client
     with the given lags: (models, stats, param mask). With the default lags the second model is the first
-    distilled one, from two updates of staleness 1 (mean 1: share cosine_beta(2 * 1, 2) = 0.5)."""
+    distilled one, from two updates of staleness 1 (mean 1: share cosine_beta(2 * 1, 2) = 0.5). With a
+    `checks` list, the KD diagnostic runs on the proxy images and every kd_checks row is appended to it."""
     cfg = make_cfg(inputs="proxy", backbone="ca2fl", buffer_size=2, echo=echo, freeze_versions=0,
                    warmup_versions=0, kd_lr=0.02)
     cfg.server.s_max = 2.0
     server = Server(cfg, kd_data=True)
+    if checks is not None:
+        server.ctx.check_x, server.ctx.check_y = server.ctx.kd_x, server.ctx.kd_y
     alg = FedEcho(cfg, server.ctx)
     models = []
     for client, lag in enumerate(lags):
         _, new, _, _ = server.arrive(alg, client, max(0, server.ctx.version - lag))
         if new is not None:
             models.append(new)
+        if alg.kd_check is not None:
+            checks.append(alg.kd_check)
+            alg.kd_check = None  # as the server loop does once it has logged the row
     return models, server.ctx.stats, server.ctx.param_mask
 
 
@@ -306,6 +313,34 @@ def test_kd_share_grows_with_the_staleness_of_the_buffered_updates():
     (_, backbone), _, _ = new_models({"kd_step": 0.0}, lags=(0, 0, 0, 0))
     assert stats["echo_kd_share"] == 0.0 and "kd_applied" not in stats and "echo_corrections" not in stats
     assert torch.equal(fresh, backbone)
+
+
+def test_kd_diagnostic_compares_the_corrected_model_with_x_prime_and_changes_nothing():
+    checks = []
+    (_, x_prime), _, _ = new_models({"kd_step": 0.0})
+    (_, plain), plain_stats, _ = new_models({"kd_step": 0.4})
+    (_, corrected), stats, _ = new_models({"kd_step": 0.4}, checks=checks)
+    assert torch.equal(corrected, plain) and not torch.equal(corrected, x_prime)  # read-only for the run
+    assert "kd_checks" not in plain_stats
+
+    server = Server(make_cfg(inputs="proxy"), kd_data=True)
+    x, y = server.ctx.kd_x, server.ctx.kd_y
+
+    def loss(flat):  # held-out cross-entropy in eval mode, computed here independently
+        model = tiny()
+        load_flat(model, flat)
+        model.eval()
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(x), y).item()
+
+    assert len(checks) == stats["kd_checks"] == stats["kd_applied"] == 1
+    row = checks[0]
+    assert row["version"] == 1 and row["staleness"] == 1 and row["share"] == pytest.approx(0.4 * 0.5)
+    assert row["loss_before"] == pytest.approx(loss(x_prime), rel=1e-6)
+    assert row["loss_after"] == pytest.approx(loss(corrected), rel=1e-6)
+    assert row["loss_before"] != row["loss_after"]
+    assert stats["kd_loss_change"] == pytest.approx(row["loss_after"] - row["loss_before"])
+    assert stats["kd_loss_improved"] == float(row["loss_after"] < row["loss_before"])
 
 
 def test_kd_step_zero_is_ca2fl_bit_for_bit():

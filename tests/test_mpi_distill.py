@@ -114,7 +114,15 @@ def test_fedecho_learns_under_mpiexec(full_run):
     s = summary(full_run("fedecho", 3))
     assert s["world_size"] == 3 and s["versions"] == VERSIONS and s["updates_rejected"] == 0
     assert s["final_accuracy"] > LEARNED, s["evals"]
-    assert s["algorithm_stats"]["kd_applied"] > 0
+    stats = s["algorithm_stats"]
+    assert stats["kd_applied"] > 0
+    # The KD diagnostic, as FedRevive's: one run.h5 row per correction (corrected model against x').
+    checks = read_run(full_run("fedecho", 3) / "run.h5")["kd_checks"]
+    assert stats["kd_checks"] == stats["kd_applied"] == len(checks["version"])
+    change = checks["loss_after"] - checks["loss_before"]
+    assert np.isfinite(change).all() and bool((change != 0).any())
+    assert stats["kd_loss_change"] == pytest.approx(float(change.mean()), rel=1e-9, abs=1e-12)
+    assert bool((checks["share"] > 0).all()) and bool((checks["share"] <= 1).all())
 
 
 def test_fedecho_virtual_clock_identical_across_rank_counts(full_run):

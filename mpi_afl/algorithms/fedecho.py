@@ -91,7 +91,11 @@ replaced the stepped model, undid part of CA2FL's step.
    new model, for ablations.
 
 Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied
-correction η_kd · b · (x_S − x') against the backbone's step; the running
+correction η_kd · b · (x_S − x') against the backbone's step; FedRevive's
+held-out check (distill.kd.loss_check, `distill.kd_check_images`):
+`kd_loss_change` = L(new model) − L(the same step without the correction)
+per correction, logged in run.h5 kd_checks with share η_kd · b and the
+buffered updates' mean staleness, rounded; the running
 mean of the share b over the `echo_distillations` new models beyond warm-up
 (`echo_kd_share`), and of the teachers' mean reliability ρ over the
 `echo_corrections` that ran KD ("relative"; `echo_reliability`).
@@ -111,7 +115,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
-from mpi_afl.distill.kd import OutlierFilter, record_kd, record_mean
+from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
 from mpi_afl.distill.teachers import TeacherBuffer
@@ -314,7 +318,14 @@ class FedEcho(Algorithm):
         record_kd(ctx.stats, (corrected - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
         if echo.weighting == "relative":
             record_mean(ctx.stats, "echo_corrections", {"echo_reliability": reliability})
-        return self.finish(corrected, x_new)
+        model = self.finish(corrected, x_new)
+        if ctx.check_x is not None:
+            # The KD diagnostic: the new model against the same step without its correction.
+            before, after = loss_check(self.student, ctx.stats, self.finish(x_new, x_new), model, ctx.check_x,
+                                       ctx.check_y)
+            self.kd_check = {"version": version, "staleness": round(staleness), "share": step,
+                             "loss_before": before, "loss_after": after}
+        return model
 
     def finish(self, model: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """The new global model: the parameters of `model` with the statistics `echo.norm_stats` picks."""

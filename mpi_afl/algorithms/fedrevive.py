@@ -100,16 +100,11 @@ class _TeacherDistillation(Algorithm):
 
     def _check(self, ctx: ServerContext, x_t: torch.Tensor, kd_delta: torch.Tensor, weight: float,
                staleness: int) -> None:
-        """The KD diagnostic: held-out loss change when only the KD part of the step is applied,
-        L(x_t + eta beta Delta_KD) - L(x_t) on ctx.check_x. Negative: the distilled change carries knowledge
-        that generalises; positive: it moves the model away from the data. Logged per call (run.h5
-        kd_checks) and as running means in ctx.stats (kd_loss_change, kd_loss_improved: the share of calls
-        with a negative change). Read-only: the run's result does not depend on it."""
+        """The KD diagnostic (kd.loss_check): L(x_t + eta beta Delta_KD) - L(x_t) on ctx.check_x, the
+        change when only the KD part of the step is applied; logged per call (run.h5 kd_checks)."""
         share = self.cfg.server.lr * weight
-        before = kd.held_out_loss(self.student, x_t, ctx.check_x, ctx.check_y)
-        after = kd.held_out_loss(self.student, x_t + share * kd_delta, ctx.check_x, ctx.check_y)
-        kd.record_mean(ctx.stats, "kd_checks", {"kd_loss_change": after - before,
-                                                "kd_loss_improved": float(after < before)})
+        before, after = kd.loss_check(self.student, ctx.stats, x_t, x_t + share * kd_delta, ctx.check_x,
+                                      ctx.check_y)
         self.kd_check = {"version": ctx.version, "staleness": staleness, "share": share, "loss_before": before,
                          "loss_after": after}
 

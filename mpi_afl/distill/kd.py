@@ -63,6 +63,19 @@ def held_out_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torc
         return float(F.cross_entropy(model(x), y))
 
 
+def loss_check(model: nn.Module, stats: dict, without: torch.Tensor, with_kd: torch.Tensor, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[float, float]:
+    """The KD diagnostic of one KD call: held-out losses (before, after) of the flat models `without` and
+    `with_kd` (the same step without and with its KD part) on the fixed check images (x, y), recorded as
+    running means in `stats` (kd_loss_change = after - before; kd_loss_improved = the share of calls with a
+    negative change) over the `kd_checks` calls. Negative on average: the distilled change carries
+    knowledge that generalises; positive: it moves the model away from the data. Read-only for the run:
+    `model` is scratch space."""
+    before, after = held_out_loss(model, without, x, y), held_out_loss(model, with_kd, x, y)
+    record_mean(stats, "kd_checks", {"kd_loss_change": after - before, "kd_loss_improved": float(after < before)})
+    return before, after
+
+
 def record_mean(stats: dict, count: str, values: dict[str, float]) -> None:
     """Add one observation to `stats`: increment stats[count] and update the running mean stats[key] of
     every `values` entry over the observations counted there."""

@@ -161,10 +161,13 @@ COLUMN_DOCS = {
     "kd_checks": {
         "version": ("versions", "global version x_t the distillation started from"),
         "virtual_time": ("vt", "virtual-clock finish time of the job whose arrival triggered the distillation"),
-        "staleness": ("versions", "staleness of the update the distilled step is blended with"),
-        "share": ("", "eta * beta, the factor of Delta_KD in the new model"),
+        "staleness": ("versions", "staleness of the update the distilled step is blended with (FedEcho: the "
+                                  "buffered updates' mean, rounded)"),
+        "share": ("", "eta * beta, the factor of Delta_KD in the new model (FedEcho: eta_kd * b, Delta_KD = "
+                      "student - x')"),
         "loss_before": ("", "mean cross-entropy of x_t on the fixed held-out check images (distill.kd_check_images)"),
-        "loss_after": ("", "the same for x_t + eta * beta * Delta_KD: below loss_before when KD carries knowledge"),
+        "loss_after": ("", "the same for x_t + eta * beta * Delta_KD: below loss_before when KD carries knowledge "
+                           "(FedEcho: loss_before is x', loss_after the corrected model)"),
     },
 }
 
