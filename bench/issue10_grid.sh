@@ -24,6 +24,31 @@ queue() {  # queue ALPHA SCHEDULE
     run $1 $2 $s fedbuff --override server.buffer_size=1 --override server.staleness=none --override server.lr=0.1
   done
 }
+third() {  # the third session's runs (bench/ACCURACY.md), seed-major; SEEDS of one queue
+  for s in "$@"; do
+    run 0.1 high $s fedrevive,afl_dw --budget 40   # the issue's ~550 versions
+    for cell in "0.1 paper" "0.5 high"; do run $cell $s fedecho --override server.lr=0.25; run $cell $s ca2fl; done
+    run 0.5 paper $s fedecho --override server.lr=0.25
+  done
+  for s in "$@"; do
+    run 0.1 high $s fedasync
+    run 0.1 high $s fedecho --override echo.backbone=fedbuff --override echo.weighting=entropy \
+      --override echo.staleness_factor=none --override echo.kd_step=1 --override echo.kd_share=constant
+  done
+}
+tune_proxy() {  # FedEcho on real unlabeled inputs: echo.kd_step tuned on held-out seeds 10 and 11
+  for s in 10 11; do
+    run 0.1 high $s ca2fl
+    proxy="fedecho --override server.lr=0.25 --override echo.inputs=proxy"
+    run 0.1 high $s $proxy   # echo.kd_step 0.1, the default
+    run 0.1 high $s $proxy --override echo.kd_step=0.3
+    run 0.1 high $s $proxy --override echo.kd_step=1
+  done
+}
 queue 0.5 paper &
 queue 0.1 high &
+wait
+tune_proxy
+third 0 2 4 &
+third 1 3 &
 wait
