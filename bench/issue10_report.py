@@ -43,6 +43,8 @@ VARIANTS = {
                       "FedBuff, research-code form (B 1, no discount, lr 0.1)"),
     "ca2fl": ("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
     "fedecho": ("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
+    "fedecho_proxy": ("fedecho", ["server.lr=0.25", "echo.inputs=proxy"],
+                      "FedEcho on real unlabeled inputs (the 10% split, kd_step 0.1 tuned on seeds 10-11)"),
     "fedecho_old": ("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
                                 "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
                     "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
@@ -58,7 +60,7 @@ PAIRS = [("fedrevive", "afl_dw"), ("fedrevive_hist", "afl_dw"), ("fedrevive_hist
          ("fedrevive_fresh", "fedrevive"), ("fedrevive_fresh", "afl_dw"),
          ("dd_fedrevive", "afl_dw"), ("dd_fedrevive", "c1"), ("c1", "afl_dw"), ("fedrevive", "fedbuff_paper"),
          ("fedrevive", "ca2fl"), ("dd_fedrevive", "ca2fl"), ("fedecho", "ca2fl"),
-         ("fedecho", "fedecho_old"), ("fedrevive_long", "afl_dw_long")]
+         ("fedecho_proxy", "ca2fl"), ("fedecho", "fedecho_old"), ("fedrevive_long", "afl_dw_long")]
 COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final", "kd_loss_change",
            "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "distill_seconds_per_update"]
 
