@@ -15,6 +15,13 @@ per run:
                                      (weighting, gamma, staleness prior at the checkpoint's version)
   test_mean_target_accuracy, test_echo_target_accuracy   both targets on 2,000 real test images: does
                                      the weighting pick the right teachers on real data, on synthetic?
+  test_expert_target_accuracy        the teachers as class experts, on the same test images: each image's
+                                     target weights teacher k by q_k(y), its share of the image's true class
+                                     y (the run's q_k; `_histogram`: the true label histograms). An oracle
+                                     (it reads the labels), and what drawing each teacher's KD batch from its
+                                     own q_k does with labelled inputs (FedRevive, DD-FedRevive)
+  test_expert_by_global_accuracy     the same without labels: weights sum_c p_global^c(x) q_k(c), the class
+                                     the final global model predicts standing in for y
   echo_weight_skew_correlation       Pearson r between each teacher's mean FedEcho weight on the pool images
                                      and the largest-class share of its client's data (the run's partition,
                                      rebuilt from its config): > 0 means the weighting leans on the
@@ -183,13 +190,13 @@ def fresh_synthesizer(cfg, algorithm: dict, info, teachers: TeacherBuffer, q: to
     return synth
 
 
-def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, histograms: np.ndarray, splits, make_model,
+def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.Tensor, splits, make_model,
              global_model: torch.Tensor, steps: int, fresh_steps: list[int]) -> dict:
-    """KD from the final teachers into the final global model on each input source (module docstring)."""
+    """KD from the final teachers into the final global model on each input source (module docstring);
+    `true_q` (K, C): the teachers' true label histograms as proportions."""
     d = cfg.distill
     synth = run_synthesizer(cfg, algorithm, info)
     modules, q = teachers.ensemble(), teachers.proportions()
-    true_q = torch.stack([histogram_proportions(histograms[c]) for c in teachers.clients])
     uniform = torch.full((info.num_classes,), 1.0 / info.num_classes)
     rng = torch.Generator()
     sources = {
@@ -287,6 +294,14 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
     def echo_weights(logits: torch.Tensor) -> torch.Tensor:
         return teacher_weights(logits, s, cfg.echo)[0]
 
+    true_q = torch.stack([histogram_proportions(histograms[c]) for c in teachers.clients])
+    global_test = logits(model, global_model, test_x).softmax(1)
+
+    def expert_accuracy(shares: torch.Tensor) -> float:
+        """Accuracy on test_y of the target with per-image teacher weights proportional to `shares` (K, B)."""
+        weights = shares / shares.sum(0).clamp_min(torch.finfo(shares.dtype).tiny)
+        return round(float((echo_target(test_logits, weights, 1.0).argmax(1) == test_y).float().mean()), 4)
+
     name = f"{run_dir.parent.name}-{run_dir.name}"
     grid(images, labels, info.num_classes, per_class, out / f"{name}-pool.png")
     return {
@@ -299,6 +314,9 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         "echo_target_agreement": target_agreement(pool_logits, labels, echo_weights),
         "test_mean_target_accuracy": target_agreement(test_logits, test_y, None),
         "test_echo_target_accuracy": target_agreement(test_logits, test_y, echo_weights),
+        "test_expert_target_accuracy": expert_accuracy(teachers.proportions()[:, test_y]),
+        "test_expert_target_accuracy_histogram": expert_accuracy(true_q[:, test_y]),
+        "test_expert_by_global_accuracy": expert_accuracy((global_test @ teachers.proportions().T).T),
         "echo_weight_skew_correlation": weight_skew_correlation(pool_logits, teachers.clients, histograms,
                                                                 echo_weights),
         "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
@@ -310,7 +328,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         "real_within_class_distance": round(within_class_distance(real, splits.train_y, info.num_classes), 3),
         "png": str(out / f"{name}-pool.png"),
         "synthesis_probes": [synthesis_probe(cfg, algorithm, info, teachers, n) for n in probe_steps],
-        "kd_probe": (kd_probe(cfg, algorithm, info, teachers, histograms, splits, make_model, global_model,
+        "kd_probe": (kd_probe(cfg, algorithm, info, teachers, true_q, splits, make_model, global_model,
                               kd_steps, fresh_steps)
                      if kd_steps else None),
     }
