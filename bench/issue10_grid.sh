@@ -29,6 +29,7 @@ third() {  # the third session's runs (bench/ACCURACY.md), seed-major; SEEDS of 
     run 0.1 high $s fedrevive,afl_dw --budget 40   # the issue's ~550 versions
     for cell in "0.1 paper" "0.5 high"; do run $cell $s fedecho --override server.lr=0.25; run $cell $s ca2fl; done
     run 0.5 paper $s fedecho --override server.lr=0.25
+    run 0.1 high $s fedecho --override server.lr=0.25 --override echo.inputs=proxy   # kd_step 0.1, tuned below
   done
   for s in "$@"; do
     run 0.1 high $s fedasync
