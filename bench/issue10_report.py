@@ -21,7 +21,6 @@ sys.path.insert(0, str(REPO))  # `python bench/issue10_report.py` from anywhere
 from mpi_afl.results import mean_std as _mean_std  # noqa: E402
 
 
-
 class Variant(NamedTuple):
     algorithm: str
     overrides: list[str]        # beyond the grid's data.kd_fraction=0.1
@@ -29,30 +28,30 @@ class Variant(NamedTuple):
     budget: str | None = None   # --budget of bench/accuracy.py (None: the preset's)
 
 
-LONG = "40"  # twice the preset's budget: about 550 versions at B = 1 (the issue's length)
+LONG = "40"  # twice the preset's budget, the issue's length: about 550 versions in arm A, 630 in arm B
 VARIANTS = {
-    "fedrevive": ("fedrevive", [], "FedRevive (probe proxy, lr 0.2)"),
-    "fedrevive_hist": ("fedrevive", ["distill.proxy=histogram"], "FedRevive (true histograms, lr 0.2)"),
-    "fedrevive_fresh": ("fedrevive", ["distill.pool_size=256"], "FedRevive (pool of the last 256 images, lr 0.2)"),
-    "dd_fedrevive": ("dd_fedrevive", [], "DD-FedRevive (real KD split, lr 0.4)"),
-    "afl_dw": ("afl_dw", [], "AFL-DW (lr 0.2)"),
-    "c1": ("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.2"],
-           "C1: FedBuff B 1, no discount, lr 0.2"),
-    "fedbuff": ("fedbuff", [], "FedBuff (tuned: B 4, sqrt discount, lr 0.5)"),
-    "fedbuff_paper": ("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.1"],
-                      "FedBuff, research-code form (B 1, no discount, lr 0.1)"),
-    "ca2fl": ("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
-    "fedecho": ("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
-    "fedecho_proxy": ("fedecho", ["server.lr=0.25", "echo.inputs=proxy"],
-                      "FedEcho on real unlabeled inputs (the 10% split, kd_step 0.1 tuned on seeds 10-11)"),
-    "fedecho_old": ("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
-                                "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
-                    "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
-    "fedasync": ("fedasync", [], "FedAsync (mixing 0.6, polynomial)"),
-    "fedrevive_long": ("fedrevive", [], "FedRevive (probe proxy, lr 0.2), about 550 versions", LONG),
-    "afl_dw_long": ("afl_dw", [], "AFL-DW (lr 0.2), about 550 versions", LONG),
+    "fedrevive": Variant("fedrevive", [], "FedRevive (probe proxy, lr 0.2)"),
+    "fedrevive_hist": Variant("fedrevive", ["distill.proxy=histogram"], "FedRevive (true histograms, lr 0.2)"),
+    "fedrevive_fresh": Variant("fedrevive", ["distill.pool_size=256"],
+                               "FedRevive (pool of the last 256 images, lr 0.2)"),
+    "dd_fedrevive": Variant("dd_fedrevive", [], "DD-FedRevive (real KD split, lr 0.4)"),
+    "afl_dw": Variant("afl_dw", [], "AFL-DW (lr 0.2)"),
+    "c1": Variant("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.2"],
+                  "C1: FedBuff B 1, no discount, lr 0.2"),
+    "fedbuff": Variant("fedbuff", [], "FedBuff (tuned: B 4, sqrt discount, lr 0.5)"),
+    "fedbuff_paper": Variant("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.1"],
+                             "FedBuff, research-code form (B 1, no discount, lr 0.1)"),
+    "ca2fl": Variant("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
+    "fedecho": Variant("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
+    "fedecho_proxy": Variant("fedecho", ["server.lr=0.25", "echo.inputs=proxy"],
+                             "FedEcho on real unlabeled inputs (the 10% split, kd_step 0.1 tuned on seeds 10-11)"),
+    "fedecho_old": Variant("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
+                                       "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
+                           "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
+    "fedasync": Variant("fedasync", [], "FedAsync (mixing 0.6, polynomial)"),
+    "fedrevive_long": Variant("fedrevive", [], "FedRevive (probe proxy, lr 0.2), twice the budget", LONG),
+    "afl_dw_long": Variant("afl_dw", [], "AFL-DW (lr 0.2), twice the budget", LONG),
 }
-VARIANTS = {label: Variant(*v) for label, v in VARIANTS.items()}
 # (title, alpha, schedule): the experiment's two arms, then the two other cells of FedEcho's grid
 CELLS = [("Arm A", "0.5", "paper"), ("Arm B", "0.1", "high"), ("FedEcho grid", "0.1", "paper"),
          ("FedEcho grid", "0.5", "high")]

@@ -300,7 +300,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
     def expert_accuracy(shares: torch.Tensor) -> float:
         """Accuracy on test_y of the target with per-image teacher weights proportional to `shares` (K, B)."""
         weights = shares / shares.sum(0).clamp_min(torch.finfo(shares.dtype).tiny)
-        return round(float((echo_target(test_logits, weights, 1.0).argmax(1) == test_y).float().mean()), 4)
+        return target_agreement(test_logits, test_y, lambda _: weights)
 
     name = f"{run_dir.parent.name}-{run_dir.name}"
     grid(images, labels, info.num_classes, per_class, out / f"{name}-pool.png")

@@ -45,6 +45,18 @@ def _assert_identical(a: dict, b: dict) -> None:
     assert a["algorithm_stats"]["kd_applied"] == b["algorithm_stats"]["kd_applied"]
 
 
+def _kd_checks(out: Path, stats: dict) -> dict:
+    """The run's kd_checks table, checked against its summary: one finite row per KD call, not all zero
+    changes, and the summary means of the rows."""
+    checks = read_run(out / "run.h5")["kd_checks"]
+    assert stats["kd_checks"] == stats["kd_applied"] == len(checks["version"])
+    change = checks["loss_after"] - checks["loss_before"]
+    assert np.isfinite(change).all() and bool((change != 0).any())
+    assert stats["kd_loss_change"] == pytest.approx(float(change.mean()), rel=1e-9, abs=1e-12)
+    assert stats["kd_loss_improved"] == pytest.approx(float((change < 0).mean()))
+    return checks
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """full_run(algorithm, ranks): the output directory of a VERSIONS-long run, launched on first use."""
@@ -81,12 +93,7 @@ def test_fedrevive_learns_and_blends_kd_into_stale_updates(full_run):
     assert stats["kd_norm_ratio"] > 0 and -1 <= stats["kd_cosine"] <= 1
     assert stats["syntheses"] > 0 and 0 <= stats["synth_agreement"] <= 1
     # The KD diagnostic: one run.h5 row per KD call, L(x_t + eta beta Delta_KD) - L(x_t) on held-out images.
-    checks = read_run(out / "run.h5")["kd_checks"]
-    assert stats["kd_checks"] == stats["kd_applied"] == len(checks["version"])
-    change = checks["loss_after"] - checks["loss_before"]
-    assert np.isfinite(change).all() and bool((change != 0).any())
-    assert stats["kd_loss_change"] == pytest.approx(float(change.mean()), rel=1e-9, abs=1e-12)
-    assert stats["kd_loss_improved"] == pytest.approx(float((change < 0).mean()))
+    checks = _kd_checks(out, stats)
     np.testing.assert_allclose(checks["share"], 0.5 * weight[stale_after_warmup], rtol=1e-12)  # FAST lr 0.5
 
 
@@ -117,11 +124,7 @@ def test_fedecho_learns_under_mpiexec(full_run):
     stats = s["algorithm_stats"]
     assert stats["kd_applied"] > 0
     # The KD diagnostic, as FedRevive's: one run.h5 row per correction (corrected model against x').
-    checks = read_run(full_run("fedecho", 3) / "run.h5")["kd_checks"]
-    assert stats["kd_checks"] == stats["kd_applied"] == len(checks["version"])
-    change = checks["loss_after"] - checks["loss_before"]
-    assert np.isfinite(change).all() and bool((change != 0).any())
-    assert stats["kd_loss_change"] == pytest.approx(float(change.mean()), rel=1e-9, abs=1e-12)
+    checks = _kd_checks(full_run("fedecho", 3), stats)
     assert bool((checks["share"] > 0).all()) and bool((checks["share"] <= 1).all())
 
 
