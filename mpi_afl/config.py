@@ -213,8 +213,9 @@ class EchoConfig:
     backbone: str = opt("ca2fl", "buffered parameter step", choices=["fedbuff", "ca2fl"])
     teachers: int = opt(10, "latest models of the C most recent distinct clients", min=1)
     weighting: str = opt("relative", "teacher weights: 'relative' (certainty and agreement with the ensemble, "
-                         "stale teachers scaled by an estimated reliability) or 'entropy' (softmax(-H/gamma))",
-                         choices=["relative", "entropy"])
+                         "stale teachers scaled by an estimated reliability), 'expert' (each synthetic image's "
+                         "class share q_k(y) times that reliability; synthetic inputs only) or 'entropy' "
+                         "(softmax(-H/gamma))", choices=["relative", "expert", "entropy"])
     gamma: float = opt(1.0, "temperature of the teacher weights' certainty score (nats)", min=0, min_exclusive=True)
     staleness_factor: str = opt("sqrt", "staleness prior s(tau_k) of each teacher: 'relative' weighting: the floor "
                                 "of its reliability; 'entropy': a factor on its weights", choices=STALENESS_NAMES)
@@ -415,6 +416,10 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.warmup_versions < cfg.distill.freeze_versions:
         raise ConfigError(f"config key 'distill.warmup_versions': {cfg.distill.warmup_versions} must be >= "
                           f"distill.freeze_versions = {cfg.distill.freeze_versions}")
+    if cfg.echo.weighting == "expert" and cfg.echo.inputs != "synthetic":
+        raise ConfigError("config key 'echo.weighting': 'expert' weights each image by the class it was generated "
+                          "for, so it needs echo.inputs = 'synthetic' (proxy images have no class); use "
+                          "'relative' with proxy inputs")
     if cfg.server.algorithm == "fedecho" and cfg.echo.inputs == "proxy" and d.kd_fraction <= 0:
         raise ConfigError("config key 'data.kd_fraction': fedecho with echo.inputs = 'proxy' distils on the "
                           "held-out split, so it must be > 0")

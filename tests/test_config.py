@@ -57,6 +57,9 @@ def write(tmp_path: Path, text: str, name: str = "run.toml") -> str:
     (["--delays.upload_means=-0.5"], ["'delays.upload_means'", "[-0.5]", ">= 0"]),
     (["--delays.upload_means=0.01", "--delays.upload_spread=0.05"], ["'delays.upload_spread'", "0.05", "0.01"]),
     (["stray"], ["'stray'", "--section.key=VALUE"]),
+    # FedEcho's class-expert weights need the class each synthetic image was made for
+    (["--echo.weighting=expert", "--echo.inputs=proxy", "--data.kd_fraction=0.1"],
+     ["'echo.weighting'", "'expert'", "echo.inputs = 'synthetic'"]),
 ])
 def test_command_line_errors_name_key_and_value(argv, expected):
     message = error(argv)

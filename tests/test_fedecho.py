@@ -10,11 +10,11 @@ import torch
 
 from mpi_afl.algorithms.ca2fl import CA2FL
 from mpi_afl.algorithms.fedbuff import FedBuff
-from mpi_afl.algorithms.fedecho import (FedEcho, echo_target, entropy_weights, relative_weights, soft_kl,
-                                        teacher_staleness)
+from mpi_afl.algorithms.fedecho import (FedEcho, echo_target, entropy_weights, expert_weights, relative_weights,
+                                        soft_kl, teacher_staleness)
 from mpi_afl.algorithms.staleness import cosine_beta
 from mpi_afl.config import Config
-from mpi_afl.models.flat import load_flat
+from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
 
 from fakes import FakeServer, TinyNet, small_distill
@@ -152,6 +152,22 @@ def test_relative_weights_limits_and_errors():
     for bad in (torch.ones(2), torch.tensor([1.0, 1.5, 1.0]), torch.tensor([1.0, -0.1, 1.0])):
         with pytest.raises(ValueError, match="staleness_weights"):
             relative_weights(probs, 1.0, bad)
+
+
+def test_expert_weights_by_hand():
+    """Two teachers as class experts: one owns class 0 (and some of 1), the stale one owns class 2."""
+    q = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    rho = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    a = expert_weights(q, torch.tensor([0, 2, 1]), rho)
+    expected = [[0.8 / 0.85, 0.0, 0.2 / 0.25],   # rho_k q_k(y) = (0.8, 0.05), (0, 0.4), (0.2, 0.05)
+                [0.05 / 0.85, 1.0, 0.05 / 0.25]]
+    torch.testing.assert_close(a, torch.tensor(expected, dtype=torch.float64))
+    # a class no teacher claims falls back to the reliabilities alone, never a zero target
+    q0 = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(expert_weights(q0, torch.tensor([2]), torch.tensor([1.0, 0.5])),
+                               torch.tensor([[2 / 3], [1 / 3]]))
+    with pytest.raises(ValueError, match="proportions"):
+        expert_weights(q0, torch.tensor([0]), torch.ones(3))
 
 
 def test_soft_kl_is_zero_at_the_target_and_its_gradient_moves_towards_it():
@@ -393,6 +409,46 @@ def test_synthetic_inputs_follow_fedrevive_gates():
     assert set(alg.teachers.proxy.seen) == {0, 1, 2, 3}
 
 
+def test_expert_weights_use_the_class_each_kd_image_was_made_for():
+    """With "expert", each KD iteration's target is the class-expert mixture for its batch's intended classes:
+    replaying the student's KD from x' on the same draws with those weights gives the same corrected model."""
+    def run(echo):
+        cfg = make_cfg(echo={"kd_share": "constant", "staleness_factor": "none", **echo}, freeze_versions=1,
+                       warmup_versions=2)
+        server = Server(cfg)
+        alg = FedEcho(cfg, server.ctx)
+        draws = []
+        original = alg.draw
+        alg.draw = lambda q: draws.append(original(q)) or draws[-1]
+        models = [server.arrive(alg, v, v)[1] for v in range(4)]
+        return models[-1], draws, alg, server
+
+    new, draws, alg, server = run({"kd_step": 0.5, "weighting": "expert"})
+    x_prime = run({"kd_step": 0.0})[0]  # the backbone's step alone (its output does not depend on KD)
+    relative = run({"kd_step": 0.5, "weighting": "relative"})[0]
+    d = alg.cfg.distill
+    assert server.ctx.stats["kd_applied"] == 1 and len(draws) == d.kd_steps
+    assert server.ctx.stats["echo_reliability"] == 1.0  # no staleness prior: every teacher fully reliable
+    teachers, q = alg.teachers.ensemble(), alg.teachers.proportions()
+    student = tiny()
+    load_flat(student, x_prime)
+    student.train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
+    for inputs, labels in draws:
+        assert labels.shape == (len(alg.teachers) * d.kd_batch,)  # kd_batch images per teacher, drawn by its q_k
+        with torch.no_grad():
+            logits = teachers(inputs)
+            target = echo_target(logits, expert_weights(q, labels, torch.ones(len(q))), d.temperature)
+        optimizer.zero_grad()
+        soft_kl(student(inputs), target, d.temperature).backward()
+        optimizer.step()
+    mask = server.ctx.param_mask
+    replay = torch.lerp(x_prime, flatten(student), 0.5)
+    torch.testing.assert_close(new[mask], replay[mask])
+    assert torch.equal(new[~mask], x_prime[~mask])
+    assert not torch.allclose(new[mask], relative[mask])  # the weights matter
+
+
 def test_proxy_inputs_need_the_kd_split():
     server = Server(make_cfg(inputs="proxy"))
     with pytest.raises(ValueError, match="kd_fraction"):
@@ -403,6 +459,7 @@ ARRIVALS = [(0, 0), (1, 1), (2, 1), (3, 2), (4, 1), (5, 3), (0, 1), (2, 2), (1, 
 
 
 @pytest.mark.parametrize("inputs, echo", [("synthetic", {"backbone": "ca2fl"}),
+                                         ("synthetic", {"backbone": "ca2fl", "weighting": "expert"}),
                                          ("proxy", {**FIRST, "staleness_factor": "sqrt"})])
 def test_checkpoint_round_trip_continues_bit_identically(inputs, echo, tmp_path):
     def make():
