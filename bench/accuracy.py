@@ -33,6 +33,8 @@ setting) with the mean and sample std over seeds:
                                         the KD calls, and the share of calls where it was negative (KD helped)
   synth_agreement                       FedRevive/FedEcho: share of kept synthetic images the teachers label as
                                         the class they were made for
+  echo_target_agreement                 FedEcho on synthetic inputs: share of KD images whose weighted target
+                                        has its argmax at the class they were made for (null otherwise)
   staleness_mean, staleness_p90, staleness_max   of the accepted updates (run.h5 arrivals): compare with
                                         server.s_max, which sets FedRevive's and AFL-DW's beta(tau)
   wall_seconds, versions                summary.json
@@ -198,6 +200,7 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
         "kd_loss_change": stats.get("kd_loss_change"),
         "kd_loss_improved": stats.get("kd_loss_improved"),
         "synth_agreement": stats.get("synth_agreement"),
+        "echo_target_agreement": stats.get("echo_target_agreement"),
         "staleness_mean": round(float(staleness.mean()), 2), "staleness_p90": float(np.percentile(staleness, 90)),
         "staleness_max": int(staleness.max()),
         "wall_seconds": round(summary["wall_seconds"], 1), "cpu_seconds": cpu_seconds,
@@ -224,8 +227,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "seeds": sorted(r["seed"] for r in members)}
         for field in ("final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final",
                       "distill_seconds_per_update", "kd_norm_ratio", "kd_cosine", "kd_loss_change",
-                      "kd_loss_improved", "synth_agreement", "staleness_mean", "wall_seconds",
-                      "cpu_seconds", "versions"):
+                      "kd_loss_improved", "synth_agreement", "echo_target_agreement", "staleness_mean",
+                      "wall_seconds", "cpu_seconds", "versions"):
             line[f"{field}_mean"], line[f"{field}_std"] = _mean_std([r[field] for r in members])
         line["reached_fedbuff_final"] = sum(r["virtual_time_to_fedbuff_final"] is not None for r in members)
         lines.append(line)

@@ -434,11 +434,13 @@ def test_expert_weights_use_the_class_each_kd_image_was_made_for():
     load_flat(student, x_prime)
     student.train()
     optimizer = torch.optim.Adam(student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
+    agreement = []
     for inputs, labels in draws:
         assert labels.shape == (len(alg.teachers) * d.kd_batch,)  # kd_batch images per teacher, drawn by its q_k
         with torch.no_grad():
             logits = teachers(inputs)
             target = echo_target(logits, expert_weights(q, labels, torch.ones(len(q))), d.temperature)
+        agreement.append((target.argmax(-1) == labels).float().mean().item())
         optimizer.zero_grad()
         soft_kl(student(inputs), target, d.temperature).backward()
         optimizer.step()
@@ -447,6 +449,7 @@ def test_expert_weights_use_the_class_each_kd_image_was_made_for():
     torch.testing.assert_close(new[mask], replay[mask])
     assert torch.equal(new[~mask], x_prime[~mask])
     assert not torch.allclose(new[mask], relative[mask])  # the weights matter
+    assert server.ctx.stats["echo_target_agreement"] == pytest.approx(sum(agreement) / len(agreement))
 
 
 def test_proxy_inputs_need_the_kd_split():

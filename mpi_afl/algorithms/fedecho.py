@@ -107,7 +107,12 @@ per correction, logged in run.h5 kd_checks with share η_kd · b and the
 buffered updates' mean staleness, rounded; the running
 mean of the share b over the `echo_distillations` new models beyond warm-up
 (`echo_kd_share`), and of the teachers' mean reliability ρ over the
-`echo_corrections` that ran KD ("relative" and "expert"; `echo_reliability`).
+`echo_corrections` that ran KD ("relative" and "expert"; `echo_reliability`),
+and with synthetic inputs the running mean of the fraction of KD images
+whose target p̄(x) has its argmax at the class the image was made for
+(`echo_target_agreement`: how much of the intended class the weighted
+teachers see in the images; FedRevive's `synth_agreement` is the same with
+the plain mean of logits, on the freshly synthesised batch).
 
 `on_update` returns the backbone's result directly while it only buffers or
 while the gates keep distillation off, and otherwise a generator that yields
@@ -124,7 +129,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
-from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
+from mpi_afl.distill.kd import OutlierFilter, class_weights, loss_check, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
 from mpi_afl.distill.teachers import TeacherBuffer
@@ -198,10 +203,9 @@ def expert_weights(proportions: torch.Tensor, labels: torch.Tensor, reliability:
     if proportions.dim() != 2 or reliability.shape != (proportions.shape[0],) or labels.dim() != 1:
         raise ValueError(f"need proportions (K, C), labels (B,) and reliability (K,), got "
                          f"{tuple(proportions.shape)}, {tuple(labels.shape)}, {tuple(reliability.shape)}")
-    shares = reliability[:, None] * proportions[:, labels.to(proportions.device)]
-    total = shares.sum(dim=0, keepdim=True)
+    shares = class_weights(reliability[:, None] * proportions)[:, labels.to(proportions.device)]
     fallback = (reliability / reliability.sum())[:, None].expand_as(shares)
-    return torch.where(total > 0, shares / total.clamp_min(torch.finfo(total.dtype).tiny), fallback)
+    return torch.where(shares.sum(dim=0, keepdim=True) > 0, shares, fallback)
 
 
 def teacher_staleness(cfg, teacher_versions: list[int], version: int) -> torch.Tensor | None:
@@ -325,7 +329,7 @@ class FedEcho(Algorithm):
         if step == 0:
             return self.finish(x_new, x_new)
         s = teacher_staleness(self.cfg, self.teachers.versions, version)
-        reliability = 0.0
+        reliability = agreement = 0.0
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         self.student.train()  # as distill.kd.distill: the research code distils in train mode
         for _ in range(d.kd_steps):
@@ -336,6 +340,8 @@ class FedEcho(Algorithm):
                 target = echo_target(logits, weights, d.temperature)
             if rho is not None:
                 reliability += float(rho.mean()) / d.kd_steps
+            if labels is not None:
+                agreement += float((target.argmax(dim=-1).cpu() == labels.cpu()).float().mean()) / d.kd_steps
             loss = self.kd_filter(soft_kl(self.student(inputs), target, d.temperature))
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
@@ -345,8 +351,9 @@ class FedEcho(Algorithm):
         # Step 6: lerp is exact at both ends, so step 1 is the student itself (the first reconstruction).
         corrected = torch.lerp(x_new, flatten(self.student), step)
         record_kd(ctx.stats, (corrected - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
-        if echo.weighting != "entropy":
-            record_mean(ctx.stats, "echo_corrections", {"echo_reliability": reliability})
+        record_mean(ctx.stats, "echo_corrections", {
+            **({"echo_reliability": reliability} if echo.weighting != "entropy" else {}),
+            **({"echo_target_agreement": agreement} if self.synthetic else {})})
         model = self.finish(corrected, x_new)
         if ctx.check_x is not None:
             # The KD diagnostic: the new model against the same step without its correction.
