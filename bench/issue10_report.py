@@ -5,7 +5,8 @@
 Reads the finished runs of bench/issue10_grid.sh through `bench/accuracy.py --no-run` (one call per method
 variant, as the grid ran them), writes every run's JSON line to --jsonl and prints, per cell (arm A, arm B and
 FedEcho's two other cells), a Markdown table of mean ± sample std over the seeds each method has, then paired
-per-seed differences (same clients and delays) for the comparisons registered in bench/ACCURACY.md.
+per-seed differences (same clients and delays) for the comparisons registered in bench/ACCURACY.md, and last
+the per-seed rows of FedEcho's kd_step tuning on the held-out seeds 10 and 11 (not in --jsonl).
 """
 
 import argparse
@@ -48,10 +49,20 @@ VARIANTS = {
     "fedecho_old": Variant("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
                                        "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
                            "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
+    "fedecho_expert": Variant("fedecho", ["server.lr=0.25", "echo.weighting=expert", "echo.kd_step=KD_STEP"],
+                              "FedEcho, class-expert weights (kd_step KD_STEP tuned on seeds 10-11)"),
     "fedasync": Variant("fedasync", [], "FedAsync (mixing 0.6, polynomial)"),
     "fedrevive_long": Variant("fedrevive", [], "FedRevive (probe proxy, lr 0.2), twice the budget", LONG),
     "afl_dw_long": Variant("afl_dw", [], "AFL-DW (lr 0.2), twice the budget", LONG),
 }
+# FedEcho's kd_step tuned on held-out seeds (alpha 0.1, high delay; bench/ACCURACY.md): table row -> run. The
+# proxy-input runs at the default 0.1 name no kd_step; the expert runs name it at every value.
+PROXY, EXPERT = ["server.lr=0.25", "echo.inputs=proxy"], ["server.lr=0.25", "echo.weighting=expert"]
+TUNING = {"CA2FL": VARIANTS["ca2fl"],
+          "proxy inputs, kd_step 0.1": Variant("fedecho", PROXY, ""),
+          **{f"proxy inputs, kd_step {k}": Variant("fedecho", PROXY + [f"echo.kd_step={k}"], "") for k in ("0.3", "1")},
+          **{f"expert weights, kd_step {k}": Variant("fedecho", EXPERT + [f"echo.kd_step={k}"], "")
+             for k in ("0.1", "0.3", "1")}}
 # (title, alpha, schedule): the experiment's two arms, then the two other cells of FedEcho's grid
 CELLS = [("Arm A", "0.5", "paper"), ("Arm B", "0.1", "high"), ("FedEcho grid", "0.1", "paper"),
          ("FedEcho grid", "0.5", "high")]
@@ -61,12 +72,15 @@ PAIRS = [("fedrevive", "afl_dw"), ("fedrevive_hist", "afl_dw"), ("fedrevive_hist
          ("fedrevive", "ca2fl"), ("dd_fedrevive", "ca2fl"), ("fedecho", "ca2fl"),
          ("fedecho_proxy", "ca2fl"), ("fedecho", "fedecho_old"), ("fedrevive_long", "afl_dw_long")]
 COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final", "kd_loss_change",
-           "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "distill_seconds_per_update"]
+           "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "echo_target_agreement",
+           "distill_seconds_per_update"]
+TUNING_COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "kd_norm_ratio", "kd_cosine",
+                  "kd_loss_change", "kd_loss_improved", "echo_target_agreement"]
 
 
-def rows_of(out: Path, alpha: str, schedule: str, variant: Variant) -> list[dict]:
+def rows_of(out: Path, alpha: str, schedule: str, variant: Variant, seeds: str = "0,1,2,3,4") -> list[dict]:
     cmd = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--no-run", "--out", str(out), "--alphas", alpha,
-           "--schedules", schedule, "--seeds", "0,1,2,3,4", "--algorithms", variant.algorithm,
+           "--schedules", schedule, "--seeds", seeds, "--algorithms", variant.algorithm,
            *(["--budget", variant.budget] if variant.budget else []),
            *(f"--override={o}" for o in ["data.kd_fraction=0.1", *variant.overrides])]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -78,6 +92,18 @@ def mean_std(values: list) -> str:
     if mean is None:
         return "-"
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def tuning_table(out: Path) -> None:
+    """Per-seed rows of the held-out tuning runs (seeds 10 and 11, alpha 0.1 / high), CA2FL first."""
+    print("\nTuning on seeds 10 and 11: alpha 0.1, high schedule\n")
+    print("| run | seed | " + " | ".join(TUNING_COLUMNS) + " |")
+    print("|" + " --- |" * (len(TUNING_COLUMNS) + 2))
+    for name, variant in TUNING.items():
+        for r in sorted(rows_of(out, "0.1", "high", variant, "10,11"), key=lambda r: r["seed"]):
+            cells = ["-" if r[c] is None else f"{r[c]:.3f}" if "loss" not in c else f"{r[c]:+.4f}"
+                     for c in TUNING_COLUMNS]
+            print(f"| {name} | {r['seed']} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -93,7 +119,7 @@ def main() -> None:
             lines += [{"variant": label, **r} for r in runs[label].values()]
         print(f"\n{title}: alpha {alpha}, {schedule} schedule\n")
         print("| method | seeds | final | best | tail | time to FedBuff final | kd_loss_change | kd_loss_improved "
-              "| kd_norm_ratio | synth_agreement | distill s/update |")
+              "| kd_norm_ratio | synth_agreement | echo_target_agreement | distill s/update |")
         print("|" + " --- |" * (len(COLUMNS) + 2))
         for label, variant in VARIANTS.items():
             if runs[label]:
@@ -115,6 +141,7 @@ def main() -> None:
                 d = [runs[a][s][column] - runs[b][s][column] for s in common]
                 print(f"    {a} - {b} {column.split('_')[0]}: {mean_std(d)} over seeds {common}; "
                       f"per seed {[round(x, 3) for x in d]}")
+    tuning_table(args.out)
     args.jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
     print(f"\n{len(lines)} runs -> {args.jsonl}")
 
