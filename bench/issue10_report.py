@@ -49,8 +49,8 @@ VARIANTS = {
     "fedecho_old": Variant("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
                                        "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
                            "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
-    "fedecho_expert": Variant("fedecho", ["server.lr=0.25", "echo.weighting=expert", "echo.kd_step=KD_STEP"],
-                              "FedEcho, class-expert weights (kd_step KD_STEP tuned on seeds 10-11)"),
+    "fedecho_expert": Variant("fedecho", ["server.lr=0.25", "echo.weighting=expert", "echo.kd_step=0.3"],
+                              "FedEcho, class-expert weights (kd_step 0.3 tuned on seeds 10-11)"),
     "fedasync": Variant("fedasync", [], "FedAsync (mixing 0.6, polynomial)"),
     "fedrevive_long": Variant("fedrevive", [], "FedRevive (probe proxy, lr 0.2), twice the budget", LONG),
     "afl_dw_long": Variant("afl_dw", [], "AFL-DW (lr 0.2), twice the budget", LONG),
@@ -101,7 +101,7 @@ def tuning_table(out: Path) -> None:
     print("|" + " --- |" * (len(TUNING_COLUMNS) + 2))
     for name, variant in TUNING.items():
         for r in sorted(rows_of(out, "0.1", "high", variant, "10,11"), key=lambda r: r["seed"]):
-            cells = ["-" if r[c] is None else f"{r[c]:.3f}" if "loss" not in c else f"{r[c]:+.4f}"
+            cells = ["-" if r[c] is None else f"{r[c]:+.4f}" if c == "kd_loss_change" else f"{r[c]:.3f}"
                      for c in TUNING_COLUMNS]
             print(f"| {name} | {r['seed']} | " + " | ".join(cells) + " |")
 
