@@ -341,7 +341,7 @@ class FedEcho(Algorithm):
             if rho is not None:
                 reliability += float(rho.mean()) / d.kd_steps
             if labels is not None:
-                agreement += float((target.argmax(dim=-1).cpu() == labels.cpu()).float().mean()) / d.kd_steps
+                agreement += float((target.argmax(dim=-1) == labels.to(target.device)).float().mean()) / d.kd_steps
             loss = self.kd_filter(soft_kl(self.student(inputs), target, d.temperature))
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
