@@ -46,6 +46,15 @@ tune_proxy() {  # FedEcho on real unlabeled inputs: echo.kd_step tuned on held-o
     run 0.1 high $s $proxy --override echo.kd_step=1
   done
 }
+fourth() {  # the fourth session's class-expert FedEcho (bench/ACCURACY.md): kd_step tuned on seeds 10-11, then cells
+  expert="fedecho --override server.lr=0.25 --override echo.weighting=expert"
+  for s in 10 11; do for k in 0.1 0.3 1; do run 0.1 high $s $expert --override echo.kd_step=$k; done; done
+  for cell in "0.1 high" "0.1 paper" "0.5 high" "0.5 paper"; do
+    for s in 0 1 2 3 4; do run $cell $s $expert --override echo.kd_step=0.3; done
+  done
+  # FedBuff and FedRevive in FedEcho's two cells outside the FedRevive experiment's arms
+  for s in 0 1 2 3 4; do for cell in "0.1 paper" "0.5 high"; do run $cell $s fedbuff; run $cell $s fedrevive; done; done
+}
 queue 0.5 paper &
 queue 0.1 high &
 wait
@@ -53,3 +62,4 @@ tune_proxy
 third 0 2 4 &
 third 1 3 &
 wait
+fourth
