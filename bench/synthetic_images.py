@@ -15,6 +15,8 @@ per run:
                                      (weighting, gamma, staleness prior at the checkpoint's version)
   test_mean_target_accuracy, test_echo_target_accuracy   both targets on 2,000 real test images: does
                                      the weighting pick the right teachers on real data, on synthetic?
+                                     (echo.weighting=expert weights by the image's class, so on test
+                                     images it reads the labels: test_expert_target_accuracy with rho_k)
   test_expert_target_accuracy        the teachers as class experts, on the same test images: each image's
                                      target weights teacher k by q_k(y), its share of the image's true class
                                      y (the run's q_k; `_histogram`: the true label histograms). An oracle
@@ -41,8 +43,8 @@ histogram, as with distill.proxy=histogram), `pool_balanced` (the pool with unif
 data.kd_fraction > 0 only: compare it with `pool_histogram` for the images alone) and
 `noise` (Gaussian images, the floor), and with --kd-probe-fresh N[,N...] `fresh<N>`: 256 images synthesised
 anew from the final meta-generator and teachers with N generator steps per call (labels and draws from the true
-histograms; compare with `pool_histogram`: would more generator steps give images that carry the knowledge?). For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay,
-temperature) and with DD-FedRevive's (dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of
+histograms; compare with `pool_histogram`: would more generator steps give images that carry the knowledge?).
+For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay, temperature) and with DD-FedRevive's (dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of
 the student against the global model on the whole test split, and the norm of its parameter change
 (no outlier filter: every KD step is applied). Also
 `proxy_tv`: the mean total variation between the run's q_k and the true label histograms of its clients. Every source
@@ -107,18 +109,18 @@ def teacher_logits(ensemble: TeacherEnsemble, images: torch.Tensor) -> torch.Ten
 
 def target_agreement(per_teacher: torch.Tensor, labels: torch.Tensor, echo_weights=None) -> float:
     """How often the argmax of the teachers' combined prediction is `labels`: the plain mean of their
-    softmaxes (`echo_weights` None) or FedEcho's weighted target; `echo_weights(logits)` gives the weights
-    (docs/algorithms.md §4)."""
+    softmaxes (`echo_weights` None) or FedEcho's weighted target; `echo_weights(logits, labels)` gives the
+    weights (docs/algorithms.md §4; only echo.weighting=expert reads the labels)."""
     weights = (torch.full(per_teacher.shape[:2], 1 / len(per_teacher)) if echo_weights is None
-               else echo_weights(per_teacher))
+               else echo_weights(per_teacher, labels))
     target = echo_target(per_teacher, weights, 1.0)
     return round(float((target.argmax(1) == labels).float().mean()), 4)
 
 
-def weight_skew_correlation(per_teacher: torch.Tensor, clients: list[int], histograms: np.ndarray,
-                            echo_weights) -> float | None:
+def weight_skew_correlation(per_teacher: torch.Tensor, labels: torch.Tensor, clients: list[int],
+                            histograms: np.ndarray, echo_weights) -> float | None:
     """Pearson r between each teacher's mean FedEcho weight on the images and its client's largest-class share."""
-    weights = echo_weights(per_teacher).mean(1)
+    weights = echo_weights(per_teacher, labels).mean(1)
     skew = torch.tensor([histograms[c].max() / histograms[c].sum() for c in clients], dtype=torch.float32)
     if len(clients) < 3 or float(skew.std()) == 0:
         return None
@@ -291,8 +293,8 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
 
     s = teacher_staleness(cfg, teachers.versions, int(state["version"]))
 
-    def echo_weights(logits: torch.Tensor) -> torch.Tensor:
-        return teacher_weights(logits, s, cfg.echo)[0]
+    def echo_weights(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return teacher_weights(logits, s, cfg.echo, teachers.proportions(), classes)[0]
 
     true_q = torch.stack([histogram_proportions(histograms[c]) for c in teachers.clients])
     global_test = logits(model, global_model, test_x).softmax(1)
@@ -300,7 +302,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
     def expert_accuracy(shares: torch.Tensor) -> float:
         """Accuracy on test_y of the target with per-image teacher weights proportional to `shares` (K, B)."""
         weights = shares / shares.sum(0).clamp_min(torch.finfo(shares.dtype).tiny)
-        return target_agreement(test_logits, test_y, lambda _: weights)
+        return target_agreement(test_logits, test_y, lambda _logits, _labels: weights)
 
     name = f"{run_dir.parent.name}-{run_dir.name}"
     grid(images, labels, info.num_classes, per_class, out / f"{name}-pool.png")
@@ -317,7 +319,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         "test_expert_target_accuracy": expert_accuracy(teachers.proportions()[:, test_y]),
         "test_expert_target_accuracy_histogram": expert_accuracy(true_q[:, test_y]),
         "test_expert_by_global_accuracy": expert_accuracy((global_test @ teachers.proportions().T).T),
-        "echo_weight_skew_correlation": weight_skew_correlation(pool_logits, teachers.clients, histograms,
+        "echo_weight_skew_correlation": weight_skew_correlation(pool_logits, labels, teachers.clients, histograms,
                                                                 echo_weights),
         "global_agreement": round(float((global_logits.argmax(1) == labels).float().mean()), 4),
         "global_confidence": round(float(global_logits.softmax(1).max(1).values.mean()), 4),
