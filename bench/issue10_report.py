@@ -3,7 +3,8 @@
     python bench/issue10_report.py [--out bench/runs/issue10] [--jsonl bench/results/accuracy_issue10.jsonl]
 
 Reads the finished runs of bench/issue10_grid.sh through `bench/accuracy.py --no-run` (one call per method
-variant, as the grid ran them), writes every run's JSON line to --jsonl and prints, per cell (arm A, arm B and
+variant, as the grid ran them), writes every run's JSON line to --jsonl (keeping
+the lines an earlier report wrote for runs whose folders are gone) and prints, per cell (arm A, arm B and
 FedEcho's two other cells), a Markdown table of mean ± sample std over the seeds each method has, then paired
 per-seed differences (same clients and delays) for the comparisons registered in bench/ACCURACY.md, and last
 the per-seed rows of FedEcho's kd_step tuning on the held-out seeds 10 and 11 (not in --jsonl).
@@ -112,11 +113,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "runs" / "issue10")
     parser.add_argument("--jsonl", type=Path, default=REPO / "bench" / "results" / "accuracy_issue10.jsonl")
     args = parser.parse_args()
+    # Run folders are scratch (git-ignored) and a lost machine loses them: a run recorded in --jsonl by an
+    # earlier report stays in the tables unless its folder is here, in which case the folder's row wins.
+    recorded = {}
+    if args.jsonl.exists():
+        for r in map(json.loads, args.jsonl.read_text().splitlines()):
+            recorded.setdefault((r["variant"], r["alpha"], r["schedule"]), {})[r["seed"]] = r
     lines = []
     for title, alpha, schedule in CELLS:
         runs = {}
         for label, variant in VARIANTS.items():
-            runs[label] = {r["seed"]: r for r in rows_of(args.out, alpha, schedule, variant)}
+            runs[label] = {**recorded.get((label, float(alpha), schedule), {}),
+                           **{r["seed"]: r for r in rows_of(args.out, alpha, schedule, variant)}}
             lines += [{"variant": label, **r} for r in runs[label].values()]
         print(f"\n{title}: alpha {alpha}, {schedule} schedule\n")
         print("| method | seeds | final | best | tail | time to FedBuff final | kd_loss_change | kd_loss_improved "
