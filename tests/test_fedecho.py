@@ -166,6 +166,10 @@ def test_expert_weights_by_hand():
     q0 = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
     torch.testing.assert_close(expert_weights(q0, torch.tensor([2]), torch.tensor([1.0, 0.5])),
                                torch.tensor([[2 / 3], [1 / 3]]))
+    # a class with a tiny but positive share is still normalised exactly (no floor on the sum)
+    tiny = torch.tensor([[1.0, 3e-12], [0.0, 1e-12]], dtype=torch.float64)
+    torch.testing.assert_close(expert_weights(tiny, torch.tensor([1]), torch.ones(2, dtype=torch.float64)),
+                               torch.tensor([[0.75], [0.25]], dtype=torch.float64))
     with pytest.raises(ValueError, match="proportions"):
         expert_weights(q0, torch.tensor([0]), torch.ones(3))
 

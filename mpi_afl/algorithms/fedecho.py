@@ -60,7 +60,8 @@ replaced the stepped model, undid part of CA2FL's step.
    third variant, bench/ACCURACY.md): the teachers as class experts,
        a_k(x) = ρ_k q_k(y_x) / Σ_j ρ_j q_j(y_x),
    y_x the class the generator made image x for and q_k the teacher's class
-   proportions that steer the synthesis (step 3), ρ_k as in "relative".
+   proportions that steer the synthesis (step 3), ρ_k as in "relative"; a
+   class no teacher has (Σ_j ρ_j q_j(y_x) = 0) gets ρ_k / Σ_j ρ_j.
    Why: on real test images the final teachers of alpha 0.1 / high delay
    weighted by q_k of the true class are right 94% of the time, against 66%
    for "relative" and 74% for the global model (bench/synthetic_images.py);
@@ -82,7 +83,8 @@ replaced the stepped model, undid part of CA2FL's step.
    of updates between their base and x', the scale s_max is set on for
    FedRevive's one-update versions. As FedRevive's beta, the KD share grows
    when the step is built from stale updates and is 0 for a fresh buffer;
-   "constant" b = 1. η_kd = 0 is the backbone exactly (no synthesis, no KD).
+   "constant" b = 1. η_kd = 0 with norm_stats "keep" is the backbone
+   exactly (no synthesis, no KD).
    KD runs only when η_kd · b > 0.
 7. Gates as FedRevive (§3.1): with synthetic inputs nothing runs below
    `distill.freeze_versions`, the generator trains up to
@@ -129,7 +131,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
-from mpi_afl.distill.kd import OutlierFilter, class_weights, loss_check, record_kd, record_mean
+from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
 from mpi_afl.distill.teachers import TeacherBuffer
@@ -203,9 +205,11 @@ def expert_weights(proportions: torch.Tensor, labels: torch.Tensor, reliability:
     if proportions.dim() != 2 or reliability.shape != (proportions.shape[0],) or labels.dim() != 1:
         raise ValueError(f"need proportions (K, C), labels (B,) and reliability (K,), got "
                          f"{tuple(proportions.shape)}, {tuple(labels.shape)}, {tuple(reliability.shape)}")
-    shares = class_weights(reliability[:, None] * proportions)[:, labels.to(proportions.device)]
-    fallback = (reliability / reliability.sum())[:, None].expand_as(shares)
-    return torch.where(shares.sum(dim=0, keepdim=True) > 0, shares, fallback)
+    products = (reliability[:, None] * proportions)[:, labels.to(proportions.device)]
+    total = products.sum(dim=0, keepdim=True)
+    fallback = (reliability / reliability.sum())[:, None].expand_as(products)
+    # Normalised exactly: kd.class_weights' 1e-8 floor would leave a column with a tiny sum below 1.
+    return torch.where(total > 0, products / total.clamp_min(torch.finfo(total.dtype).tiny), fallback)
 
 
 def teacher_staleness(cfg, teacher_versions: list[int], version: int) -> torch.Tensor | None:
