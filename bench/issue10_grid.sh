@@ -55,6 +55,15 @@ fourth() {  # the fourth session's class-expert FedEcho (bench/ACCURACY.md): kd_
   # FedBuff and FedRevive in FedEcho's two cells outside the FedRevive experiment's arms
   for s in 0 1 2 3 4; do for cell in "0.1 paper" "0.5 high"; do run $cell $s fedbuff; run $cell $s fedrevive; done; done
 }
+fifth() {  # the full FedEcho grid: the first reconstruction and FedAsync in all four cells, seed-major
+  for s in 0 1 2 3 4; do
+    for cell in "0.1 high" "0.1 paper" "0.5 high" "0.5 paper"; do
+      run $cell $s fedecho --override echo.backbone=fedbuff --override echo.weighting=entropy \
+        --override echo.staleness_factor=none --override echo.kd_step=1 --override echo.kd_share=constant
+    done
+  done
+  for s in 0 1 2 3 4; do for cell in "0.1 high" "0.1 paper" "0.5 high" "0.5 paper"; do run $cell $s fedasync; done; done
+}
 queue 0.5 paper &
 queue 0.1 high &
 wait
@@ -63,3 +72,4 @@ third 0 2 4 &
 third 1 3 &
 wait
 fourth
+fifth
