@@ -5,6 +5,8 @@
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 OUT=bench/runs/issue10
 KD="--override data.kd_fraction=0.1"
+# FedEcho with relative weights, the default until the fourth session (expert weights, kd_step 0.3, since)
+RELATIVE="fedecho --override server.lr=0.25 --override echo.weighting=relative --override echo.kd_step=0.1"
 run() {  # run ALPHA SCHEDULE SEED ALGORITHMS [--override KEY=VALUE ...]
   python bench/accuracy.py --alphas $1 --schedules $2 --seeds $3 --algorithms $4 --out $OUT $KD --jobs 1 "${@:5}"
 }
@@ -18,7 +20,7 @@ queue() {  # queue ALPHA SCHEDULE
   done
   for s in 0 1 2 3 4; do run $1 $2 $s fedbuff,ca2fl; done
   # FedEcho's cell of issue 12 shares these runs (same clients and delays): alpha 0.1, high delay.
-  if [ "$1" = 0.1 ]; then for s in 0 1 2 3 4; do run $1 $2 $s fedecho --override server.lr=0.25; done; fi
+  if [ "$1" = 0.1 ]; then for s in 0 1 2 3 4; do run $1 $2 $s $RELATIVE; done; fi
   # FedBuff in the research code's form: B = 1, no discount, half FedRevive's lr.
   for s in 0 1 2 3 4; do
     run $1 $2 $s fedbuff --override server.buffer_size=1 --override server.staleness=none --override server.lr=0.1
@@ -27,9 +29,9 @@ queue() {  # queue ALPHA SCHEDULE
 third() {  # the third session's runs (bench/ACCURACY.md), seed-major; SEEDS of one queue
   for s in "$@"; do
     run 0.1 high $s fedrevive,afl_dw --budget 40   # the issue's ~550 versions
-    for cell in "0.1 paper" "0.5 high"; do run $cell $s fedecho --override server.lr=0.25; run $cell $s ca2fl; done
-    run 0.5 paper $s fedecho --override server.lr=0.25
-    run 0.1 high $s fedecho --override server.lr=0.25 --override echo.inputs=proxy   # kd_step 0.1, tuned below
+    for cell in "0.1 paper" "0.5 high"; do run $cell $s $RELATIVE; run $cell $s ca2fl; done
+    run 0.5 paper $s $RELATIVE
+    run 0.1 high $s $RELATIVE --override echo.inputs=proxy   # kd_step 0.1, tuned below
   done
   for s in "$@"; do
     run 0.1 high $s fedasync
@@ -40,8 +42,8 @@ third() {  # the third session's runs (bench/ACCURACY.md), seed-major; SEEDS of 
 tune_proxy() {  # FedEcho on real unlabeled inputs: echo.kd_step tuned on held-out seeds 10 and 11
   for s in 10 11; do
     run 0.1 high $s ca2fl
-    proxy="fedecho --override server.lr=0.25 --override echo.inputs=proxy"
-    run 0.1 high $s $proxy   # echo.kd_step 0.1, the default
+    proxy="fedecho --override server.lr=0.25 --override echo.inputs=proxy --override echo.weighting=relative"
+    run 0.1 high $s $proxy --override echo.kd_step=0.1
     run 0.1 high $s $proxy --override echo.kd_step=0.3
     run 0.1 high $s $proxy --override echo.kd_step=1
   done

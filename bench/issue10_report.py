@@ -30,6 +30,8 @@ class Variant(NamedTuple):
     budget: str | None = None   # --budget of bench/accuracy.py (None: the preset's)
 
 
+# FedEcho's weights before the fourth session made the class-expert ones (kd_step 0.3) the default
+RELATIVE = ["server.lr=0.25", "echo.weighting=relative", "echo.kd_step=0.1"]
 LONG = "40"  # twice the preset's budget, the length: about 550 versions in arm A, 630 in arm B
 VARIANTS = {
     "fedrevive": Variant("fedrevive", [], "FedRevive (probe proxy, lr 0.2)"),
@@ -44,24 +46,25 @@ VARIANTS = {
     "fedbuff_paper": Variant("fedbuff", ["server.buffer_size=1", "server.staleness=none", "server.lr=0.1"],
                              "FedBuff, research-code form (B 1, no discount, lr 0.1)"),
     "ca2fl": Variant("ca2fl", [], "CA2FL (B 4, lr 0.25)"),
-    "fedecho": Variant("fedecho", ["server.lr=0.25"], "FedEcho (CA2FL backbone, lr 0.25)"),
-    "fedecho_proxy": Variant("fedecho", ["server.lr=0.25", "echo.inputs=proxy"],
+    "fedecho": Variant("fedecho", RELATIVE, "FedEcho, relative weights (CA2FL backbone, lr 0.25, kd_step 0.1)"),
+    "fedecho_proxy": Variant("fedecho", [*RELATIVE, "echo.inputs=proxy"],
                              "FedEcho on real unlabeled inputs (the 10% split, kd_step 0.1 tuned on seeds 10-11)"),
     "fedecho_old": Variant("fedecho", ["echo.backbone=fedbuff", "echo.weighting=entropy",
                                        "echo.staleness_factor=none", "echo.kd_step=1", "echo.kd_share=constant"],
                            "FedEcho, first reconstruction (FedBuff backbone, lr 0.5)"),
     "fedecho_expert": Variant("fedecho", ["server.lr=0.25", "echo.weighting=expert", "echo.kd_step=0.3"],
-                              "FedEcho, class-expert weights (kd_step 0.3 tuned on seeds 10-11)"),
+                              "FedEcho, class-expert weights (the default; kd_step 0.3 tuned on seeds 10-11)"),
     "fedasync": Variant("fedasync", [], "FedAsync (mixing 0.6, polynomial)"),
     "fedrevive_long": Variant("fedrevive", [], "FedRevive (probe proxy, lr 0.2), twice the budget", LONG),
     "afl_dw_long": Variant("afl_dw", [], "AFL-DW (lr 0.2), twice the budget", LONG),
 }
 # FedEcho's kd_step tuned on held-out seeds (alpha 0.1, high delay; bench/ACCURACY.md): table row -> run. The
-# proxy-input runs at the default 0.1 name no kd_step; the expert runs name it at every value.
-PROXY, EXPERT = ["server.lr=0.25", "echo.inputs=proxy"], ["server.lr=0.25", "echo.weighting=expert"]
+# runs name every knob they set.
+PROXY = ["server.lr=0.25", "echo.inputs=proxy", "echo.weighting=relative"]
+EXPERT = ["server.lr=0.25", "echo.weighting=expert"]
 TUNING = {"CA2FL": VARIANTS["ca2fl"],
-          "proxy inputs, kd_step 0.1": Variant("fedecho", PROXY, ""),
-          **{f"proxy inputs, kd_step {k}": Variant("fedecho", PROXY + [f"echo.kd_step={k}"], "") for k in ("0.3", "1")},
+          **{f"proxy inputs, kd_step {k}": Variant("fedecho", PROXY + [f"echo.kd_step={k}"], "")
+             for k in ("0.1", "0.3", "1")},
           **{f"expert weights, kd_step {k}": Variant("fedecho", EXPERT + [f"echo.kd_step={k}"], "")
              for k in ("0.1", "0.3", "1")}}
 # (title, alpha, schedule): the experiment's two arms, then the two other cells of FedEcho's grid

@@ -212,15 +212,16 @@ class EchoConfig:
     echo.kd_step=1 echo.kd_share=constant."""
     backbone: str = opt("ca2fl", "buffered parameter step", choices=["fedbuff", "ca2fl"])
     teachers: int = opt(10, "latest models of the C most recent distinct clients", min=1)
-    weighting: str = opt("relative", "teacher weights: 'relative' (certainty and agreement with the ensemble, "
-                         "stale teachers scaled by an estimated reliability), 'expert' (each synthetic image's "
-                         "class share q_k(y) times that reliability; synthetic inputs only) or 'entropy' "
-                         "(softmax(-H/gamma))", choices=["relative", "expert", "entropy"])
+    weighting: str = opt("expert", "teacher weights: 'expert' (each synthetic image's class share q_k(y) times "
+                         "the teacher's reliability; synthetic inputs only), 'relative' (certainty and agreement "
+                         "with the ensemble, stale teachers scaled by an estimated reliability; for proxy inputs) "
+                         "or 'entropy' (softmax(-H/gamma))", choices=["expert", "relative", "entropy"])
     gamma: float = opt(1.0, "temperature of the teacher weights' certainty score (nats)", min=0, min_exclusive=True)
     staleness_factor: str = opt("sqrt", "staleness prior s(tau_k) of each teacher: 'relative' weighting: the floor "
                                 "of its reliability; 'entropy': a factor on its weights", choices=STALENESS_NAMES)
-    kd_step: float = opt(0.1, "KD correction step eta_kd: new parameters x' + eta_kd * share * (student - x'); "
-                         "0 = the backbone alone", min=0, max=1)
+    kd_step: float = opt(0.3, "KD correction step eta_kd: new parameters x' + eta_kd * share * (student - x'); "
+                         "0 = the backbone alone (tuned: 0.3 for 'expert', 0.1 for 'relative' on proxy inputs)",
+                         min=0, max=1)
     kd_share: str = opt("staleness", "share of the KD correction: 'staleness' = distill.beta of B x the mean "
                         "staleness of the buffered updates (server.s_max); 'constant' = 1",
                         choices=["staleness", "constant"])
@@ -417,9 +418,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'distill.warmup_versions': {cfg.distill.warmup_versions} must be >= "
                           f"distill.freeze_versions = {cfg.distill.freeze_versions}")
     if cfg.echo.weighting == "expert" and cfg.echo.inputs != "synthetic":
-        raise ConfigError("config key 'echo.weighting': 'expert' weights each image by the class it was generated "
-                          "for, so it needs echo.inputs = 'synthetic' (proxy images have no class); use "
-                          "'relative' with proxy inputs")
+        raise ConfigError("config key 'echo.weighting': 'expert' (the default) weights each image by the class it "
+                          "was generated for, so it needs echo.inputs = 'synthetic' (proxy images have no class); "
+                          "with echo.inputs = 'proxy' set echo.weighting = 'relative' (and echo.kd_step = 0.1, "
+                          "its value tuned on proxy inputs)")
     if cfg.server.algorithm == "fedecho" and cfg.echo.inputs == "proxy" and d.kd_fraction <= 0:
         raise ConfigError("config key 'data.kd_fraction': fedecho with echo.inputs = 'proxy' distils on the "
                           "held-out split, so it must be > 0")

@@ -60,6 +60,9 @@ def write(tmp_path: Path, text: str, name: str = "run.toml") -> str:
     # FedEcho's class-expert weights need the class each synthetic image was made for
     (["--echo.weighting=expert", "--echo.inputs=proxy", "--data.kd_fraction=0.1"],
      ["'echo.weighting'", "'expert'", "echo.inputs = 'synthetic'"]),
+    # ... which is the default, so proxy inputs alone name the setting to change
+    (["--algorithm=fedecho", "--echo.inputs=proxy", "--data.kd_fraction=0.1"],
+     ["'echo.weighting'", "(the default)", "echo.weighting = 'relative'"]),
 ])
 def test_command_line_errors_name_key_and_value(argv, expected):
     message = error(argv)
