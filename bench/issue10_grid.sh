@@ -7,6 +7,9 @@ OUT=bench/runs/issue10
 KD="--override data.kd_fraction=0.1"
 # FedEcho with relative weights, the default until the fourth session (expert weights, kd_step 0.3, since)
 RELATIVE="fedecho --override server.lr=0.25 --override echo.weighting=relative --override echo.kd_step=0.1"
+# FedEcho's first reconstruction, with the lr its FedBuff backbone was tuned to
+FIRST="fedecho --override echo.backbone=fedbuff --override echo.weighting=entropy --override echo.staleness_factor=none
+  --override echo.kd_step=1 --override echo.kd_share=constant --override server.lr=0.5"
 run() {  # run ALPHA SCHEDULE SEED ALGORITHMS [--override KEY=VALUE ...]
   python bench/accuracy.py --alphas $1 --schedules $2 --seeds $3 --algorithms $4 --out $OUT $KD --jobs 1 "${@:5}"
 }
@@ -35,8 +38,7 @@ third() {  # the third session's runs (bench/ACCURACY.md), seed-major; SEEDS of 
   done
   for s in "$@"; do
     run 0.1 high $s fedasync
-    run 0.1 high $s fedecho --override echo.backbone=fedbuff --override echo.weighting=entropy \
-      --override echo.staleness_factor=none --override echo.kd_step=1 --override echo.kd_share=constant
+    run 0.1 high $s $FIRST
   done
 }
 tune_proxy() {  # FedEcho on real unlabeled inputs: echo.kd_step tuned on held-out seeds 10 and 11
@@ -60,8 +62,7 @@ fourth() {  # the fourth session's class-expert FedEcho (bench/ACCURACY.md): kd_
 fifth() {  # the issue's full FedEcho grid: the first reconstruction and FedAsync in all four cells, seed-major
   for s in 0 1 2 3 4; do
     for cell in "0.1 high" "0.1 paper" "0.5 high" "0.5 paper"; do
-      run $cell $s fedecho --override echo.backbone=fedbuff --override echo.weighting=entropy \
-        --override echo.staleness_factor=none --override echo.kd_step=1 --override echo.kd_share=constant
+      run $cell $s $FIRST
     done
   done
   for s in 0 1 2 3 4; do for cell in "0.1 high" "0.1 paper" "0.5 high" "0.5 paper"; do run $cell $s fedasync; done; done
