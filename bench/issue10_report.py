@@ -76,7 +76,8 @@ PAIRS = [("fedrevive", "afl_dw"), ("fedrevive_hist", "afl_dw"), ("fedrevive_hist
          ("dd_fedrevive", "afl_dw"), ("dd_fedrevive", "c1"), ("c1", "afl_dw"), ("fedrevive", "fedbuff_paper"),
          ("fedrevive", "ca2fl"), ("dd_fedrevive", "ca2fl"), ("fedecho", "ca2fl"),
          ("fedecho_proxy", "ca2fl"), ("fedecho", "fedecho_old"), ("fedrevive_long", "afl_dw_long"),
-         ("fedecho_expert", "ca2fl"), ("fedecho_expert", "fedecho")]
+         ("fedecho_expert", "ca2fl"), ("fedecho_expert", "fedecho"), ("fedecho_expert", "fedecho_old"),
+         ("fedecho_old", "ca2fl")]
 COLUMNS = ["final_accuracy", "best_accuracy", "tail_accuracy", "virtual_time_to_fedbuff_final", "kd_loss_change",
            "kd_loss_improved", "kd_norm_ratio", "synth_agreement", "echo_target_agreement",
            "distill_seconds_per_update"]
