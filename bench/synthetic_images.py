@@ -44,9 +44,9 @@ data.kd_fraction > 0 only: compare it with `pool_histogram` for the images alone
 `noise` (Gaussian images, the floor), and with --kd-probe-fresh N[,N...] `fresh<N>`: 256 images synthesised
 anew from the final meta-generator and teachers with N generator steps per call (labels and draws from the true
 histograms; compare with `pool_histogram`: would more generator steps give images that carry the knowledge?).
-For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay, temperature) and with DD-FedRevive's (dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of
-the student against the global model on the whole test split, and the norm of its parameter change
-(no outlier filter: every KD step is applied). Also
+For each, with FedRevive's KD settings (distill.kd_lr, kd_weight_decay, temperature) and with DD-FedRevive's
+(dd_lr, dd_temperature, no decay): the held-out loss and accuracy change of the student against the global model
+on the whole test split, and the norm of its parameter change (no outlier filter: every KD step is applied). Also
 `proxy_tv`: the mean total variation between the run's q_k and the true label histograms of its clients. Every source
 shares one seed, so the differences are the inputs' alone: which inputs carry the teachers' knowledge.
 

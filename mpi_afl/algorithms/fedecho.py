@@ -72,9 +72,9 @@ replaced the stepped model, undid part of CA2FL's step.
    a synthetic image carries its class, so the weights can use it without
    labels from any client. The abstract's uncertainty weighting lives on in
    ρ_k (a stale teacher's estimated reliability); per-sample certainty alone
-   cannot tell an expert from a confident one-class client. "entropy" (first reconstruction): a_k(x) =
-   softmax_k(−H(p_k(x))/γ), times s_k and renormalised (all s_k = 0: the
-   entropy weights alone).
+   cannot tell an expert from a confident one-class client. "entropy"
+   (first reconstruction): a_k(x) = softmax_k(−H(p_k(x))/γ), times s_k and
+   renormalised (all s_k = 0: the entropy weights alone).
 5. Target p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T); the student starts at x' and
    takes `distill.kd_steps` Adam steps (`kd_lr`, `kd_weight_decay`, a fresh
    optimizer per call, as FedRevive) on the batch mean of
