@@ -53,7 +53,7 @@ STALENESS_NAMES = ["none", "constant", "polynomial", "hinge", "sqrt", "cosine"]
 
 @dataclass
 class RunConfig:
-    seed: int = opt(0, "run seed: data split, partition, delays, client streams")
+    seed: int = opt(0, "run seed: data split, partition, delays, client streams", min=0, max=2**63 - 1)
     clock: str = opt("virtual", "'virtual': process results in virtual-time order (reproducible); "
                      "'wall': in real arrival order", choices=["virtual", "wall"])
     max_versions: int = opt(100, "stop after this many global model versions (0 = no limit)", min=0)
@@ -153,7 +153,7 @@ class DelayConfig:
     upload_spread: float = opt(0.02, "custom: upload ~ Uniform(m +- spread)", min=0)
     pareto_shape: float = opt(2.5, "custom: Pareto tail index (> 1 for a finite mean)", min=1, min_exclusive=True)
     wall_scale: float = opt(0.0, "wall clock: a worker sleeps (sampled training time x this) seconds per job, "
-                            "to make stragglers on a homogeneous cluster (0 = no injected delay)", min=0)
+                            "to make stragglers on a homogeneous cluster (0 = no injected delay)", min=0, max=1e4)
 
 
 @dataclass
@@ -367,6 +367,10 @@ def _coerce(key: str, typ: type, value: Any, from_text: bool) -> Any:
 
 def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
     m = f.metadata
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and not _is_utf8(text):   # a path in another encoding: every file we write is UTF-8
+            raise ConfigError(f"config key '{key}': {text!r} is not valid UTF-8 text (a file name in another "
+                              "encoding?); use a UTF-8 name")
     if m.get("choices") and value not in m["choices"] and not (m.get("plugin") and ":" in value):
         allowed = ", ".join(m["choices"])
         plugin = " (a plug-in is named by its import path 'package.module:name')" if m.get("plugin") else ""
@@ -383,6 +387,14 @@ def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
             raise ConfigError(f"config key '{key}': {value!r} is out of range; must be {op} {lo}")
         if hi is not None and v > hi:
             raise ConfigError(f"config key '{key}': {value!r} is out of range; must be <= {hi}")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")   # undecodable bytes of argv arrive as lone surrogates, which do not encode
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate(cfg: Config) -> Config:
@@ -501,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Asynchronous federated learning over MPI. Rank 0 serves, the other ranks run client jobs; "
                     "one process runs the jobs itself. Any config key can be overridden as --section.key=VALUE "
                     "(lists as comma-separated values).",
+        epilog="A key given more than once takes its last value, so options after a job script's own win "
+               "(jobs/*.sbatch).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )

@@ -10,7 +10,8 @@ one process (`--ranks 1`, results are identical for any rank count in the virtua
 processes, summed over its launches) to <run directory>.usage.json beside it. The sweep is resumable: a
 point whose summary.json says it met its stop rule (diverged included: that is a result) is done and
 skipped; one stopped by a signal (pre-emption, Ctrl-C: its summary.json says "signal") or killed outright
-continues from its checkpoint.h5 with `--resume`; one with neither starts over. A run whose resume is
+continues from its checkpoint.h5 with `--resume`; one with neither starts over, and so does a finished one
+whose run.h5 is missing or damaged (said in one line: the virtual clock repeats it exactly). A run whose resume is
 refused (a damaged run file, a checkpoint of another version) is reported as failed with its log and left as
 it is: delete its directory to start it over. At the end the mean ± std table over seeds is printed
 (`mpi_afl.report`).
@@ -86,14 +87,30 @@ def grid(algorithms: list[str], seeds: list[int], sets: list[str]) -> list[Point
 
 
 def state(directory: Path) -> str:
-    """'done' (summary.json of a run that met its stop rule), 'resume' (a checkpoint.h5 and no such
-    summary: the run was stopped by a signal or killed) or 'start'."""
+    """'done' (summary.json of a run that met its stop rule, and an intact run.h5), 'damaged' (such a
+    summary, but run.h5 is missing or damaged, or summary.json unreadable), 'resume' (a checkpoint.h5 and no
+    such summary: the run was stopped by a signal or killed) or 'start'."""
     summary = directory / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("stop_reason") != "signal":
-        return "done"
+    if summary.is_file():
+        try:
+            stop = json.loads(summary.read_text()).get("stop_reason")
+        except (OSError, ValueError, AttributeError):
+            return "damaged"
+        if stop != "signal":
+            return "damaged" if damage(directory) else "done"
     if (directory / "checkpoint.h5").is_file():
         return "resume"
     return "start"
+
+
+def damage(directory: Path) -> str:
+    """Why the finished run in `directory` cannot be read (its run.h5), or '' if it can."""
+    from .storage.runlog import RunLogError, read_run
+    try:
+        read_run(directory / "run.h5")
+    except RunLogError as e:
+        return str(e)
+    return ""
 
 
 def usage_path(directory: Path) -> Path:
@@ -119,7 +136,7 @@ def command(point: GridPoint, out: Path, extra: list[str], ranks: int) -> list[s
     """The command that brings this point to completion from where it is."""
     d = point.directory(out)
     if state(d) == "resume":
-        args = ["--resume", str(d)]
+        args = ["--resume", str(d)]   # a damaged finished run starts over: the virtual clock repeats it exactly
     else:
         args = point.train_args(out, extra) + (["--run.overwrite=true"] if d.exists() else [])
     launcher = []
@@ -135,6 +152,11 @@ def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: in
     Progress lines go to `log` (default: standard output)."""
     log = log or sys.stdout
     todo = [p for p in points if state(p.directory(out)) != "done"]
+    for p in todo:
+        if state(p.directory(out)) == "damaged":
+            why = damage(p.directory(out)) or "its summary.json is unreadable"
+            print(f"sweep: {p.directory(out)} finished but is damaged ({why}); running it again from the start",
+                  file=log, flush=True)
     print(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done, {len(todo)} to run, "
           f"{parallel} at a time", file=log, flush=True)
     logs = out / "logs"
@@ -142,7 +164,7 @@ def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: in
 
     def one(point: GridPoint) -> bool:
         directory = point.directory(out)
-        fresh = state(directory) == "start"
+        fresh = state(directory) in ("start", "damaged")
         cmd = command(point, out, extra, ranks)
         t0 = time.monotonic()
         with open(logs / f"{point.log_name()}.log", "a") as fh:
@@ -199,10 +221,14 @@ exec {shlex.quote(sys.executable)} -m mpi_afl.slurm "${{DIRS[$SLURM_ARRAY_TASK_I
 def print_table(out: Path) -> None:
     from .report import format_group_table, summarize, summarize_group
     from .results import group_by_setting, load_many
+    from .storage.runlog import RunLogError
     try:
         runs = load_many([out])
     except FileNotFoundError:
         print(f"sweep: no finished run under {out} yet")
+        return
+    except RunLogError as e:
+        print(f"sweep: no table: {e}", file=sys.stderr)
         return
     groups = group_by_setting(runs)
     print(format_group_table([summarize_group(g, [summarize(r, None) for r in g.runs]) for g in groups]))

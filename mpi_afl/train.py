@@ -46,10 +46,14 @@ class _Setup:
     run_id: str = ""
     new_log: bool = False                # --new-log: the resumed run starts a fresh run.h5
     lock: RunLock | None = None          # held on the run directory until the run ends
+    final_error: str = ""                # the run's final files were not all written (storage/final_writes.py)
+    created: Path | None = None          # the run directory, if this start created it
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+        if self.created is not None and self.created.is_dir() and not any(self.created.iterdir()):
+            self.created.rmdir()   # a start refused before writing anything leaves no trace
 
     def exit(self, code: int) -> "_Setup":
         self.release()
@@ -64,11 +68,14 @@ def _rank0_setup(argv) -> _Setup:
     resume leaves it as it was."""
     from .storage.checkpoint import CheckpointError, load_checkpoint
     from .server.loop import check_server_format
-    from .storage.rundir import RUN_FILES, RunDirError, check_resume, new_run_id, set_aside_log
+    from .storage.rundir import (RunDirError, check_resume, check_run_files, holds_a_run, new_run_id,
+                                 no_checkpoint_advice)
     checkpoint = {}
     setup = _Setup()
 
     def resume_config(directory: str) -> dict:
+        if not (Path(directory) / "checkpoint.h5").exists() and holds_a_run(Path(directory)):
+            raise ConfigError(f"cannot resume: {no_checkpoint_advice(Path(directory))}")
         try:
             checkpoint["state"] = load_checkpoint(Path(directory) / "checkpoint.h5")
             check_server_format(checkpoint["state"])   # before anything else reads the state
@@ -84,12 +91,19 @@ def _rank0_setup(argv) -> _Setup:
             print(json.dumps(cfg.to_dict(), indent=2))
             return setup.exit(0)
         out = Path(cfg.run.out or _default_out(cfg))
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"config key 'run.out': {out} is a file, not a directory")
         try:
+            if not out.exists():
+                setup.created = out
             out.mkdir(parents=True, exist_ok=True)
             setup.lock = RunLock(out)   # before any check of the files: another run may be writing them
         except OSError as e:
             raise ConfigError(f"config key 'run.out': cannot write to {out}: {e.strerror}") from None
-        if not args.resume and any((out / f).exists() for f in RUN_FILES) and not cfg.run.overwrite:
+        check_run_files(out)
+        if not args.resume and holds_a_run(out) and not cfg.run.overwrite:
+            if not (out / "checkpoint.h5").exists():
+                raise ConfigError(no_checkpoint_advice(out))
             raise ConfigError(f"output directory {out} already holds a run; continue it with --resume {out}, "
                               f"choose another --out, or pass --run.overwrite=true to replace it")
         setup.run_id = check_resume(out, checkpoint["state"], args.new_log) if args.resume else new_run_id()
@@ -98,9 +112,6 @@ def _rank0_setup(argv) -> _Setup:
         if signals.received() is not None:
             _stopped_at_start(signals.received())
             return setup.exit(0)
-        if args.new_log and (aside := set_aside_log(out)):
-            print(f"[server] --new-log: the old run log is kept as {aside}", flush=True)
-        _describe_run(cfg, out)
         setup.result = ("ok", cfg.to_dict())
         setup.resume_state, setup.new_log = checkpoint.get("state"), args.new_log
         return setup
@@ -112,6 +123,46 @@ def _rank0_setup(argv) -> _Setup:
     except BaseException:
         setup.release()
         raise
+
+
+def _check_split_sizes(cfg: Config, samples: int) -> None:
+    """The partition's demands against the training split's `samples`, named by their config keys."""
+    d = cfg.data
+    where = f"the training split of {d.dataset} has {samples:,} samples"
+    if d.num_clients > samples:
+        raise ConfigError(f"config key 'data.num_clients': {d.num_clients:,} clients need at least one sample "
+                          f"each, but {where}")
+    if d.samples_per_client > samples:
+        raise ConfigError(f"config key 'data.samples_per_client': {d.samples_per_client:,} is more than the "
+                          f"training split holds ({where}): every client would hold each image several times")
+    if d.partition == "shards" and d.num_clients * d.shards_per_client > samples:
+        raise ConfigError(f"config key 'data.shards_per_client': {d.num_clients} clients x {d.shards_per_client} "
+                          f"shards need at least one sample per shard, but {where}")
+
+
+def _repeated_images(cfg: Config, parts) -> list[str]:
+    """With data.samples_per_client, a client whose class mix asks for more images of a class than the split
+    has draws that class's images again: say how often, since it changes what local training sees."""
+    import numpy as np
+    if not cfg.data.samples_per_client:
+        return []
+    copies = max(len(p) / len(np.unique(p)) for p in parts)
+    if copies <= 1:
+        return []
+    return [f"data.samples_per_client = {cfg.data.samples_per_client}: some clients hold repeated images (up to "
+            f"{copies:.1f} copies per image in one client), as their class mix asks for more images of a class "
+            f"than the training split has"]
+
+
+def _prepare_run_dir(cfg: Config, out: Path, new_log: bool) -> None:
+    """The start's first writes: clear what a killed run left mid-write, set an old run log aside
+    (--new-log), then record the config and the command line."""
+    from .storage.rundir import remove_temp_files, set_aside_log
+    for tmp in remove_temp_files(out):
+        print(f"[server] removed {tmp.name}, left by a run stopped while writing it", flush=True)
+    if new_log and (aside := set_aside_log(out)):
+        print(f"[server] --new-log: the old run log is kept as {aside}", flush=True)
+    _describe_run(cfg, out)
 
 
 def _stopped_at_start(signum: int) -> None:
@@ -130,7 +181,8 @@ def _describe_run(cfg: Config, out: Path) -> None:
     and one command line per start (the first and every --resume)."""
     (out / "config.toml").write_text(f"# resolved config of {out}, written by mpi_afl {__version__}\n"
                                      + cfg.to_toml())
-    with open(out / "command.txt", "a") as fh:
+    # surrogateescape: an argument that is not UTF-8 (a --config path) is written back as its original bytes
+    with open(out / "command.txt", "a", encoding="utf-8", errors="surrogateescape") as fh:
         fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  {shlex.join(sys.orig_argv)}\n")
 
 
@@ -141,12 +193,22 @@ class _Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self._to_log(self.log.write, text)
         return self.stream.write(text)
 
     def flush(self) -> None:
-        self.log.flush()
+        self._to_log(self.log.flush)
         self.stream.flush()
+
+    def _to_log(self, call, *args) -> None:
+        """A full disk or a file system gone read-only must not make every print fail: the console goes
+        on, the copy stops (the run's own error line says what could not be written)."""
+        if self.log is None:
+            return
+        try:
+            call(*args)
+        except OSError:
+            self.log = None
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -181,6 +243,8 @@ def run(comm, argv=None) -> int:
         return _run(comm, setup)
     finally:
         setup.release()
+        if setup.final_error:
+            print(f"mpi_afl: error: {setup.final_error}", file=sys.stderr, flush=True)
 
 
 def _run(comm, setup: _Setup) -> int:
@@ -193,6 +257,7 @@ def _run(comm, setup: _Setup) -> int:
     from .models import build_model
     from .models import flat
     from .placement import describe, pick_device, rank_record, record_ranks
+    from .storage.atomic import write_atomic
     from .storage.runlog import RunLog
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -221,8 +286,21 @@ def _run(comm, setup: _Setup) -> int:
         failure = str(e)
     _startup_point(comm, failure)
     labels = splits.train_y.numpy()
-    parts = partition(labels, d.num_clients, d.partition, seed=cfg.run.seed, num_classes=splits.info.num_classes,
-                      alpha=d.alpha, shards_per_client=d.shards_per_client, samples_per_client=d.samples_per_client)
+    try:
+        _check_split_sizes(cfg, len(labels))
+        parts = partition(labels, d.num_clients, d.partition, seed=cfg.run.seed, num_classes=splits.info.num_classes,
+                          alpha=d.alpha, shards_per_client=d.shards_per_client,
+                          samples_per_client=d.samples_per_client)
+    except (ConfigError, ValueError) as e:
+        failure = str(e)
+    _startup_point(comm, failure)
+    out = Path(cfg.run.out)
+    if rank == 0:   # every check has passed: only now is anything written into the run directory
+        try:
+            _prepare_run_dir(cfg, out, setup.new_log)
+        except OSError as e:
+            failure = f"config key 'run.out': cannot write to {out}: {e.strerror or e}"
+    _startup_point(comm, failure)
     info = splits.info
 
     def make_model() -> torch.nn.Module:
@@ -244,7 +322,6 @@ def _run(comm, setup: _Setup) -> int:
     from .transport.local import LocalTransport
     from .transport.mpi import ServerMPI
 
-    out = Path(cfg.run.out)
     console = open(out / "server.log", "a", buffering=1)   # appended to on resume
     sys.stdout, sys.stderr = _Tee(sys.stdout, console), _Tee(sys.stderr, console)
     (out / "clients.txt").write_text("\n".join(summary_lines(parts, labels, info.num_classes)) + "\n")
@@ -254,7 +331,7 @@ def _run(comm, setup: _Setup) -> int:
           f"{runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
           f"K={cfg.server.concurrency}, {size} rank(s), {cfg.run.clock} clock, device {device}, out {out}", flush=True)
     print(f"[server] placement: {describe(placements)}", flush=True)
-    for note in placement_notes + _idle_workers(cfg.server.concurrency, size - 1):
+    for note in placement_notes + _idle_workers(cfg.server.concurrency, size - 1) + _repeated_images(cfg, parts):
         print(f"[server] warning: {note}", flush=True)
     resume_state = setup.resume_state
     log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, placements), "run_id": setup.run_id},
@@ -281,15 +358,12 @@ def _run(comm, setup: _Setup) -> int:
     if workers:
         summary["worker_idle_fraction"] = sum(w["idle_seconds"] for w in workers) / sum(w["wall_seconds"] for w in workers)
         summary["workers"] = workers
-    # Results first, the final checkpoint last: a full disk at the end must not cost the results.
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    server.save_model(out / "model.pt")
-    try:
-        server.save_final_checkpoint()
-    except OSError as e:
-        print(f"mpi_afl: error: the final checkpoint {out / 'checkpoint.h5'} was not written ({e.strerror or e}); "
-              f"summary.json and model.pt hold the results; --resume would continue from the previous "
-              f"checkpoint, if any", file=sys.stderr, flush=True)
+    # checkpoint.h5 was written first, by server.run() (storage/final_writes.py gives the order and why).
+    writes = server.final_writes
+    writes.attempt("summary.json", lambda path: write_atomic(path, json.dumps(summary, indent=2) + "\n"))
+    writes.attempt("model.pt", server.save_model)
+    if (line := writes.error_line(server.checkpoint_version)) is not None:
+        setup.final_error = line   # printed by run(), after the lock's release, as the run's last line
         return EXIT_FAILED
     print(f"[server] done ({server.stop_reason}): {summary['versions']} versions, "
           f"final acc {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}, "
@@ -301,17 +375,6 @@ def _run(comm, setup: _Setup) -> int:
               f"server.lr", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from .storage.checkpoint import atomic_replace, temp_path
-    tmp = temp_path(path)
-    try:
-        tmp.write_text(text)
-        atomic_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _idle_workers(concurrency: int, workers: int) -> list[str]:

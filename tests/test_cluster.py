@@ -13,6 +13,7 @@ import torch
 from mpi_afl.launch import world_mismatch
 from mpi_afl.placement import _gpu_slot, _ranges, describe
 from mpi_afl.slurm import fnv1a32, should_requeue, stale_segments, summary_stamp, trainer_args
+from mpi_helpers import HANG_GUARD
 
 
 def test_segment_names_follow_mpich():
@@ -87,7 +88,7 @@ def test_trainer_refuses_a_world_of_one_from_a_multi_task_launcher(tmp_path):
     """End to end without SLURM: Open MPI's variable says 2 tasks, the MPICH singleton sees 1."""
     env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")
     out = subprocess.run([sys.executable, "-m", "mpi_afl.train", "--dataset", "digits", "--out", str(tmp_path / "r")],
-                         env=env, capture_output=True, text=True, timeout=120)
+                         env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert out.returncode == 2, out.stderr
     assert "started 2 tasks (OMPI_COMM_WORLD_SIZE=2)" in out.stderr and "world of 1" in out.stderr
     assert not (tmp_path / "r").exists()
@@ -112,7 +113,7 @@ def test_placement_description():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
 def test_cuda_without_a_gpu_stops_every_rank_naming_them(tmp_path):
     from mpi_helpers import launch
-    out = launch(2, ["--dataset", "digits", "--run.device=cuda", "--out", str(tmp_path / "r")], timeout=180)
+    out = launch(2, ["--dataset", "digits", "--run.device=cuda", "--out", str(tmp_path / "r")])
     assert out.returncode == 2, out.stderr
     assert "2 of 2 rank(s) see no GPU (rank 0 on" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r" / "run.h5").exists()

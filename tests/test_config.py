@@ -12,6 +12,7 @@ import pytest
 
 from mpi_afl.config import (ALGORITHM_NAMES, DATASET_NAMES, MODEL_NAMES, SHORTCUTS, Config, ConfigError,
                             all_keys, from_dict, parse_args)
+from mpi_helpers import HANG_GUARD
 
 
 def error(argv: list[str]) -> str:
@@ -211,7 +212,7 @@ def train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     # A wide terminal keeps argparse from wrapping help lines (it breaks words at hyphens).
     env = dict(os.environ, COLUMNS="3000")
     return subprocess.run([sys.executable, "-m", "mpi_afl.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD)
 
 
 def help_entries(text: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from mpi_afl.models.layers import StatTracker, reset_norm_statistics, tracked_st
 from mpi_afl.slices import drain
 
 import reference_distill as reference
+from numerics import reduction_bound, rel_diff
 
 torch.set_num_threads(1)
 
@@ -48,18 +49,20 @@ def test_batched_logits_feature_loss_and_input_gradients_match_the_per_teacher_p
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     logits, distances = ensemble.with_feature_loss(xa)
     ref_logits, ref_distances = reference.logits_and_feature_loss(modules, xb)
-    assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(distances, ref_distances, atol=1e-5, rtol=1e-4)
+    # The same sums in another order (grouped kernels against one module each): the rounding bound of one
+    # forward and backward pass with batch moments (tests/numerics.py), plus the few-term sums after it.
+    bound = reduction_bound(make_model().train(), x)
+    assert rel_diff(logits, ref_logits) <= bound
+    assert rel_diff(distances, ref_distances) <= bound
     assert float(distances.detach().min()) > 0
     weights = torch.tensor([0.5, 1.0, 2.0])
     ((logits.square().mean(dim=(1, 2)) + distances) * weights).sum().backward()
     ((ref_logits.square().mean(dim=(1, 2)) + ref_distances) * weights).sum().backward()
-    assert torch.allclose(xa.grad, xb.grad, atol=1e-6, rtol=1e-4)
+    assert rel_diff(xa.grad, xb.grad) <= bound
     # Per-teacher inputs: teacher k labels its own batch.
     per = torch.randn(3, 4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.allclose(ensemble(per, per_teacher=True),
-                              torch.stack([m(b) for m, b in zip(modules, per)]), atol=1e-5, rtol=1e-4)
+        assert rel_diff(ensemble(per, per_teacher=True), torch.stack([m(b) for m, b in zip(modules, per)])) <= bound
 
 
 @pytest.mark.parametrize("norm", ["stat", "batchnorm"])
@@ -89,14 +92,22 @@ def test_batched_kd_distils_the_same_student_as_the_per_teacher_path(norm):
         return flatten(student), losses
 
     (fast, fast_losses), (slow, slow_losses) = run(True), run(False)
-    assert fast_losses == pytest.approx(slow_losses, rel=1e-5)
+    # Each step's loss and gradient carry the rounding bound of the student's pass over the c batches and the
+    # teachers' pass over one (tests/numerics.py); to first order the steps' errors add up (SGD's step is
+    # linear in the gradient), so after `steps` steps both the losses and the distilled change stay within
+    # steps x that. About 1e-2 for this cnn, against O(1) for a wrong teacher, temperature or batch.
+    steps = 3
+    bound = steps * (reduction_bound(make_model().train(), data[0].flatten(0, 1))
+                     + reduction_bound(make_model().eval(), data[0, 0]))
+    assert max(abs(f - s) / abs(s) for f, s in zip(fast_losses, slow_losses)) <= bound
     mask = torch.ones_like(fast, dtype=torch.bool)
     if norm == "stat":
         # The batched student sees the c batches in one train-mode forward, so its stat trackers take one
         # update per step instead of c: only the statistics differ, and FedRevive resets them anyway.
         mask = param_mask(make_model())
-    assert torch.allclose(fast[mask], slow[mask], atol=1e-6, rtol=1e-4)
-    assert float((fast[mask] - flatten(initial())[mask]).abs().max()) > 1e-3  # it did train
+    start = flatten(initial())[mask]
+    assert rel_diff(fast[mask] - start, slow[mask] - start) <= bound
+    assert float((fast[mask] - start).abs().max()) > 1e-3  # it did train
 
 
 def test_tracked_statistics_remove_the_reset_share():

@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from mpi_helpers import FAST, env, launch, start, summary, wait_until
+from mpi_helpers import HANG_GUARD, FAST, env, launch, start, summary, wait_until
 from mpi_afl.storage.checkpoint import load_checkpoint
 
 ARGS = [*FAST, "--clock", "virtual", "--seed", "4", "--run.eval_every=5"]
@@ -72,9 +71,7 @@ def test_damaged_run_log_header_ends_resume_within_seconds(runs, tmp_path):
         data[i] ^= 0x5A
     (run / "run.h5").write_bytes(bytes(data))
     before = _snapshot(run)
-    t0 = time.monotonic()
-    proc = launch(3, ["--resume", str(run), "--max-versions", "10"], timeout=120)
-    assert time.monotonic() - t0 < 60
+    proc = launch(3, ["--resume", str(run), "--max-versions", "10"])   # a hang meets the guard
     _refused(proc, str(run / "run.h5"), "damaged", "--new-log")
     assert _snapshot(run) == before
     # The way out the message names: a fresh log from the checkpoint; the damaged one is kept aside.
@@ -87,7 +84,7 @@ def test_foreign_checkpoint_is_refused_and_nothing_changes(runs, tmp_path):
     run = _copy(runs[0], tmp_path)
     shutil.copy(runs[1] / "checkpoint.h5", run / "checkpoint.h5")   # another run's (another algorithm)
     before = _snapshot(run)
-    proc = launch(3, ["--resume", str(run), "--max-versions", "10"], timeout=120)
+    proc = launch(3, ["--resume", str(run), "--max-versions", "10"])
     _refused(proc, "belongs to run", "two runs")
     assert _snapshot(run) == before
 
@@ -117,7 +114,7 @@ def test_bad_run_log_on_resume_is_a_one_line_error(runs, tmp_path, damage):
         with h5py.File(log, "r+") as f:
             f["arrivals"].resize((2,))
     before = _snapshot(run)
-    proc = launch(1, ["--resume", str(run), "--max-versions", "10"], timeout=120)
+    proc = launch(1, ["--resume", str(run), "--max-versions", "10"])
     words = {"missing": ["run.h5 is missing"], "empty": ["run.h5", "not a readable HDF5 file"],
              "foreign": ["run.h5 belongs to run"], "truncated_file": ["run.h5", "truncated"],
              "flipped_rows": ["run.h5 is damaged"], "truncated_rows": ["has 2 rows but the checkpoint counts"]}
@@ -126,14 +123,14 @@ def test_bad_run_log_on_resume_is_a_one_line_error(runs, tmp_path, damage):
 
 
 def test_resume_into_another_out_is_refused(runs, tmp_path):
-    proc = launch(1, ["--resume", str(runs[0]), "--out", str(tmp_path / "elsewhere")], timeout=120)
+    proc = launch(1, ["--resume", str(runs[0]), "--out", str(tmp_path / "elsewhere")])
     _refused(proc, "--resume", "cannot differ")
     assert not (tmp_path / "elsewhere").exists()
 
 
 def test_infinite_learning_rate_is_refused_at_start(tmp_path):
     """It used to make every update non-finite and run forever (other values: test_run_dir.py)."""
-    proc = launch(3, [*ARGS, "--client.lr=inf", "--out", str(tmp_path / "x")], timeout=120)
+    proc = launch(3, [*ARGS, "--client.lr=inf", "--out", str(tmp_path / "x")])
     _refused(proc, "client.lr", "not a finite number")
     assert not (tmp_path / "x").exists()
 
@@ -147,13 +144,13 @@ def test_second_run_on_the_same_out_is_refused_before_writing(tmp_path):
         commands = (out / "command.txt").read_text()
         clients = (out / "clients.txt").read_bytes()
         for extra in ([], ["--run.overwrite=true"]):
-            proc = launch(1, [*ARGS, "--max-versions", "5", "--out", str(out), *extra], timeout=120)
+            proc = launch(1, [*ARGS, "--max-versions", "5", "--out", str(out), *extra])
             _refused(proc, "in use by another run", "run.lock")
-        proc = launch(1, ["--resume", str(out)], timeout=120)
+        proc = launch(1, ["--resume", str(out)])
         _refused(proc, "in use by another run")
         assert (out / "command.txt").read_text() == commands and (out / "clients.txt").read_bytes() == clients
         first.send_signal(signal.SIGTERM)
-        stdout, stderr = first.communicate(timeout=60)
+        stdout, stderr = first.communicate(timeout=HANG_GUARD)
     finally:
         first.kill()
     assert first.returncode == 0, (stdout, stderr)
@@ -166,7 +163,7 @@ def test_second_run_on_the_same_out_is_refused_before_writing(tmp_path):
 def test_non_finite_updates_stop_the_run_as_diverged(tmp_path):
     out = tmp_path / "nan"
     proc = launch(3, [*ARGS, "--max-versions", "1000", "--fault.kind=nan_from", "--fault.job=12",
-                      "--run.diverged_after=6", "--out", str(out)], timeout=120)
+                      "--run.diverged_after=6", "--out", str(out)])
     _refused(proc, "diverged", "6 consecutive updates were non-finite", code=3)
     s = summary(out)
     assert s["stop_reason"] == "diverged" and s["updates_rejected"] >= 6
@@ -179,7 +176,7 @@ def test_non_finite_global_model_stops_the_run_at_the_last_finite_version(tmp_pa
     """A finite update so large that the aggregate overflows: the model is never made a version."""
     out = tmp_path / "huge"
     proc = launch(1, [*ARGS, "--algorithm", "fedbuff", "--server.buffer_size=1", "--server.lr=10",
-                      "--max-versions", "1000", "--fault.kind=huge", "--fault.job=7", "--out", str(out)], timeout=120)
+                      "--max-versions", "1000", "--fault.kind=huge", "--fault.job=7", "--out", str(out)])
     _refused(proc, "diverged", "global model turned non-finite", code=3)
     s = summary(out)
     assert s["stop_reason"] == "diverged"
@@ -197,7 +194,7 @@ def test_signal_during_start_up_stops_cleanly(tmp_path, sig):
         # rank 0 takes the lock early in its start-up, while the other ranks import torch (seconds)
         assert wait_until((out / "run.lock").exists, interval=0.01), "no run.lock within 120 s"
         proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     finally:
         proc.kill()
     assert proc.returncode == 0, (stdout, stderr)
@@ -210,7 +207,7 @@ def test_results_are_written_before_the_final_checkpoint(tmp_path):
     rename); summary.json and model.pt are there anyway and the error says what is missing."""
     out = tmp_path / "full"
     (out / "checkpoint.h5").mkdir(parents=True)
-    proc = launch(1, [*ARGS, "--max-versions", "5", "--run.overwrite=true", "--out", str(out)], timeout=120)
+    proc = launch(1, [*ARGS, "--max-versions", "5", "--run.overwrite=true", "--out", str(out)])
     _refused(proc, "final checkpoint", "was not written", "summary.json and model.pt hold the results", code=1)
     assert summary(out)["versions"] == 5 and (out / "model.pt").stat().st_size > 0
 
@@ -223,7 +220,7 @@ def test_tracebacks_reach_stderr_in_full_before_the_abort(tmp_path):
                                "--out", str(tmp_path / f"f{i}")]) for i, (kind, _) in enumerate(cases)]
     for proc, (kind, line) in zip(procs, cases):
         try:
-            stdout, stderr = proc.communicate(timeout=180)
+            stdout, stderr = proc.communicate(timeout=HANG_GUARD)
         finally:
             proc.kill()
         assert proc.returncode != 0
@@ -240,7 +237,7 @@ def test_garbage_data_file_names_the_file(tmp_path):
         header = (0x0800 + ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
         (raw / name).write_bytes(header + b"\0" * 100)   # a truncated download
     proc = launch(2, [*FAST, "--dataset", "fashion-mnist", "--data.root", str(tmp_path / "data"),
-                      "--out", str(tmp_path / "out")], timeout=120)
+                      "--out", str(tmp_path / "out")])
     _refused(proc, "train-images-idx3-ubyte", "truncated")
 
 
@@ -250,5 +247,5 @@ def test_download_without_network_is_a_one_line_error(tmp_path):
          "XDG_CACHE_HOME": str(tmp_path / "cache"), "MPI_AFL_DATA": ""}
     cmd = [sys.executable, "-m", "mpi_afl.train", *FAST, "--dataset", "mnist", "--data.download=true",
            "--data.root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=e)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD, env=e)
     _refused(proc, "mnist", "download", "failed")

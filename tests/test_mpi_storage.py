@@ -1,13 +1,12 @@
 """Run files, checkpoints, exact resume and pre-emption, with real mpiexec runs (issue: storage)."""
 
 import signal
-import time
 
 import h5py
 import numpy as np
 import pytest
 
-from mpi_helpers import FAST, launch, start, summary, wait_until
+from mpi_helpers import HANG_GUARD, FAST, launch, start, summary, wait_until
 from mpi_afl.storage.checkpoint import load_checkpoint, save_checkpoint
 from mpi_afl.storage.runlog import read_run
 
@@ -74,13 +73,11 @@ def test_sigterm_under_mpiexec_checkpoints_and_resumes_exactly(tmp_path):
 
     try:
         assert wait_until(lambda: live_rows() >= 30, interval=0.5), "the live run file never showed arrivals"
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD)
     finally:
         proc.kill()
     assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
-    assert time.monotonic() - t0 < 30
     assert "signal SIGTERM" in stdout
     s = summary(out)
     assert s["stop_reason"] == "signal"
@@ -104,7 +101,7 @@ def finished_run(tmp_path_factory):
 
 
 def _fails(args, *words):
-    proc = launch(1, args, timeout=120)
+    proc = launch(1, args)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     for w in words:
         assert w in proc.stderr, (w, proc.stderr)

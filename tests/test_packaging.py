@@ -19,6 +19,7 @@ else:
 
 from mpi_afl import __version__
 from mpi_afl.launch import mpiexec_path
+from mpi_helpers import HANG_GUARD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,15 +41,15 @@ def installed(tmp_path_factory):
     build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp / "dist")]
     if _setuptools_builds_pep639():
         build.append("--no-build-isolation")   # offline; otherwise pip fetches setuptools>=77 to build
-    done = subprocess.run(build, capture_output=True, text=True, timeout=300, env=_env())
+    done = subprocess.run(build, capture_output=True, text=True, timeout=HANG_GUARD, env=_env())
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp / "dist").glob("mpi_afl-*.whl")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp / "venv")], check=True, timeout=HANG_GUARD)
     python = tmp / "venv" / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True, env=_env()).stdout.strip()
     done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                           str(wheel)], capture_output=True, text=True, timeout=300, env=_env())
+                           str(wheel)], capture_output=True, text=True, timeout=HANG_GUARD, env=_env())
     assert done.returncode == 0, done.stderr
     Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     work = tmp / "work"
@@ -62,7 +63,7 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def _run(cmd, cwd, timeout=240):
+def _run(cmd, cwd, timeout=HANG_GUARD):
     env = _env()
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # mpi4py finds the `mpich` wheel's libmpi under its venv's prefix; the fresh venv borrows this one's

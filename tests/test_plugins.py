@@ -8,7 +8,7 @@ import pytest
 from mpi_afl import plugins
 from mpi_afl.config import ConfigError, parse_args
 from mpi_afl.results import load
-from mpi_helpers import launch, summary
+from mpi_helpers import HANG_GUARD, launch, summary
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = ["--server.algorithm=examples.custom_algorithm:ClippedAsync", "--model.name=examples.custom_model:mlp",
@@ -61,7 +61,7 @@ def test_bad_algorithm_path_is_a_config_error(value, message):
 
 
 def test_bad_plugin_stops_the_run_with_one_line(tmp_path):
-    proc = run(1, ["--model.name=examples.custom_dataset:nothing", "--out", str(tmp_path / "x")], timeout=60)
+    proc = run(1, ["--model.name=examples.custom_dataset:nothing", "--out", str(tmp_path / "x")], timeout=HANG_GUARD)
     assert proc.returncode == 2
     assert "mpi_afl: error: config key 'model.name': module 'examples.custom_dataset' has no attribute" \
         in proc.stderr
@@ -70,6 +70,6 @@ def test_bad_plugin_stops_the_run_with_one_line(tmp_path):
 
 def test_contract_breach_found_after_start_ends_every_rank(tmp_path):
     # A loader is only called once the ranks have started: the data set "loader" here returns a model.
-    proc = run(3, ["--data.dataset=examples.custom_model:mlp", "--out", str(tmp_path / "x")], timeout=120)
+    proc = run(3, ["--data.dataset=examples.custom_model:mlp", "--out", str(tmp_path / "x")], timeout=HANG_GUARD)
     assert proc.returncode != 0
     assert "config key 'data.dataset'" in proc.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from mpi_afl.report import PLOT_FILES, main
 from mpi_afl.storage.runlog import REJECT_REASONS, RunLog
+from mpi_helpers import HANG_GUARD
 
 REPO = Path(__file__).resolve().parents[1]
 REJECTED = next(name for name in REJECT_REASONS if name != "none")
@@ -50,7 +51,7 @@ def test_report_cli_writes_plots_and_summary(tmp_path, two_runs):
     out = tmp_path / "plots"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "mpi_afl.report", *map(str, two_runs), "--out", str(out),
-                           "--target", "0.5", "--json"], capture_output=True, text=True, env=env, timeout=300)
+                           "--target", "0.5", "--json"], capture_output=True, text=True, env=env, timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr
     for name in PLOT_FILES:
         data = (out / name).read_bytes()

@@ -14,7 +14,7 @@ import pytest
 from mpi_afl import results
 from mpi_afl.config import parse_args
 from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES
-from mpi_helpers import FAST, env, launch
+from mpi_helpers import HANG_GUARD, FAST, env, launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_export_csv_without_torch(run_dir, tmp_path):
               f"rc = main(['export', {str(run_dir)!r}, '--out', {str(tmp_path)!r}]); "
               "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env(),
-                          timeout=120)
+                          timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr
     run = results.load(run_dir)
     with open(tmp_path / "run" / "evals.csv") as fh:

@@ -15,6 +15,7 @@ from mpi_afl.config import ConfigError, parse_args
 from mpi_afl.storage.lock import LOCK_FILE, LockError, RunLock
 from mpi_afl.storage.rundir import RunDirError, check_resume, set_aside_log
 from mpi_afl.storage.runlog import RunLog
+from mpi_helpers import HANG_GUARD
 
 COUNTS = {"arrivals": 0, "evals": 0, "timings": 0, "kd_checks": 0}
 
@@ -118,5 +119,5 @@ def test_stop_signals_are_ignored_once_the_process_exits():
             "from mpi_afl import signals\n"
             "signals.arm()\n"
             "assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD)
     assert out.returncode == 0 and out.stdout.strip() == "True", out

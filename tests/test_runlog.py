@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -14,6 +13,7 @@ import pytest
 
 from mpi_afl.storage.runlog import (ARRIVAL_FIELDS, EVAL_FIELDS, PHASES, REJECT_REASONS, TIMING_FIELDS, RunLog,
                                     RunLogError, check_resumable, read_run)
+from mpi_helpers import HANG_GUARD
 
 REPO = Path(__file__).resolve().parents[1]
 REJECTED = next(name for name in REJECT_REASONS if name != "none")
@@ -35,7 +35,7 @@ def run_python(code: str) -> str:
     """Run `code` in a fresh interpreter (a separate process, as a live reader would be)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -223,6 +223,7 @@ COUNTS = {"arrivals": 100, "evals": 0, "timings": 0, "kd_checks": 0}
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["closed", "crashed_writer"])
+@pytest.mark.timeout(300)   # in process: milliseconds when it works; it once retried forever
 def test_damage_is_an_error_not_a_hang(tmp_path, crash):
     """Flipped header bytes once made a SWMR reader retry forever; flipped row bytes were read silently."""
     good = tmp_path / "good.h5"
@@ -234,8 +235,7 @@ def test_damage_is_an_error_not_a_hang(tmp_path, crash):
     with h5py.File(good, "r", swmr=True) as f:   # the first row's bytes: inside the chunk of the arrivals table
         offset = f["arrivals"].id.get_chunk_info(0).byte_offset
     _flip(rows, offset + 16)
-    t0 = time.monotonic()
-    with pytest.raises(RunLogError, match="header.h5"):
+    with pytest.raises(RunLogError, match="header.h5"):   # it once retried forever: pytest-timeout guards
         read_run(header)
     with pytest.raises(RunLogError, match="header.h5"):
         check_resumable(header, COUNTS, "abc")
@@ -243,7 +243,6 @@ def test_damage_is_an_error_not_a_hang(tmp_path, crash):
         read_run(rows)
     with pytest.raises(RunLogError, match="rows.h5 is damaged"):
         check_resumable(rows, COUNTS, "abc")
-    assert time.monotonic() - t0 < 10
     check_resumable(good, COUNTS, "abc")
     assert len(read_run(good)["arrivals"]["job"]) == 3000
 

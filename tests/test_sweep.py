@@ -39,6 +39,18 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     assert json.loads((lost / "summary.json").read_text())["model_sha256"] == before
     assert json.loads((tmp_path / "fedasync" / "s1.usage.json").read_text())["launches"] == 2   # CPU of both
 
+    # A finished run whose run.h5 was damaged is named in one line and run again from the start (the
+    # virtual clock repeats it exactly); the table then reads every run.
+    damaged = tmp_path / "fedbuff" / "s1"
+    log = damaged / "run.h5"
+    log.write_bytes(log.read_bytes()[:4096])
+    assert state(damaged) == "damaged"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"sweep: {damaged} finished but is damaged (run log {log}" in out and "1 to run" in out
+    assert json.loads((damaged / "summary.json").read_text())["model_sha256"] == summaries[damaged]["model_sha256"]
+    assert state(damaged) == "done" and "±" in out[out.index("setting"):]
+
 
 def test_state_resumes_a_run_stopped_by_a_signal(tmp_path):
     assert state(tmp_path) == "start"
@@ -49,7 +61,9 @@ def test_state_resumes_a_run_stopped_by_a_signal(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "signal"}))
     assert state(tmp_path) == "resume"      # pre-empted: its summary is not a result
     (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "max_versions"}))
-    assert state(tmp_path) == "done"
+    assert state(tmp_path) == "damaged"     # finished, but no readable run.h5 to report from
+    (tmp_path / "summary.json").write_text("{truncated")
+    assert state(tmp_path) == "damaged"
 
 
 def test_slurm_script_lists_every_point(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import inspect
+import io
 import math
 import time
 from collections import deque
@@ -38,7 +39,9 @@ from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
 from ..results import updates_per_second
-from ..storage.checkpoint import CheckpointError, atomic_replace, save_checkpoint, temp_path
+from ..storage.atomic import write_atomic
+from ..storage.checkpoint import CheckpointError, save_checkpoint
+from ..storage.final_writes import FinalWrites
 from ..storage.runlog import RunLog
 from ..transport.arrival import Arrival
 from ..transport.backoff import Backoff
@@ -143,11 +146,13 @@ class Server:
         self.last_line = 0.0          # wall time of the last progress line (heartbeat)
         self.stop_reason = ""
         self.stop_requested = False   # set by the SIGTERM/SIGUSR1 handler (train.py)
-        self.stopped = False          # workers told to stop: nothing more to receive or dispatch
+        self.stopped = False          # the run has stopped: nothing more is received or dispatched
         self.run_id = run_id          # storage/rundir.py: written into checkpoint.h5 and summary.json
         self.nonfinite_streak = 0     # consecutive updates rejected as non-finite (run.diverged_after)
         self.diverged = ""            # why the run diverged, when it did
-        self.final_state: dict | None = None   # the final checkpoint's state, written by save_final_checkpoint()
+        self.final_writes = FinalWrites(out_dir)   # the stop's writes, checkpoint.h5 first (storage/final_writes.py)
+        self.checkpoint_version: int | None = None   # version of OUT/checkpoint.h5 (None: none written yet)
+        self.log_flush_failed = False   # said once: run.h5 rows wait in memory for room on the disk
 
     # ----------------------------------------------------------- jobs
     def _new_job(self, client: int | None = None, base_version: int | None = None) -> None:
@@ -388,7 +393,7 @@ class Server:
         backoff = Backoff()
         every = self.cfg.run.checkpoint_every
         while not self.should_stop():
-            self.log.maybe_flush()
+            self._maybe_flush_log()
             self.heartbeat()
             self.pump()
             ready = self.next_ready()
@@ -410,26 +415,43 @@ class Server:
                 self._eval_step()
             if every and self.version != version and self.version % every == 0:
                 self.checkpoint()
-        # Workers stop first, so none waits through the final checkpoint and evaluation (jobs still in
-        # flight are in the checkpoint and run again on resume).
+        # The final checkpoint first (also after a normal stop, so `--resume` can extend the run): after a
+        # signal the job may be killed any moment now. It is taken between two updates, as every checkpoint,
+        # and before the off-schedule final evaluation (a resumed run drops that row, as an uninterrupted run
+        # never had it); jobs still in flight are in it and run again on resume.
+        self.stopped = True   # from here on nothing is received or sent (the evaluations below would pump)
+        if self.final_writes.attempt("checkpoint.h5", lambda path: save_checkpoint(path, self._checkpoint_state())):
+            self.checkpoint_version = self.version
         self.transport.stop()
-        self.stopped = True
-        # The final checkpoint (also after a normal stop, so `--resume` can extend the run) is taken now,
-        # before the off-schedule final evaluation (a resumed run drops that row, as an uninterrupted run
-        # never had it), but written last by save_final_checkpoint(), after summary.json and model.pt: a
-        # full disk at the end then still leaves the results.
-        self.final_state = self._checkpoint_state()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
             self.finish_evaluations()
-        self.log.close()
+        self.final_writes.attempt("run.h5", lambda _: self.log.close())
         return self.summary()
+
+    def _maybe_flush_log(self) -> None:
+        """The periodic run.h5 flush; on a full disk the rows stay buffered and the next flush tries again."""
+        try:
+            self.log.maybe_flush()
+        except OSError as e:
+            self.log.postpone_flush()
+            if not self.log_flush_failed:
+                print(f"[server] warning: run.h5 rows could not be written ({e.strerror or e}); they are kept in "
+                      f"memory and written when there is room", flush=True)
+            self.log_flush_failed = True
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
         """Write OUT/checkpoint.h5 atomically; only ever called between two updates."""
         t0 = time.perf_counter()
-        save_checkpoint(self.out_dir / "checkpoint.h5", self._checkpoint_state())
+        try:
+            save_checkpoint(self.out_dir / "checkpoint.h5", self._checkpoint_state())
+        except OSError as e:   # a full disk may clear; the run goes on, and says which checkpoint it has
+            kept = f"version {self.checkpoint_version}" if self.checkpoint_version is not None else "none"
+            print(f"[server] warning: the checkpoint of version {self.version} was not written "
+                  f"({e.strerror or e}); the run goes on; checkpoint.h5 kept: {kept}", flush=True)
+            return
+        self.checkpoint_version = self.version
         self.log.timing(version=self.version, wall_time=self.wall(), phase="checkpoint",
                         seconds=time.perf_counter() - t0)
 
@@ -438,22 +460,15 @@ class Server:
         self.log.flush()   # the checkpoint must never count rows that only lived in memory
         return self.state_dict()
 
-    def save_final_checkpoint(self) -> None:
-        """Write the state taken when the run stopped (after run()) to OUT/checkpoint.h5."""
-        save_checkpoint(self.out_dir / "checkpoint.h5", self.final_state)
-
     def save_model(self, path: Path) -> None:
         """The final global model as a torch state dict (`model.load_state_dict(torch.load(path)["state_dict"])`),
-        written atomically."""
+        written atomically. Serialised in memory first (one model): torch.save into a file that fails half-way
+        raises a RuntimeError about stream positions, where a plain write raises the OSError that says why."""
         self.flat.load_flat(self.model, self.x)
-        tmp = temp_path(path)
-        try:
-            torch.save({"state_dict": self.model.state_dict(), "run_id": self.run_id, "version": self.version,
-                        "model_sha256": self.model_sha256()}, tmp)
-            atomic_replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        torch.save({"state_dict": self.model.state_dict(), "run_id": self.run_id, "version": self.version,
+                    "model_sha256": self.model_sha256()}, buffer)
+        write_atomic(path, buffer.getbuffer())
 
     def model_sha256(self) -> str:
         return hashlib.sha256(self.x.detach().cpu().numpy().tobytes()).hexdigest()
@@ -511,6 +526,7 @@ class Server:
         self.ctx.stats.update(state["stats"])
         self.interval["distill"] = self.ctx.stats.get("distill_seconds", 0.0)
         self.ctx.global_model, self.ctx.version = self.x, self.version
+        self.checkpoint_version = self.version
         self.algorithm.load_state_dict(state["algorithm"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
 

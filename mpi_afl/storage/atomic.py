@@ -24,3 +24,17 @@ def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically: a temporary file, then `atomic_replace`. On any
+    failure (an OSError such as a full disk) the old file is left as it was and the temporary file is gone."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        atomic_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

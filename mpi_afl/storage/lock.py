@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 
 LOCK_FILE = "run.lock"
@@ -102,5 +103,10 @@ class RunLock:
     def release(self) -> None:
         """Remove the lock; calling it again does nothing."""
         if self.held:
-            self.path.unlink(missing_ok=True)
             self.held = False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:   # a directory made read-only: the run's own error says more than this
+                print(f"mpi_afl: warning: could not remove {self.path} ({e.strerror or e}); it names a process "
+                      "that has ended, so the next run in this directory takes it over", file=sys.stderr,
+                      flush=True)

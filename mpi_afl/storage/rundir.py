@@ -19,6 +19,8 @@ from pathlib import Path
 from .runlog import RunLogError, check_resumable
 
 RUN_FILES = ("summary.json", "run.h5", "checkpoint.h5")   # a directory holding any of these holds a run
+# Every file a run writes into its directory (all regular files).
+WRITTEN_FILES = (*RUN_FILES, "model.pt", "config.toml", "command.txt", "server.log", "clients.txt")
 
 
 class RunDirError(Exception):
@@ -60,6 +62,39 @@ def check_resume(directory: str | Path, state: dict, new_log: bool) -> str:
     except RunLogError as e:
         raise RunDirError(f"cannot resume: {e}; {fresh}") from None
     return run_id
+
+
+def check_run_files(directory: Path) -> None:
+    """Refuse a directory where one of the run's file names is taken by a directory or another non-file:
+    the run would fail writing it, at the start or only at the end."""
+    for name in WRITTEN_FILES:
+        path = directory / name
+        if path.exists() and not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise RunDirError(f"{path} is {kind}, but the run writes a file of that name there; move it away "
+                              "or choose another --out")
+
+
+def holds_a_run(directory: Path) -> bool:
+    return any((directory / f).exists() for f in RUN_FILES)
+
+
+def no_checkpoint_advice(directory: Path) -> str:
+    """What to do with a directory whose run left no checkpoint.h5: the same words for a fresh start and for
+    --resume, so neither points at the other."""
+    return (f"{directory} holds a run that stopped before it wrote a checkpoint (no checkpoint.h5), so it cannot "
+            f"be continued; start it again with --out {directory} --run.overwrite=true, or choose another --out")
+
+
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete the temporary files (storage/atomic.py's `.NAME.PID.HEX.tmp`) that a run killed mid-write left
+    beside its files; call only while holding the directory's lock. Returns what was removed."""
+    removed = []
+    for name in WRITTEN_FILES:
+        for tmp in directory.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def set_aside_log(directory: str | Path) -> Path | None:

@@ -174,6 +174,7 @@ COLUMN_DOCS = {
 TABLES = {"arrivals": ARRIVAL_FIELDS, "evals": EVAL_FIELDS, "timings": TIMING_FIELDS, "kd_checks": KD_CHECK_FIELDS}
 CODED_COLUMNS = {"arrivals": {"reason": REJECT_REASONS}, "timings": {"phase": PHASES}}
 _CHUNK_ROWS = 1024  # ~100 KB chunks: few chunk writes per flush, small waste at the end
+_METADATA_BYTES = 64 * 1024   # object headers, chunk index and superblock updates of one flush: a generous bound
 
 
 class _Table:
@@ -199,6 +200,10 @@ class _Table:
                 raise ValueError(f"{self.name} row: {column}={row[column]!r} is not one of {list(codes)}")
             row[column] = codes[row[column]]
         self.rows.append(tuple(row[n] for n in self.names))
+
+    def new_chunks(self) -> int:
+        """Chunks that writing the buffered rows adds to the dataset."""
+        return -(-(self.written + len(self.rows)) // _CHUNK_ROWS) - -(-self.written // _CHUNK_ROWS)
 
     def write(self, ds: h5py.Dataset) -> None:
         if not self.rows:
@@ -275,18 +280,42 @@ class RunLog:
             self.flush()
 
     def flush(self) -> None:
-        """Append the buffered rows to the file and make them visible to SWMR readers."""
+        """Append the buffered rows to the file and make them visible to SWMR readers. A full disk (or quota)
+        is an OSError before anything is written (`_reserve`); the rows then stay buffered."""
+        self._reserve()
         for name, table in self._tables.items():
             table.write(self._datasets[name])
+        self._last_flush = time.monotonic()
+
+    def _reserve(self) -> None:
+        """Allocate the space the buffered rows' new chunks (and their metadata) need at the end of the file,
+        before HDF5 writes them. HDF5 that meets a full disk half-way leaves its library state broken and the
+        process segfaults at exit; space allocated beforehand cannot run out. HDF5 writes at its end of
+        allocation, so the file keeps at most one reserve of zeros past it (read as any other run.h5)."""
+        needed = _METADATA_BYTES + sum(t.new_chunks() * _CHUNK_ROWS * t.dtype.itemsize
+                                       for t in self._tables.values())
+        end = self._file.id.get_filesize()   # HDF5's end of allocation, not the file's size
+        if self.path.stat().st_size - end >= needed:
+            return
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.posix_fallocate(fd, end, needed)
+        finally:
+            os.close(fd)
+
+    def postpone_flush(self) -> None:
+        """Count a failed periodic flush as a flush, so that it is tried again only after flush_seconds."""
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         """Flush and close; calling it again does nothing."""
         if self._file is None:
             return
-        self.flush()
-        self._file.close()
-        self._file = None
+        try:
+            self.flush()
+        finally:   # a flush refused for want of space wrote nothing, so the file still closes cleanly
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "RunLog":
         return self

@@ -17,5 +17,5 @@ class Arrival:
     payload: torch.Tensor | None   # flat float32 delta (borrowed: valid until `release()`); None if unreadable
     size_ok: bool                  # False: the payload length did not match the model
     rank: int                      # the MPI rank it came from (0 in one process)
-    nbytes: int                    # bytes on the wire
+    nbytes: int                    # payload bytes (the header excluded: the same with or without MPI)
     release: Callable[[], None] = lambda: None   # hands the receive buffer back to the pool

@@ -101,13 +101,14 @@ class ServerMPI:
                 m.Recv([scratch[:nbytes], MPI.BYTE])
                 header = scratch[:HEADER_BYTES].view(np.float64)
                 arrivals.append(Arrival(int(header[1]), int(header[0]), int(header[2]), int(header[3]),
-                                        float(header[4]), float(header[5]), None, False, rank, nbytes))
+                                        float(header[4]), float(header[5]), None, False, rank,
+                                        max(nbytes - HEADER_BYTES, 0)))
                 continue
             msg = self.free_recv.pop() if self.free_recv else Message(self.payload_len)
             m.Recv([msg.buf, MPI.BYTE])
             arrivals.append(Arrival(msg.geti("job_index"), msg.geti("client_id"), msg.geti("base_version"),
                                     msg.geti("num_samples"), msg.get("loss"), msg.get("compute_seconds"),
-                                    msg.payload, True, rank, nbytes,
+                                    msg.payload, True, rank, nbytes - HEADER_BYTES,
                                     release=lambda msg=msg: self.free_recv.append(msg)))
         self._reap()
         return arrivals

@@ -1,0 +1,269 @@
+"""What a user sees when a run meets a fault: a full disk or a read-only directory at the end, two Ctrl-C,
+bad values, odd paths, files in the way, leftovers of a killed run. Each ends with a clear outcome: exit 1
+or 2 with one line naming what was not written or which key is wrong, and a directory that the messages
+agree on how to continue. Refusals are checked in process (`_rank0_setup`, the start-up's checks); what
+involves the file system, signals or MPI runs for real (a small tmpfs for the full disk, `mpiexec`)."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mpi_afl.config import from_dict, parse_args
+from mpi_afl.storage.checkpoint import load_checkpoint
+from mpi_afl.train import _check_split_sizes, _rank0_setup
+from mpi_helpers import FAST, HANG_GUARD, command, env, launch, start, summary, wait_until
+
+ARGS = [*FAST, "--clock", "virtual", "--seed", "4", "--run.eval_every=5"]
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("mpi_afl: error:")]
+
+
+def _one_error(proc, code: int, *words) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    (line,) = _errors(proc.stderr)
+    for w in words:
+        assert w in line, (w, line)
+    assert "Traceback" not in proc.stderr and "Segmentation" not in proc.stderr, proc.stderr
+    return line
+
+
+def _refusal(argv: list[str], capsys) -> str:
+    """Rank 0's start-up checks in process: exit 2 and the one error line."""
+    setup = _rank0_setup(argv)
+    assert setup.result == ("exit", 2)
+    (line,) = _errors(capsys.readouterr().err)
+    return line
+
+
+# ------------------------------------------------------------------ refused before anything is written
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64)])
+def test_seed_out_of_range_is_refused_and_nothing_is_written(tmp_path, capsys, seed):
+    out = tmp_path / "run"
+    assert "config key 'run.seed'" in _refusal(["--seed", seed, "--out", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_largest_seed_is_accepted():
+    cfg, _ = parse_args(["--seed", str(2 ** 63 - 1)])
+    assert cfg.run.seed == 2 ** 63 - 1
+
+
+def test_wall_scale_beyond_its_range_is_refused(tmp_path, capsys):
+    line = _refusal(["--delays.wall_scale=1e308", "--out", str(tmp_path / "r")], capsys)
+    assert "config key 'delays.wall_scale'" in line and "<= 10000" in line
+
+
+def test_non_utf8_out_is_refused_with_one_line(tmp_path, capsys):
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run-\xff")   # as argv gives undecodable bytes
+    line = _refusal(["--out", bad], capsys)
+    assert "config key 'run.out'" in line and "UTF-8" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_naming_a_file_says_so(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("mine")
+    assert f"{path} is a file, not a directory" in _refusal(["--out", str(path)], capsys)
+    assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["model.pt", "command.txt", "server.log"])
+def test_run_file_name_taken_by_a_directory_is_refused_at_the_start(tmp_path, capsys, name):
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    line = _refusal(["--out", str(out), "--run.overwrite=true"], capsys)
+    assert f"{out / name} is a directory" in line
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_key_given_twice_takes_the_last_value_as_help_says(capsys):
+    cfg, _ = parse_args(["--client.lr=0.1", "--client.lr=0.2"])
+    assert cfg.client.lr == 0.2
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "more than once takes its last value" in capsys.readouterr().out
+
+
+def test_split_size_checks_name_the_keys():
+    cfg = from_dict({})
+    cfg.data.num_clients = 2000
+    with pytest.raises(ValueError, match="'data.num_clients': 2,000 clients"):
+        _check_split_sizes(cfg, 1259)
+    cfg.data.num_clients, cfg.data.samples_per_client = 20, 5000
+    with pytest.raises(ValueError, match="'data.samples_per_client': 5,000 is more than"):
+        _check_split_sizes(cfg, 1259)
+    cfg.data.samples_per_client = 350
+    _check_split_sizes(cfg, 1259)
+
+
+def test_too_many_clients_is_exit_2_and_leaves_no_directory(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(1, ["--data.num_clients=5000", "--server.concurrency=4", "--out", str(out)])
+    _one_error(proc, 2, "data.num_clients", "1,259 samples")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ a run that stopped before any checkpoint
+def test_no_checkpoint_messages_agree_on_the_way_out(tmp_path, capsys):
+    """A run killed before its first checkpoint (two Ctrl-C): --resume and a fresh start say the same thing,
+    and the way they name works."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"stop_reason": "signal", "run_id": "x"}))
+    (out / ".model.pt.123.abcd1234.tmp").write_bytes(b"half")
+    resume = _refusal(["--resume", str(out)], capsys)
+    fresh = _refusal(["--out", str(out)], capsys)
+    assert "no checkpoint.h5" in resume and "--run.overwrite=true" in resume and "--resume" not in resume
+    assert fresh.removeprefix("mpi_afl: error: ") in resume
+    proc = launch(1, [*ARGS, "--max-versions", "5", "--out", str(out), "--run.overwrite=true"])
+    assert proc.returncode == 0, proc.stderr
+    assert "removed .model.pt.123.abcd1234.tmp" in proc.stdout
+    assert not list(out.glob(".*.tmp")) and summary(out)["versions"] == 5
+
+
+def test_resume_removes_what_a_killed_run_left_mid_write(tmp_path):
+    out = tmp_path / "run"
+    assert launch(1, [*ARGS, "--max-versions", "5", "--out", str(out)]).returncode == 0
+    for name in (".checkpoint.h5.99.0badf00d.tmp", ".model.pt.99.0badf00d.tmp", ".summary.json.99.00.tmp"):
+        (out / name).write_bytes(b"partial")
+    proc = launch(1, ["--resume", str(out), "--max-versions", "10"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("left by a run stopped while writing it") == 3
+    assert not list(out.glob(".*.tmp")) and summary(out)["versions"] == 10
+
+
+def test_double_ctrl_c_under_mpiexec_leaves_a_directory_the_messages_agree_on(tmp_path):
+    """Two SIGINT 0.3 s apart to mpiexec: hydra kills every rank after the second. The checkpoint is the
+    first thing written after a stop, so the run can usually be continued; when it could not be written in
+    time, --resume and a fresh start name the same way out, and it works."""
+    out = tmp_path / "run"
+    proc = start(3, [*ARGS, "--max-versions", "100000", "--out", str(out)])
+    try:
+        assert wait_until(lambda: (out / "server.log").exists() and "version" in (out / "server.log").read_text())
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=HANG_GUARD)
+    finally:
+        proc.kill()
+    # hydra's kill leaves no time for the lock's removal: the next start takes the stale lock over.
+    if (out / "checkpoint.h5").exists():
+        stopped = int(load_checkpoint(out / "checkpoint.h5")["version"])
+        resumed = launch(3, ["--resume", str(out), "--max-versions", str(stopped + 5)])
+        assert resumed.returncode == 0, resumed.stderr
+        assert summary(out)["versions"] == stopped + 5
+    else:
+        for argv in (["--resume", str(out)], [*ARGS, "--out", str(out)]):
+            _one_error(launch(1, argv), 2, "no checkpoint.h5", "--run.overwrite=true")
+        assert launch(1, [*ARGS, "--max-versions", "5", "--out", str(out), "--run.overwrite=true"]).returncode == 0
+    assert not list(out.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ the final writes on a full or read-only disk
+@contextlib.contextmanager
+def small_file_system(path: Path, size: str = "32m"):
+    """A real tmpfs of `size` at `path` (root only: the test skips, saying so, where mounting is refused)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a real full disk: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Take all but `leave` bytes of the file system's free space."""
+    st = os.statvfs(directory)
+    filler = directory / "filler"
+    with open(filler, "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, st.f_bavail * st.f_frsize - leave)
+    return filler
+
+
+def _running(out: Path) -> bool:
+    return (out / "server.log").exists() and "version" in (out / "server.log").read_text()
+
+
+def test_full_disk_at_the_final_writes_is_exit_1_with_one_line(tmp_path):
+    """Disk full when the run stops: the checkpoint (~1 MB) and model.pt (~0.2 MB) do not fit, summary.json
+    does. One line names both and why, no traceback, no segfault (HDF5 meeting a full disk half-way used to
+    crash the process at exit); --resume and a fresh start then agree on the way out."""
+    with small_file_system(tmp_path / "fs") as fs:
+        out = fs / "run"
+        proc = start(1, [*ARGS, "--max-versions", "100000", "--out", str(out)])
+        try:
+            assert wait_until(lambda: _running(out))
+            filler = fill(fs, leave=100_000)
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=HANG_GUARD)
+        finally:
+            proc.kill()
+        proc.stdout, proc.stderr = stdout, stderr
+        line = _one_error(proc, 1, "not written: checkpoint.h5 (No space left on device)",
+                          "model.pt (No space left on device)", "written: summary.json", "no checkpoint.h5")
+        assert line == stderr.strip().splitlines()[-1]
+        assert summary(out)["stop_reason"] == "signal" and not (out / "checkpoint.h5").exists()
+        assert not list(out.glob(".*.tmp"))
+        filler.unlink()
+        _one_error(launch(1, ["--resume", str(out)]), 2, "no checkpoint.h5", "--run.overwrite=true")
+
+
+def test_periodic_checkpoint_on_a_full_disk_warns_and_the_run_goes_on(tmp_path):
+    with small_file_system(tmp_path / "fs") as fs:
+        out = fs / "run"
+        proc = start(1, [*ARGS, "--max-versions", "100000", "--run.checkpoint_every=5", "--out", str(out)])
+        try:
+            assert wait_until(lambda: (out / "checkpoint.h5").exists())
+            filler = fill(fs, leave=100_000)
+            assert wait_until(lambda: "was not written" in (out / "server.log").read_text())
+            filler.unlink()
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=HANG_GUARD)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, stderr
+        assert "the run goes on; checkpoint.h5 kept: version" in stdout
+        assert int(summary(out)["versions"]) > 5 and (out / "model.pt").exists()
+        assert launch(1, ["--resume", str(out), "--max-versions", str(summary(out)["versions"] + 5)]).returncode == 0
+
+
+def test_directory_made_unwritable_mid_run_names_the_files_not_written(tmp_path):
+    """The run (as an unprivileged user, so that permissions apply) loses write access to its directory:
+    its open files still take rows, new files cannot be made. The last line names what was not written."""
+    outside = Path(tempfile.mkdtemp(prefix="mpi_afl-unwritable-"))   # pytest's tmp_path is private to root
+    os.chmod(outside, 0o755)
+    with small_file_system(outside / "fs") as fs:
+        out = fs / "run"
+        out.mkdir()
+        os.chmod(out, 0o777)
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = subprocess.Popen([*user, *command(1, [*ARGS, "--max-versions", "100000", "--out", str(out)])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=fs)
+        try:
+            assert wait_until(lambda: _running(out) or proc.poll() is not None)
+            if proc.poll() is not None:
+                pytest.skip(f"cannot run the trainer as an unprivileged user here: {proc.stderr.read()[-300:]}")
+            os.chmod(out, 0o555)
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=HANG_GUARD)
+        finally:
+            proc.kill()
+        proc.stdout, proc.stderr = stdout, stderr
+        line = _one_error(proc, 1, "checkpoint.h5 (Permission denied)", "summary.json (Permission denied)",
+                          "model.pt (Permission denied)")
+        assert line == stderr.strip().splitlines()[-1]
+        assert "could not remove" in stderr and "run.lock" in stderr   # said, but not as the last word
+    shutil.rmtree(outside, ignore_errors=True)
