@@ -9,7 +9,7 @@ import torch
 
 from mpi_afl.server.loop import CHECKPOINT_FORMAT, check_server_format
 from mpi_afl.storage import checkpoint
-from mpi_afl.storage.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from mpi_afl.storage.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint, stored_bytes
 
 torch.set_num_threads(1)
 
@@ -193,3 +193,21 @@ def test_server_state_of_another_layout_is_refused():
 def test_colliding_keys_rejected(tmp_path):
     with pytest.raises(ValueError, match="share the HDF5 name"):
         save_checkpoint(tmp_path / "c.h5", {1: torch.ones(1), "1": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("shape", ["tiny_tensors", "one_large", "nested_plain_and_scalars"])
+def test_stored_bytes_bounds_the_file_size(tmp_path, shape):
+    """save_checkpoint reserves stored_bytes(state) before HDF5 writes (a full disk is then an OSError, not a
+    broken HDF5): the bound must hold for many small objects, large arrays and every leaf kind."""
+    g = torch.Generator().manual_seed(0)
+    if shape == "tiny_tensors":
+        state = {"layers": [{"w": torch.randn(1, generator=g), "step": torch.tensor(3)} for _ in range(500)]}
+    elif shape == "one_large":
+        state = {"model": torch.randn(1_000_000, generator=g), "versions": [torch.randn(1000) for _ in range(8)]}
+    else:
+        state = {"rng": {"state": 2 ** 100, "inc": [1, 2, 3]}, "np": np.float32(1.5), "b": b"\x00" * 5000,
+                 "t": (torch.zeros(3, dtype=torch.bfloat16), np.arange(10)), "text": "x" * 3000,
+                 "int_keys": {i: torch.ones(2) for i in range(50)}}
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, state)
+    assert path.stat().st_size <= stored_bytes(state)

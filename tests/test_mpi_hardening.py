@@ -1,6 +1,6 @@
 """Nothing hangs, nothing mixes, nothing runs forever (issue 14): damaged and foreign run files, the run
-directory lock, non-finite config values, divergence, signals during start-up, results before the final
-checkpoint, full tracebacks before MPI_Abort, one-line input errors. Real mpiexec runs where ranks are involved."""
+directory lock, non-finite config values, divergence, signals during start-up, a final file that cannot be
+written, full tracebacks before MPI_Abort, one-line input errors. Real mpiexec runs where ranks are involved."""
 
 import os
 import re
@@ -202,14 +202,27 @@ def test_signal_during_start_up_stops_cleanly(tmp_path, sig):
     assert not (out / "checkpoint.h5").exists() and not (out / "run.lock").exists()
 
 
-def test_results_are_written_before_the_final_checkpoint(tmp_path):
-    """The final checkpoint cannot be written (its path is a directory: as good as a full disk for the
-    rename); summary.json and model.pt are there anyway and the error says what is missing."""
-    out = tmp_path / "full"
-    (out / "checkpoint.h5").mkdir(parents=True)
-    proc = launch(1, [*ARGS, "--max-versions", "5", "--run.overwrite=true", "--out", str(out)])
-    _refused(proc, "final checkpoint", "was not written", "summary.json and model.pt hold the results", code=1)
-    assert summary(out)["versions"] == 5 and (out / "model.pt").stat().st_size > 0
+def test_a_final_file_that_cannot_be_written_leaves_the_others_and_says_so(tmp_path):
+    """model.pt's name taken by a directory while the run goes on: the checkpoint (written first) and
+    summary.json are there, one line names model.pt and why, and --resume continues from the stop."""
+    out = tmp_path / "run"
+    proc = start(1, [*ARGS, "--max-versions", "100000", "--out", str(out)])
+    try:
+        assert wait_until(lambda: (out / "server.log").exists() and "version" in (out / "server.log").read_text())
+        (out / "model.pt").mkdir()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD)
+    finally:
+        proc.kill()
+    line = _refused(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                    "not written: model.pt (Is a directory)", "written: checkpoint.h5, run.h5, summary.json",
+                    f"--resume {out} continues from this stop", code=1)
+    assert line == stderr.strip().splitlines()[-1]
+    stopped = summary(out)["versions"]
+    assert int(load_checkpoint(out / "checkpoint.h5")["version"]) == stopped
+    (out / "model.pt").rmdir()
+    _ok(launch(1, ["--resume", str(out), "--max-versions", str(stopped + 5)]))
+    assert summary(out)["versions"] == stopped + 5 and (out / "model.pt").is_file()
 
 
 def test_tracebacks_reach_stderr_in_full_before_the_abort(tmp_path):

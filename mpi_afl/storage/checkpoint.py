@@ -75,8 +75,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 # HDF5 bytes per stored object beyond its data (object header, chunk index, Fletcher-32 sums) and per file
-# (superblock, root group): upper bounds measured on the servers' checkpoints of every algorithm
-# (tests/test_checkpoint.py checks that stored_bytes() bounds the real file size).
+# (superblock, root group): generous bounds (an object takes a few hundred bytes); tests/test_checkpoint.py
+# checks that stored_bytes() bounds the file for many small objects, large arrays and every leaf kind.
 _OBJECT_BYTES = 4096
 _FILE_BYTES = 64 * 1024
 

@@ -138,7 +138,7 @@ COLUMN_DOCS = {
         "weight": ("", "aggregation weight of the update, or the beta of FedRevive's blend (NaN when rejected)"),
         "loss": ("", "client's mean local training loss (cross-entropy)"),
         "samples": ("samples", "training samples the client holds"),
-        "bytes": ("bytes", "update payload size"),
+        "bytes": ("bytes", "update payload size (the float32 model delta; the message header is not counted)"),
         "server_seconds": ("s", "server time spent on this arrival, including any distillation it triggered"),
         "accepted": ("", "True when the update was passed to the algorithm"),
         "reason": ("", "why it was rejected: code of the reason_codes attribute (0 = none, accepted)"),
