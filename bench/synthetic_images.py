@@ -50,6 +50,15 @@ on the whole test split, and the norm of its parameter change (no outlier filter
 `proxy_tv`: the mean total variation between the run's q_k and the true label histograms of its clients. Every source
 shares one seed, so the differences are the inputs' alone: which inputs carry the teachers' knowledge.
 
+With --ceiling STEPS (and --kd-probe), two more KD sources, the ceiling test: `ceiling_all`, 256 images optimised
+directly in pixel space against all final teachers (no generator: the synthesizer's oh * L_oh + bn * L_bn with its
+class weights from the true histograms, a total-variation and an l2 prior, Adam for STEPS steps), and
+`ceiling_experts`, each image against its class experts only (q_k(y) >= 0.2) with each teacher's L_bn on its own
+images. If even these carry little of what the real KD split carries, the models' image prior is the limit, not
+the generator. Always: `label_prior_control`, the class-expert target's agreement (teachers weighted by the run's
+q_k(y)) on the pool, on uniform noise and on the pool with permuted labels: how much of that figure the label
+prior alone gives.
+
 With --synth-steps, also one line per step count N: the run's final meta-generator synthesises one batch
 from the final teachers with N fast-generator steps (the run's other synthesis settings, no L_adv), and
 `batch_teacher_agreement` is the teacher-ensemble agreement of the kept batch with its labels: how far a
@@ -192,8 +201,95 @@ def fresh_synthesizer(cfg, algorithm: dict, info, teachers: TeacherBuffer, q: to
     return synth
 
 
+CEILING_EXPERT_SHARE = 0.2   # a teacher is an image's class expert when q_k(y) >= this (registered value)
+CEILING_TV, CEILING_L2, CEILING_LR = 1e-3, 1e-4, 0.05   # image prior weights and Adam's lr, fixed before the runs
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring pixels (DeepInversion's smoothness prior)."""
+    return (x[..., 1:, :] - x[..., :-1, :]).square().mean() + (x[..., :, 1:] - x[..., :, :-1]).square().mean()
+
+
+def ceiling_images(cfg, info, teachers: TeacherBuffer, make_model, true_q: torch.Tensor, steps: int, experts: bool,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The ceiling test's images: FRESH_IMAGES images optimised directly in pixel space against the final
+    teachers, no generator. Labels follow the teachers' mean true class mix. The loss is the synthesizer's
+    oh * L_oh + bn * L_bn with its class weights w_k(y) (true q), plus a total-variation and an l2 prior,
+    minimised by Adam on a sigmoid pixel parameterisation ([0, 1] images). `experts`: each image answers only to
+    its class experts (q_k(y) >= CEILING_EXPERT_SHARE, weights renormalised over them), and each teacher's L_bn
+    is taken on the images it is an expert for, so a one-class teacher's statistics meet one-class images.
+    Returns the [0, 1] images, their labels and diagnostics (teacher agreement of the result)."""
+    d = cfg.distill
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.multinomial(true_q.mean(0), FRESH_IMAGES, replacement=True, generator=g)
+    weights = kd.class_weights(true_q)                     # (K, C): the synthesizer's w_k(y)
+    if experts:
+        expert = true_q >= CEILING_EXPERT_SHARE
+        expert[true_q.argmax(0), torch.arange(true_q.shape[1])] = True   # every class keeps its best teacher
+        weights = kd.class_weights(true_q * expert)
+    sample_weights = weights[:, labels]                    # (K, B)
+    stacked = torch.stack(teachers.models)
+    singles = [TeacherEnsemble(make_model()).load(stacked[k:k + 1]) for k in range(len(stacked))]
+    ensemble = teachers.ensemble()
+    shape = (FRESH_IMAGES, info.channels, info.image_size, info.image_size)
+    u = torch.randn(shape, generator=g).mul_(0.5).requires_grad_()
+    optimizer = torch.optim.Adam([u], lr=CEILING_LR)
+    for _ in range(steps):
+        x = torch.sigmoid(u)
+        inputs = normalise(x, info)
+        if experts:   # per teacher: its own images, for L_oh and L_bn alike
+            loss = 0.0
+            for k, single in enumerate(singles):
+                members = sample_weights[k] > 0
+                if not members.any():
+                    continue
+                logits_k, distance_k = single.with_feature_loss(inputs[members])
+                ce = torch.nn.functional.cross_entropy(logits_k[0], labels[members], reduction="none")
+                loss = loss + (d.oh * (sample_weights[k, members] * ce).sum()
+                               + d.bn * sample_weights[k, members].sum() * distance_k[0]) / FRESH_IMAGES
+        else:
+            logits_all, per_teacher = ensemble.with_feature_loss(inputs)
+            ce = torch.nn.functional.cross_entropy(logits_all.flatten(0, 1), labels.repeat(len(stacked)),
+                                                   reduction="none").view(len(stacked), -1)
+            loss = (d.oh * (sample_weights * ce).sum()
+                    + d.bn * (sample_weights.sum(1) * per_teacher).sum()) / FRESH_IMAGES
+        loss = loss + CEILING_TV * total_variation(x) + CEILING_L2 * (x - 0.5).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    images = torch.sigmoid(u).detach()
+    per_teacher_logits = teacher_logits(ensemble, normalise(images, info))
+    votes = per_teacher_logits.mean(0).argmax(1)
+    expert_votes = torch.einsum("kb,kbc->bc", sample_weights, per_teacher_logits.softmax(2)).argmax(1)
+    return images, labels, {"teacher_agreement": round(float((votes == labels).float().mean()), 4),
+                            "expert_target_agreement": round(float((expert_votes == labels).float().mean()), 4),
+                            "final_loss": round(float(loss.detach()), 4)}
+
+
+def label_prior_control(teachers: TeacherBuffer, info, images: torch.Tensor, labels: torch.Tensor,
+                        seed: int) -> dict:
+    """How much of the class-expert target's agreement the label prior alone gives: the target that weights
+    teacher k by q_k(y) (the run's q) on the pool's images, on uniform-noise images and on the pool with its
+    labels permuted. At alpha 0.1 an expert predicts its majority class on almost any input, so agreement on
+    noise or permuted labels near the pool's means the figure measures the prior, not the images."""
+    g = torch.Generator().manual_seed(seed)
+    q = teachers.proportions()
+    ensemble = teachers.ensemble()
+
+    def expert_agreement(x: torch.Tensor, y: torch.Tensor) -> float:
+        probs = teacher_logits(ensemble, normalise(x, info)).softmax(2)      # (K, B, C)
+        target = torch.einsum("kb,kbc->bc", kd.class_weights(q)[:, y], probs)
+        return round(float((target.argmax(1) == y).float().mean()), 4)
+
+    noise = torch.rand(images.shape, generator=g)
+    permuted = labels[torch.randperm(len(labels), generator=g)]
+    return {"pool": expert_agreement(images, labels), "noise": expert_agreement(noise, labels),
+            "pool_permuted_labels": expert_agreement(images, permuted),
+            "chance_by_label_prior": round(float((labels == permuted).float().mean()), 4)}
+
+
 def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.Tensor, splits, make_model,
-             global_model: torch.Tensor, steps: int, fresh_steps: list[int]) -> dict:
+             global_model: torch.Tensor, steps: int, fresh_steps: list[int], ceiling_steps: int = 0) -> dict:
     """KD from the final teachers into the final global model on each input source (module docstring);
     `true_q` (K, C): the teachers' true label histograms as proportions."""
     d = cfg.distill
@@ -217,6 +313,17 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.
         agreement[f"fresh{n}_teacher_agreement"] = round(float((votes == labels).float().mean()), 4)
     if len(splits.kd_y):
         sources["kd_split"] = lambda k: splits.kd_x[sample_by_class(splits.kd_y, true_q[k], d.kd_batch, rng)]
+    if ceiling_steps:
+        for variant, experts in (("ceiling_all", False), ("ceiling_experts", True)):
+            images, labels, diagnostics = ceiling_images(cfg, info, teachers, make_model, true_q, ceiling_steps,
+                                                         experts, cfg.run.seed)
+            ceiling = SyntheticPool(FRESH_IMAGES)
+            ceiling.add(images, labels)
+            holder = run_synthesizer(cfg, algorithm, info)
+            holder.pool = ceiling
+            sources[variant] = lambda k, holder=holder: holder.sample(true_q[k], d.kd_batch)[0]
+            synths.append(holder)
+            agreement.update({f"{variant}_{key}": value for key, value in diagnostics.items()})
     settings = {"fedrevive": (d.kd_lr, d.kd_weight_decay, d.temperature), "dd": (d.dd_lr, 0.0, d.dd_temperature)}
     student = make_model()
     trainable = param_mask(student)
@@ -224,7 +331,8 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.
     loss_before = kd.held_out_loss(student, global_model, x, y)
     acc_before = float((logits(student, global_model, x).argmax(1) == y).float().mean())
     result = {"steps": steps, "test_loss": round(loss_before, 4), "test_accuracy": round(acc_before, 4),
-              "proxy_tv": round(float(0.5 * (q - true_q).abs().sum(1).mean()), 3), **agreement}
+              "proxy_tv": round(float(0.5 * (q - true_q).abs().sum(1).mean()), 3), "ceiling_steps": ceiling_steps,
+              **agreement}
     for name, draw in sources.items():
         for label, (lr, decay, temperature) in settings.items():
             torch.manual_seed(cfg.run.seed)
@@ -244,7 +352,7 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.
 
 
 def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd_steps: int,
-            fresh_steps: list[int]) -> dict:
+            fresh_steps: list[int], ceiling_steps: int = 0) -> dict:
     state = load_checkpoint(run_dir / "checkpoint.h5")
     try:
         check_server_format(state)
@@ -330,8 +438,9 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         "real_within_class_distance": round(within_class_distance(real, splits.train_y, info.num_classes), 3),
         "png": str(out / f"{name}-pool.png"),
         "synthesis_probes": [synthesis_probe(cfg, algorithm, info, teachers, n) for n in probe_steps],
+        "label_prior_control": label_prior_control(teachers, info, images, labels, cfg.run.seed),
         "kd_probe": (kd_probe(cfg, algorithm, info, teachers, true_q, splits, make_model, global_model,
-                              kd_steps, fresh_steps)
+                              kd_steps, fresh_steps, ceiling_steps)
                      if kd_steps else None),
     }
 
@@ -346,6 +455,9 @@ def main() -> None:
                         help="KD iterations of the input-source probe (0: no probe)")
     parser.add_argument("--kd-probe-fresh", default="", metavar="N[,N...]",
                         help="with --kd-probe: also KD on fresh images made with N generator steps per call")
+    parser.add_argument("--ceiling", type=int, default=0, metavar="STEPS",
+                        help="with --kd-probe: also KD on images optimised directly against the teachers for "
+                             "STEPS Adam steps (the ceiling test: all teachers, and class experts only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +466,8 @@ def main() -> None:
         if not (run_dir / "checkpoint.h5").exists():
             raise SystemExit(f"{run_dir}: no checkpoint.h5 (not a finished run directory?)")
         fresh = [int(n) for n in args.kd_probe_fresh.split(",") if n.strip()]
-        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe, fresh)), flush=True)
+        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe, fresh, args.ceiling)),
+              flush=True)
 
 
 if __name__ == "__main__":

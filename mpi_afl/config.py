@@ -63,6 +63,9 @@ class RunConfig:
     diverged_after: int = opt(20, "stop as diverged (exit code 3) after this many consecutive updates rejected "
                               "as non-finite (0 = never; a non-finite global model always stops the run)", min=0)
     eval_every: int = opt(10, "evaluate the global model every N versions", min=1)
+    eval_every_time: float = opt(0.0, "evaluate instead on a virtual-time grid: the model current at every "
+                                 "multiple of this many virtual units (0 = off). Methods of one comparison are "
+                                 "then evaluated at the same times, whatever their buffer size", min=0)
     out: str = opt("", "output directory for summary.json, run.h5, checkpoint.h5 "
                    "(empty: runs/ALGORITHM-DATASET-CLOCK-sSEED-TIMESTAMP)")
     overwrite: bool = opt(False, "allow writing into an existing run directory")
@@ -441,6 +444,9 @@ def validate(cfg: Config) -> Config:
     if not (r.max_versions or r.max_virtual_time or r.max_wall_seconds or r.target_accuracy):
         raise ConfigError("config keys 'run.max_versions', 'run.max_virtual_time', 'run.max_wall_seconds', "
                           "'run.target_accuracy' are all 0: the run would never stop; set at least one")
+    if 0 < r.eval_every_time < 1e-3:
+        raise ConfigError(f"config key 'run.eval_every_time': {r.eval_every_time!r} is out of range; must be 0 (off) "
+                          "or >= 0.001 virtual units (a finer grid evaluates more often than jobs arrive)")
     if cfg.fault.kind != "none" and cfg.fault.job < 0:
         raise ConfigError("config key 'fault.job': a fault needs the job index that triggers it (>= 0)")
     resolve_derived(cfg)
@@ -594,7 +600,7 @@ def parse_args(argv: list[str] | None = None,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
 RESUMABLE = {"run.max_versions", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
              "run.diverged_after",
-             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
+             "run.eval_every", "run.eval_every_time", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
              "run.threads", "run.device", "run.placement",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
 

@@ -153,6 +153,7 @@ class Server:
         self.final_writes = FinalWrites(out_dir)   # the stop's writes, checkpoint.h5 first (storage/final_writes.py)
         self.checkpoint_version: int | None = None   # version of OUT/checkpoint.h5 (None: none written yet)
         self.log_flush_failed = False   # said once: run.h5 rows wait in memory for room on the disk
+        self.next_eval_time = cfg.run.eval_every_time   # the next grid time of run.eval_every_time
 
     # ----------------------------------------------------------- jobs
     def _new_job(self, client: int | None = None, base_version: int | None = None) -> None:
@@ -234,6 +235,7 @@ class Server:
         t0 = time.perf_counter()
         self.busy[job.client_id] = False
         self.now = job.finish_time if self.virtual else max(self.now, job.finish_time)
+        self._evaluate_grid(before=self.now)   # the model of every grid time passed is the one before this update
         if self.cfg.fault.kind == "server_raise" and job.index == self.cfg.fault.job:
             raise RuntimeError(f"injected fault: the server raises processing job {job.index} (fault.kind = server_raise)")
         reason = self.validate(a, job)
@@ -304,14 +306,23 @@ class Server:
         # keep them >= 0 (BatchNorm adds its eps), or evaluation and the next jobs turn NaN.
         self.x[self.variances] = self.x[self.variances].clamp_(min=0.0)
         self.versions.put(self.version, self.x)
-        if self.version % self.cfg.run.eval_every == 0:
+        if not self.cfg.run.eval_every_time and self.version % self.cfg.run.eval_every == 0:
             self.evaluate()
 
-    def evaluate(self) -> None:
-        """Evaluate the current version: queued and run in slices between loop turns, so the server keeps
-        aggregating and creating jobs meanwhile (an evaluation pass is seconds of CPU), or at once where the
-        result decides when to stop (virtual clock with a target accuracy: stopping must not depend on timing)."""
-        self.eval_queue.append((self.version, self.x, self.wall(), self.now))
+    def _evaluate_grid(self, before: float) -> None:
+        """run.eval_every_time: evaluate the current model at every grid time earlier than `before` (the
+        virtual time of the arrival about to be processed), recorded at the grid time."""
+        every = self.cfg.run.eval_every_time
+        while every and self.next_eval_time < before:
+            self.evaluate(at=self.next_eval_time)
+            self.next_eval_time += every
+
+    def evaluate(self, at: float | None = None) -> None:
+        """Evaluate the current version (recorded at virtual time `at`, default now): queued and run in slices
+        between loop turns, so the server keeps aggregating and creating jobs meanwhile (an evaluation pass is
+        seconds of CPU), or at once where the result decides when to stop (virtual clock with a target
+        accuracy: stopping must not depend on timing)."""
+        self.eval_queue.append((self.version, self.x, self.wall(), self.now if at is None else at))
         if self.virtual and self.cfg.run.target_accuracy:
             self.finish_evaluations()
 
@@ -495,6 +506,7 @@ class Server:
             "log_counts": self.log.counts(),
             "run_id": self.run_id,
             "nonfinite_streak": self.nonfinite_streak,
+            "next_eval_time": self.next_eval_time,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -529,6 +541,7 @@ class Server:
         self.checkpoint_version = self.version
         self.algorithm.load_state_dict(state["algorithm"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.next_eval_time = float(state.get("next_eval_time", self.cfg.run.eval_every_time))
 
     def summary(self) -> dict:
         final = self.evals[-1]
