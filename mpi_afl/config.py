@@ -172,6 +172,11 @@ class DistillConfig:
     synth_every: int = opt(1, "synthesise every N versions (the paper's T_gen = 10; its code: every call)", min=1)
     synth_steps: int = opt(2, "generator steps per synthesis", min=1)
     synth_batch: int = opt(64, "synthetic batch size", min=1)
+    synth_labels: str = opt("mean", "labels of a synthesis batch: 'mean' (the research code: drawn from the "
+                            "teachers' mean class mix, every teacher's losses on the whole batch) or 'teacher' "
+                            "(one sub-batch per teacher drawn from its own q_k; each teacher's L_oh, L_bn and "
+                            "L_adv on its own sub-batch, so its statistics meet its own class mix)",
+                            choices=["mean", "teacher"])
     nz: int = opt(256, "generator noise dimension", min=1)
     ngf: int = opt(128, "generator width", min=1)
     gen_lr: float = opt(3e-3, "fast generator lr", min=0, min_exclusive=True)

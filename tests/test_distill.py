@@ -285,6 +285,26 @@ def test_synthesis_labels_follow_mean_proportions():
     assert set(labels.tolist()) == {2, 7}
 
 
+def test_teacher_matched_labels_give_each_teacher_its_own_sub_batch_and_losses():
+    """distill.synth_labels = teacher: teacher k's sub-batch (teacher-major) follows its own q_k; its L_oh,
+    L_bn and L_adv see only those images, so a teacher is not graded on a class mix it never saw."""
+    synth = make_synth(tiny_cfg(synth_batch=64, synth_steps=2, pool_size=64, synth_labels="teacher"))
+    teachers, _ = teachers_and_q()
+    q = torch.zeros(2, CLASSES)
+    q[0, 2], q[1, 7] = 1.0, 1.0
+    stats = {}
+    images, labels = drain(synth.synthesize(teachers, q, Tiny(seed=5), adversarial=True, stats=stats))
+    assert labels.tolist() == [2] * 32 + [7] * 32 and images.shape[0] == 64
+    assert stats["syntheses"] == 1 and 0.0 <= stats["synth_agreement"] <= 1.0
+    logits = torch.randn(2, 3, CLASSES)
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    from mpi_afl.distill.synthesizer import own_adversarial_loss, own_one_hot_loss
+    expected = sum(F.cross_entropy(logits[k], labels[3 * k:3 * k + 3], reduction="sum") for k in range(2)) / 6
+    assert float(own_one_hot_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+    student = logits.flatten(0, 1).clone()   # agrees with its own teacher everywhere, at KL 0
+    assert float(own_adversarial_loss(logits, student)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_synthesizer_state_round_trip_continues_identically():
     teachers, q = teachers_and_q()
     student = Tiny(seed=5)

@@ -63,6 +63,11 @@ def test_batched_logits_feature_loss_and_input_gradients_match_the_per_teacher_p
     per = torch.randn(3, 4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert rel_diff(ensemble(per, per_teacher=True), torch.stack([m(b) for m, b in zip(modules, per)])) <= bound
+        # ... and its L_bn distance on its own batch (distill.synth_labels = teacher)
+        per_logits, per_distances = ensemble.with_feature_loss(per, per_teacher=True)
+        ref = [reference.logits_and_feature_loss([m], b) for m, b in zip(modules, per)]
+        assert rel_diff(per_distances, torch.cat([d for _, d in ref])) <= bound
+        assert rel_diff(per_logits, torch.cat([lg for lg, _ in ref])) <= bound
 
 
 @pytest.mark.parametrize("norm", ["stat", "batchnorm"])

@@ -161,3 +161,12 @@ def test_dd_fedrevive_blends_every_update(tmp_path_factory):
     arrivals = read_run(out / "run.h5")["arrivals"]
     assert set(arrivals["weight"][arrivals["accepted"]].tolist()) == {0.5}
     assert s["final_accuracy"] > LEARNED, s["evals"]
+
+
+def test_teacher_matched_synthesis_runs_end_to_end(tmp_path):
+    """distill.synth_labels = teacher: a short FedRevive run distils and reports its synthesis agreement."""
+    out = tmp_path / "run"
+    _ok(launch(1, [*ARGS, "--algorithm", "fedrevive", "--distill.synth_labels=teacher",
+                   "--max-versions", "15", "--out", str(out)]))
+    stats = summary(out)["algorithm_stats"]
+    assert stats["syntheses"] > 0 and 0.0 <= stats["synth_agreement"] <= 1.0 and stats["kd_applied"] > 0

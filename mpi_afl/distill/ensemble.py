@@ -91,7 +91,8 @@ class TeacherEnsemble:
     def __call__(self, x: torch.Tensor, per_teacher: bool = False) -> torch.Tensor:
         return self._run(x, per_teacher, feature_loss=False)[0]
 
-    def with_feature_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (c, B, classes) on the shared inputs and each teacher's feature-statistics distance (c,):
-        sum over its normalisation layers of ||var_l - sigma^2_l(x)||_2 + ||mean_l - mu_l(x)||_2."""
-        return self._run(x, per_teacher=False, feature_loss=True)
+    def with_feature_loss(self, x: torch.Tensor, per_teacher: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (c, B, classes) on the shared inputs (or, `per_teacher`, teacher k on x[k]) and each
+        teacher's feature-statistics distance (c,) on its inputs: sum over its normalisation layers of
+        ||var_l - sigma^2_l(x)||_2 + ||mean_l - mu_l(x)||_2."""
+        return self._run(x, per_teacher=per_teacher, feature_loss=True)

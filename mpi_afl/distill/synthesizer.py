@@ -3,7 +3,10 @@
 docs/algorithms.md §3.3 "Synthesis" (FastDFKD's fast meta-synthesizer, as the
 FedRevive research code adapts it to several weighted teachers):
 
-1. labels y ~ Multinomial(mean_k q_k), a batch of `synth_batch`;
+1. labels y ~ Multinomial(mean_k q_k), a batch of `synth_batch` (with `synth_labels = "teacher"`: one
+   sub-batch of synth_batch / K per teacher, drawn from its own q_k, and each teacher's L_oh, L_bn and
+   L_adv taken on its own sub-batch only: every teacher's statistics then meet its own client's class mix,
+   where the research code matches one mixed batch against every teacher's statistics);
 2. a fast generator is cloned from the meta-generator; fresh z ~ N(0, I) and
    class embeddings E ~ N(0, I) are trained with it (Adam, betas (0.5, 0.999));
 3. each of `synth_steps` steps minimises bn * L_bn + oh * L_oh + adv * L_adv on
@@ -62,6 +65,20 @@ def adversarial_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     agree = (student_logits.argmax(dim=-1)[None] == teacher_logits.argmax(dim=-1)).float()
     kl = kl_div(student_logits[None], teacher_logits, reduction="none")  # (K, B)
     return -(sample_weights.T * agree * kl).sum() / student_logits.shape[0]
+
+
+def own_one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_oh with per-teacher sub-batches (distill.synth_labels = teacher): (1/B) sum_k sum_{b in S_k}
+    CE(T_k(x_b), y_b); teacher_logits (K, B/K, C), labels (B,) teacher-major."""
+    return F.cross_entropy(teacher_logits.flatten(0, 1), labels, reduction="sum") / labels.shape[0]
+
+
+def own_adversarial_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """L_adv with per-teacher sub-batches: each image against its own teacher only; teacher_logits
+    (K, B/K, C), student_logits (B, C) teacher-major."""
+    s = student_logits.view(teacher_logits.shape)
+    agree = (s.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float()
+    return -(agree * kl_div(s, teacher_logits, reduction="none")).sum() / student_logits.shape[0]
 
 
 class Synthesizer:
@@ -125,13 +142,21 @@ class Synthesizer:
         if adversarial and student is None:
             raise ValueError("the adversarial loss needs a student model")
         q = proportions.detach().to(self.device, torch.float32)
-        weights = class_weights(q)
-        b = cfg.synth_batch
-        labels_cpu = torch.multinomial(q.mean(dim=0).cpu(), b, replacement=True, generator=self.rng)
+        k = len(teachers)
+        own = cfg.synth_labels == "teacher"
+        if own:   # teacher-major sub-batches, each drawn from its teacher's own q_k
+            per = max(1, cfg.synth_batch // k)
+            b = k * per
+            labels_cpu = torch.multinomial(q.cpu(), per, replacement=True, generator=self.rng).flatten()
+            sample_weights = torch.eye(k, device=self.device).repeat_interleave(per, dim=0)   # (B, K): own teacher
+        else:
+            b = cfg.synth_batch
+            labels_cpu = torch.multinomial(q.mean(dim=0).cpu(), b, replacement=True, generator=self.rng)
         labels = labels_cpu.to(self.device)
         z = torch.randn(b, cfg.nz, generator=self.rng).to(self.device).requires_grad_()
         embeddings = torch.randn(self.num_classes, cfg.nz, generator=self.rng).to(self.device).requires_grad_()
-        sample_weights = weights[:, labels].T  # (B, K)
+        if not own:
+            sample_weights = class_weights(q)[:, labels].T  # (B, K) = w_k(y_b)
 
         self.fast.load_state_dict(self.generator.state_dict())
         self.fast.train()
@@ -152,17 +177,27 @@ class Synthesizer:
                     images = self.fast(z, labels, embeddings, cfg.embed_weight)
                     inputs = self.prepare(images)
                 with record_function("synth.teachers"):
-                    if cfg.bn > 0:
+                    if own:   # teacher k on its own sub-batch only
+                        split = inputs.view(k, per, *inputs.shape[1:])
+                        if cfg.bn > 0:
+                            teacher_logits, per_teacher = teachers.with_feature_loss(split, per_teacher=True)
+                        else:
+                            teacher_logits = teachers(split, per_teacher=True)
+                    elif cfg.bn > 0:
                         teacher_logits, per_teacher = teachers.with_feature_loss(inputs)
                     else:
                         teacher_logits = teachers(inputs)
-                terms = {"oh": (cfg.oh, one_hot_loss(teacher_logits, labels, sample_weights))}
+                # own: teacher_logits (K, B/K, C), each teacher on its sub-batch; else (K, B, C)
+                oh = (own_one_hot_loss(teacher_logits, labels) if own
+                      else one_hot_loss(teacher_logits, labels, sample_weights))
+                terms = {"oh": (cfg.oh, oh)}
                 if cfg.bn > 0:
                     terms["bn"] = (cfg.bn, feature_loss(per_teacher, sample_weights))
                 if adversarial and cfg.adv > 0:
                     with record_function("synth.student"):
                         student_logits = student(inputs)
-                    terms["adv"] = (cfg.adv, adversarial_loss(teacher_logits, student_logits, sample_weights))
+                    terms["adv"] = (cfg.adv, own_adversarial_loss(teacher_logits, student_logits) if own
+                                    else adversarial_loss(teacher_logits, student_logits, sample_weights))
                 loss = None
                 for name, (weight, value) in terms.items():
                     value = self.filters[name](value) if weight > 0 else None
@@ -190,6 +225,9 @@ class Synthesizer:
             best, best_logits = images.detach().clone(), teacher_logits.detach()
         self.pool.add(best, labels_cpu)
         if stats is not None:
+            if own:   # the same measure as with mean labels: every teacher on the kept images (no augmentation)
+                with torch.no_grad():
+                    best_logits = teachers((best - self._mean) / self._std)
             agreement = float((best_logits.mean(0).argmax(1) == labels).float().mean())
             record_mean(stats, "syntheses", {"synth_agreement": agreement})
         return best, labels_cpu
