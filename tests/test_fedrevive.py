@@ -96,7 +96,6 @@ def test_warmup_gates_and_blend():
     new, slices, delta = server.arrive(alg, client=5, base=4)
     assert slices == cfg.distill.synth_steps + cfg.distill.kd_steps
     assert server.ctx.stats["kd_applied"] == 1
-    assert server.ctx.stats["distill_seconds"] > 0
     assert not torch.allclose(new, plain_step(x, 0.5, delta))
     # Statistics of the new global model are reset (mean 0, var 1).
     model = tiny()

@@ -123,6 +123,7 @@ def test_fedecho_learns_under_mpiexec(full_run):
     assert s["final_accuracy"] > LEARNED, s["evals"]
     stats = s["algorithm_stats"]
     assert stats["kd_applied"] > 0
+    assert stats["distill_seconds"] > 0   # timed by the server loop for every algorithm that slices its work
     # The KD diagnostic, as FedRevive's: one run.h5 row per correction (corrected model against x').
     checks = _kd_checks(full_run("fedecho", 3), stats)
     assert bool((checks["share"] > 0).all()) and bool((checks["share"] <= 1).all())

@@ -24,7 +24,6 @@ from torch.Generator objects seeded from `run.seed`, and everything kept
 between arrivals is in `state_dict()`.
 """
 
-import time
 from collections.abc import Generator
 
 import numpy as np
@@ -88,7 +87,7 @@ class _TeacherDistillation(Algorithm):
         x_t = ctx.global_model
         step = update.delta
         if weight > 0:
-            kd_delta = yield from self._timed(self.knowledge(ctx, x_t), ctx)
+            kd_delta = yield from self.knowledge(ctx, x_t)   # the server times the slices (distill_seconds)
             if kd_delta is not None:
                 step = (1.0 - weight) * update.delta + weight * kd_delta
                 kd.record_kd(ctx.stats, kd_delta[ctx.param_mask], update.delta[ctx.param_mask])
@@ -107,24 +106,6 @@ class _TeacherDistillation(Algorithm):
                                       ctx.check_y)
         self.kd_check = {"version": ctx.version, "staleness": staleness, "share": share, "loss_before": before,
                          "loss_after": after}
-
-    @staticmethod
-    def _timed(steps: Generator, ctx: ServerContext) -> Generator:
-        """Run `steps`, adding the seconds spent inside its slices (not the pauses) to distill_seconds."""
-        spent = 0.0
-        try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    next(steps)
-                except StopIteration as stop:
-                    return stop.value
-                finally:
-                    spent += time.perf_counter() - start
-                yield
-        finally:
-            steps.close()  # if the server abandons us mid-way, let the inner slices clean up (hooks)
-            ctx.stats["distill_seconds"] = ctx.stats.get("distill_seconds", 0.0) + spent
 
     def state_dict(self) -> dict:
         return {**self.teachers.state_dict(), "rng": self.rng.get_state()}

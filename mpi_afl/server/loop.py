@@ -283,16 +283,25 @@ class Server:
         print(f"[server] rejected update: {where}: {reason}", flush=True)
 
     def _drive(self, work):
-        """Run sliced work (an algorithm's, or an evaluation), receiving and dispatching between slices."""
-        while True:
-            try:
-                next(work)
-            except StopIteration as done:
-                return done.value
-            self.heartbeat()   # a long distillation must not silence the log
-            if not self.stopped:
-                self.pump()
-                self.dispatch()
+        """Run an algorithm's sliced work, receiving and dispatching between slices. The seconds spent inside
+        the slices (not the pauses between them) are the run's distill_seconds, for every algorithm that
+        slices its work (FedRevive's and FedEcho's distillation, a plug-in's own)."""
+        spent = 0.0
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    next(work)
+                except StopIteration as done:
+                    return done.value
+                finally:
+                    spent += time.perf_counter() - start
+                self.heartbeat()   # a long distillation must not silence the log
+                if not self.stopped:
+                    self.pump()
+                    self.dispatch()
+        finally:
+            self.ctx.stats["distill_seconds"] = self.ctx.stats.get("distill_seconds", 0.0) + spent
 
     def _new_version(self, model: torch.Tensor) -> None:
         # One reduction finds NaN/inf anywhere: a non-finite model is never made a version, so the run
