@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import textwrap
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,26 +517,75 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mpi_afl.train",
-        usage="[mpiexec -n R] python -m mpi_afl.train [--config FILE | --preset NAME] [--resume DIR] "
-              "[shortcuts] [--section.key=VALUE ...]",
-        description="Asynchronous federated learning over MPI. Rank 0 serves, the other ranks run client jobs; "
-                    "one process runs the jobs itself. Any config key can be overridden as --section.key=VALUE "
-                    "(lists as comma-separated values).",
-        epilog="A key given more than once takes its last value, so options after a job script's own win "
-               "(jobs/*.sbatch).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
+USAGE = ("[mpiexec -n R] mpi-afl train [--config FILE | --preset NAME] [--resume DIR] [shortcuts] "
+         "[--section.key=VALUE ...]")
+# The keys `--help` shows (`--help-all` shows every key): what a run is most often changed by.
+COMMON_KEYS = ("client.lr", "client.iterations", "server.lr", "server.concurrency", "data.num_clients",
+               "data.alpha", "run.device", "run.checkpoint_every")
+EXAMPLES = """examples:
+  mpiexec -n 5 mpi-afl train                                    # the offline default: digits, FedBuff
+  mpiexec -n 17 mpi-afl train --preset paper_cifar10 --out runs/fr-cifar
+  mpi-afl train --algorithm fedasync --server.staleness=polynomial --seed 2 --print-config > my.toml
+"""
+HIDDEN_SECTIONS = {"fault"}   # failure-injection keys for the test suite: listed by --help-all only
+
+
+class _HelpAction(argparse.Action):
+    """-h/--help prints the short help, --help-all the full list of keys; both exit 0."""
+
+    def __init__(self, option_strings, dest, full: bool, **kw):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kw)
+        self.full = full
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(build_parser(full=True).format_help() if self.full else _short_help(), end="")
+        parser.exit(0)
+
+
+def _short_help() -> str:
+    keys = all_keys()
+    lines = [f"usage: {USAGE}", "", *textwrap.wrap(DESCRIPTION, 118), "", "most used options:"]
+    rows = [("--config FILE", "TOML config file (mpi-afl train --print-config writes one)"),
+            ("--preset NAME", f"named config: {', '.join(preset_names())}"),
+            ("--resume DIR", "continue the run in DIR from its checkpoint"),
+            ("--print-config", "print the resolved config as TOML (--format json: JSON) and exit")]
+    rows += [(f"--{flag.replace('_', '-')} VALUE", f"= --{key} (default: {_default(keys[key][1])!r})")
+             for flag, key in SHORTCUTS.items()]
+    rows += [(f"--{key}={typ_name(keys[key][0])}", f"{keys[key][1].metadata['help']} "
+              f"(default: {_default(keys[key][1])!r})") for key in COMMON_KEYS]
+    width = max(len(flag) for flag, _ in rows) + 2
+    for flag, text in rows:
+        wrapped = textwrap.wrap(text, 118 - width)
+        lines += [f"  {flag:{width}s}{wrapped[0]}"] + [" " * (width + 2) + more for more in wrapped[1:]]
+    lines += ["", EXAMPLES.rstrip(), "",
+              f"mpi-afl train --help-all lists all {len(keys) - sum(k.startswith(tuple(HIDDEN_SECTIONS)) for k in keys)} "
+              "config keys with their defaults; docs/design.md and README.md explain them."]
+    return "\n".join(lines) + "\n"
+
+
+DESCRIPTION = ("Asynchronous federated learning over MPI. Rank 0 serves, the other ranks run client jobs; one "
+               "process runs the jobs itself. Any config key can be overridden as --section.key=VALUE (lists "
+               "as comma-separated values); a key given more than once takes its last value, so options after "
+               "a job script's own win (jobs/*.sbatch).")
+
+
+def build_parser(full: bool = False) -> argparse.ArgumentParser:
+    """The command line. `full`: every key in the help text, [fault] included (what --help-all prints)."""
+    p = argparse.ArgumentParser(prog="mpi-afl train", usage=USAGE, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                add_help=False)
+    p.add_argument("-h", "--help", action=_HelpAction, full=False, help="the most used options, with examples")
+    p.add_argument("--help-all", action=_HelpAction, full=True, help="every option and config key")
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as below)")
     p.add_argument("--preset", metavar="NAME", help=f"named config from mpi_afl/presets/: {', '.join(preset_names())}")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.h5 (its config, "
                    "plus the overrides given here; only stop rules and placement may change)")
     p.add_argument("--new-log", action="store_true", help="with --resume: continue into a fresh run.h5 (the "
                    "existing one, if any, is kept as run.h5.replaced-TIME), for a missing or damaged run log")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML that --config "
+                   "reads back (run.out as a comment), and exit")
+    p.add_argument("--format", choices=["toml", "json"], default="toml", help="with --print-config: the output "
+                   "format (default: toml)")
     p.add_argument("--version", action="version", version=f"mpi_afl {__version__}")
     short = p.add_argument_group("shortcuts")
     keys = all_keys()
@@ -544,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
         short.add_argument(f"--{flag.replace('_', '-')}", dest=key, default=None, metavar="VALUE",
                            help=f"= --{key} (default: {_default(f)!r})")
     for section in _sections():
-        group = p.add_argument_group(f"[{section}]")
+        hidden = section in HIDDEN_SECTIONS
+        title = f"[{section}]" + (" (failure injection for the test suite)" if hidden else "")
+        group = p.add_argument_group(title)
         for key, (typ, f) in keys.items():
             if not key.startswith(section + "."):
                 continue
@@ -552,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
             extra = f" {{{','.join(choices)}}}" if choices else ""
             text = f"{f.metadata['help']}{extra} (default: {_default(f)!r})"
             group.add_argument(f"--{key}", dest=key, default=None, metavar=typ_name(typ),
-                               help=text.replace("%", "%%"))   # argparse %-formats help texts
+                               help=text.replace("%", "%%") if full or not hidden else argparse.SUPPRESS)
     return p
 
 

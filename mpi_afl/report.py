@@ -215,7 +215,7 @@ def _formats(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m mpi_afl.report",
+        prog="mpi-afl report",
         description="Plot and summarise mpi_afl runs. Writes " + ", ".join(PLOT_FILES)
                     + " (or the --format of your choice) and prints one summary row per run and one "
                       "mean ± std row per setting (runs that differ only in the seed).")

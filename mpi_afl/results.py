@@ -280,14 +280,20 @@ def export_name(run: Run, runs: list[Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpi_afl.results",
+    parser = argparse.ArgumentParser(prog="mpi-afl",
                                      description="Export mpi_afl runs (run directories or run.h5 files).")
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write CSV (default) or TensorBoard event files per run")
+    export = sub.add_parser(
+        "export", help="write CSV (default) or TensorBoard event files per run",
+        description="Write each run's tables (arrivals, evals, timings, kd_checks) into OUT/<run>/: one CSV per "
+                    "table plus columns.csv (every column's unit and description), or TensorBoard event files "
+                    "(scalars by version; needs the tensorboard extra).",
+        epilog="example: mpi-afl export runs/a runs/b --out csv")
     export.add_argument("runs", nargs="+", metavar="RUN", help="run directories, run.h5 files or directories of runs")
     export.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="one subdirectory per run is written here")
-    export.add_argument("--format", choices=["csv", "tensorboard"], default="csv")
+    export.add_argument("--format", choices=["csv", "tensorboard"], default="csv",
+                        help="csv: one file per table and columns.csv (default); tensorboard: event files")
     args = parser.parse_args(argv)
     try:
         runs = load_many(args.runs)

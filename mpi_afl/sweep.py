@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(
-        prog="python -m mpi_afl.sweep", description=__doc__.split("\n\n")[0],
-        usage="python -m mpi_afl.sweep --out DIR --algorithms A[,A...] --seeds S[,S...] [--set KEY=V[,V...]] "
+        prog="mpi-afl sweep", description=__doc__.split("\n\n")[0],
+        usage="mpi-afl sweep --out DIR --algorithms A[,A...] --seeds S[,S...] [--set KEY=V[,V...]] "
               "[--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS]")
     parser.add_argument("--out", type=Path, required=True, help="sweep directory (one subdirectory per setting)")
     parser.add_argument("--algorithms", type=_csv, required=True, help="comma-separated algorithms (or plug-ins)")

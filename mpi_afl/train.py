@@ -17,6 +17,7 @@ checkpoint of the last finite version are written).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def _rank0_setup(argv) -> _Setup:
     try:
         cfg, args = parse_args(argv, resume_config)
         if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=2))
+            _print_closed_ok(json.dumps(cfg.to_dict(), indent=2) + "\n" if args.format == "json" else cfg.to_toml())
             return setup.exit(0)
         out = Path(cfg.run.out or _default_out(cfg))
         if out.exists() and not out.is_dir():
@@ -163,6 +164,15 @@ def _prepare_run_dir(cfg: Config, out: Path, new_log: bool) -> None:
     if new_log and (aside := set_aside_log(out)):
         print(f"[server] --new-log: the old run log is kept as {aside}", flush=True)
     _describe_run(cfg, out)
+
+
+def _print_closed_ok(text: str) -> None:
+    """Print to stdout; a reader that closed it early (`--print-config | head`) is not an error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit's flush does not fail
 
 
 def _stopped_at_start(signum: int) -> None:

@@ -2,6 +2,7 @@
 and the command line end to end (--help, exit code 2 on a bad key or value)."""
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10
+    import tomli as tomllib
 
 from mpi_afl.config import (ALGORITHM_NAMES, DATASET_NAMES, MODEL_NAMES, SHORTCUTS, Config, ConfigError,
                             all_keys, from_dict, parse_args)
@@ -230,8 +236,41 @@ def help_entries(text: str) -> dict[str, str]:
     return {flag: " ".join(body.split()) for flag, body in entries.items()}
 
 
-def test_help_lists_every_key_with_default(tmp_path):
+def test_help_is_short_with_examples_and_points_to_help_all(tmp_path):
     result = train(["--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) < 80 and max(map(len, lines)) <= 120
+    assert lines[0].startswith("usage: [mpiexec -n R] mpi-afl train") and "examples:" in result.stdout
+    assert "--help-all" in result.stdout and "[fault]" not in result.stdout and "--print-config" in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_print_config_is_toml_that_config_reads_back(tmp_path):
+    result = train(["--algorithm", "fedasync", "--client.lr=0.01", "--print-config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    parsed = tomllib.loads(result.stdout)
+    assert parsed["server"]["algorithm"] == "fedasync" and parsed["client"]["lr"] == 0.01
+    (tmp_path / "c.toml").write_text(result.stdout)
+    cfg, _ = parse_args(["--config", str(tmp_path / "c.toml")])
+    assert cfg.server.algorithm == "fedasync" and cfg.client.lr == 0.01
+    as_json = train(["--print-config", "--format", "json"], tmp_path)
+    assert json.loads(as_json.stdout)["server"]["algorithm"] == "fedbuff"
+
+
+def test_print_config_into_a_closed_pipe_is_not_an_error(tmp_path):
+    read, write = os.pipe()
+    os.close(read)   # the reader is gone before anything is written (`--print-config | head` at its worst)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mpi_afl.train", "--print-config"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_help_all_lists_every_key_with_default(tmp_path):
+    result = train(["--help-all"], tmp_path)
     assert result.returncode == 0, result.stderr
     entries = help_entries(result.stdout)
     for key, (_, f) in all_keys().items():
