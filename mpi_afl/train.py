@@ -379,12 +379,28 @@ def _run(comm, setup: _Setup) -> int:
           f"final acc {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}, "
           f"{summary['updates_rejected']} rejected, {summary['wall_seconds']:.1f}s -> {out / 'summary.json'}",
           flush=True)
+    if server.stop_reason == "signal":
+        print(f"[server] continue it with: mpi-afl train --resume {out}", flush=True)
+    for note in _never_distilled(cfg, summary):
+        print(f"[server] warning: {note}", flush=True)
     if server.diverged:
         print(f"mpi_afl: error: the run diverged: {server.diverged}; stopped at version {server.version}, the "
               f"last finite one (checkpoint, summary.json and model.pt written); try a smaller client.lr or "
               f"server.lr", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     return 0
+
+
+def _never_distilled(cfg: Config, summary: dict) -> list[str]:
+    """A distilling algorithm's run that ended before KD was ever applied: it ran as its backbone alone."""
+    d, algorithm = cfg.distill, cfg.server.algorithm
+    if algorithm not in ("fedrevive", "fedecho") or summary["algorithm_stats"].get("kd_applied"):
+        return []
+    if algorithm == "fedecho" and cfg.echo.kd_step == 0:
+        return []
+    return [f"{algorithm} never applied its distillation: the run ended at version {summary['versions']}, and KD "
+            f"starts after distill.warmup_versions = {d.warmup_versions} (synthesis from distill.freeze_versions = "
+            f"{d.freeze_versions}); run longer or lower those keys"]
 
 
 def _idle_workers(concurrency: int, workers: int) -> list[str]:

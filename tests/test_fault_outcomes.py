@@ -267,3 +267,11 @@ def test_directory_made_unwritable_mid_run_names_the_files_not_written(tmp_path)
         assert line == stderr.strip().splitlines()[-1]
         assert "could not remove" in stderr and "run.lock" in stderr   # said, but not as the last word
     shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_distilling_run_that_ends_before_its_gates_says_so(tmp_path):
+    proc = launch(1, [*ARGS, "--algorithm", "fedrevive", "--max-versions", "5", "--out", str(tmp_path / "r")])
+    assert proc.returncode == 0, proc.stderr
+    assert "fedrevive never applied its distillation: the run ended at version 5" in proc.stdout
+    quiet = launch(1, [*ARGS, "--algorithm", "fedbuff", "--max-versions", "5", "--out", str(tmp_path / "b")])
+    assert "never applied" not in quiet.stdout

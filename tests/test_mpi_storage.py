@@ -79,6 +79,7 @@ def test_sigterm_under_mpiexec_checkpoints_and_resumes_exactly(tmp_path):
         proc.kill()
     assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
     assert "signal SIGTERM" in stdout
+    assert f"continue it with: mpi-afl train --resume {out}" in stdout
     s = summary(out)
     assert s["stop_reason"] == "signal"
     state = load_checkpoint(out / "checkpoint.h5")

@@ -1,0 +1,114 @@
+"""Tables of the synthetic-evidence experiment from its committed rows alone (no run directories needed).
+
+    python experiments/synthetic_evidence/analyze.py
+
+E1 (results.jsonl, one bench/synthetic_images.py line per checkpoint): the held-out KD gain of each input
+source, the ceiling's share of the real split's gain and the label-prior control. E2 (e2-budget*.jsonl and
+control-budget*.jsonl, bench/accuracy.py lines): teacher-matched FedRevive against AFL-DW and default FedRevive
+of the same seeds: mean ± sample std, paired differences with a paired t-test p value and the seeds ahead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from scipy import stats
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("kd_split", "pool_histogram", "ceiling_all", "ceiling_experts", "noise")
+
+
+def rows(pattern: str) -> list[dict]:
+    out = []
+    for path in sorted(HERE.glob(pattern)):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    return out
+
+
+def arm(run: str) -> str:
+    return "A" if "paper-alpha0.5" in run else "B" if "high-alpha0.1" in run else "?"
+
+
+def e1_table() -> list[str]:
+    lines = ["| arm | seed | settings | " + " | ".join(f"gain {s}" for s in SOURCES) + " | ceiling / real |",
+             "| --- | --- | --- |" + " --- |" * (len(SOURCES) + 1)]
+    verdict = {"dd": [], "fedrevive": []}
+    for r in rows("results.jsonl"):
+        probe, seed = r["kd_probe"], r["run"].rstrip("/").split("-s")[-1]
+        for settings in ("dd", "fedrevive"):
+            gain = {s: -probe[f"{s}/{settings}"]["loss_change"] for s in SOURCES if f"{s}/{settings}" in probe}
+            real, best = gain.get("kd_split", 0.0), max(gain.get("ceiling_all", 0.0), gain.get("ceiling_experts", 0.0))
+            share = best / real if real > 0 else None
+            verdict[settings].append(share)
+            lines.append(f"| {arm(r['run'])} | {seed} | {settings} | "
+                         + " | ".join(f"{gain[s]:+.4f}" if s in gain else "-" for s in SOURCES)
+                         + f" | {'unreadable' if share is None else f'{share:.2f}'} |")
+    lines.append("")
+    for settings, shares in verdict.items():
+        readable = [s for s in shares if s is not None]
+        lines.append(f"- {settings} settings: ceiling / real = {', '.join(f'{s:.2f}' for s in readable)}; "
+                     f"< 0.25 on {sum(s < 0.25 for s in readable)}, >= 0.5 on {sum(s >= 0.5 for s in readable)} "
+                     f"of {len(shares)} checkpoints ({len(shares) - len(readable)} unreadable)")
+    lines += ["", "| arm | seed | expert agreement: pool | noise | pool, permuted labels | same label by chance |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows("results.jsonl"):
+        c = r["label_prior_control"]
+        lines.append(f"| {arm(r['run'])} | {r['run'].rstrip('/').split('-s')[-1]} | {c['pool']:.3f} | "
+                     f"{c['noise']:.3f} | {c['pool_permuted_labels']:.3f} | {c['chance_by_label_prior']:.3f} |")
+    return lines
+
+
+def _key(r: dict) -> str:
+    if r["algorithm"] == "fedrevive" and r["settings"].get("distill.synth_labels") == "teacher":
+        return "teacher"
+    return r["algorithm"]
+
+
+def e2_table(metric: str = "tail_accuracy") -> list[str]:
+    runs = {}
+    for r in rows("e2-budget*.jsonl") + rows("control-budget*.jsonl"):
+        if r.get("bench") == "accuracy" and r["schedule"] == "high" and r["alpha"] == 0.1:
+            runs[(r["budget"], _key(r), r["seed"])] = r
+    lines = []
+    for budget in sorted({b for b, _, _ in runs}):
+        have = {m: {s: r for (b, k, s), r in runs.items() if b == budget and k == m}
+                for m in ("teacher", "fedrevive", "afl_dw")}
+        lines += [f"Budget {budget:g} virtual units ({metric}):", "",
+                  "| method | seeds | mean ± std | synth_agreement | kd_loss_change | kd_norm_ratio |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for m, by_seed in have.items():
+            values = [r[metric] for r in by_seed.values()]
+            if not values:
+                continue
+            diag = [statistics.mean(r[k] for r in by_seed.values()) if all(r.get(k) is not None for r in by_seed.values())
+                    else None for k in ("synth_agreement", "kd_loss_change", "kd_norm_ratio")]
+            spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            lines.append(f"| {m} | {len(values)} | {statistics.mean(values):.4f}{spread} | "
+                         + " | ".join("-" if d is None else f"{d:.4f}" for d in diag) + " |")
+        lines.append("")
+        for other in ("afl_dw", "fedrevive"):
+            seeds = sorted(set(have["teacher"]) & set(have[other]))
+            if len(seeds) < 2:
+                continue
+            diffs = [100 * (have["teacher"][s][metric] - have[other][s][metric]) for s in seeds]
+            p = stats.ttest_rel([have["teacher"][s][metric] for s in seeds], [have[other][s][metric] for s in seeds]).pvalue
+            lines.append(f"- teacher-matched minus {other}, points, seeds {seeds}: "
+                         f"{', '.join(f'{d:+.1f}' for d in diffs)}; mean {statistics.mean(diffs):+.2f} ± "
+                         f"{statistics.stdev(diffs):.2f}, ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}, "
+                         f">= +2 on {sum(d >= 2 for d in diffs)}, paired t-test p = {p:.3f}")
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args()
+    print("\n".join(["## E1, the ceiling test", "", *e1_table(), "", "## E2, teacher-matched synthesis", "",
+                     *e2_table(), *e2_table("final_accuracy")]))
+
+
+if __name__ == "__main__":
+    main()
