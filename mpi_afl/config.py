@@ -58,6 +58,8 @@ class RunConfig:
     clock: str = opt("virtual", "'virtual': process results in virtual-time order (reproducible); "
                      "'wall': in real arrival order", choices=["virtual", "wall"])
     max_versions: int = opt(100, "stop after this many global model versions (0 = no limit)", min=0)
+    max_updates: int = opt(0, "stop after this many accepted client updates (0 = no limit): equal work for "
+                           "methods of different buffer sizes, where a version counts aggregations", min=0)
     max_virtual_time: float = opt(0.0, "stop at this virtual time (0 = no limit)", min=0)
     max_wall_seconds: float = opt(0.0, "stop after this many wall seconds (0 = no limit)", min=0)
     target_accuracy: float = opt(0.0, "stop once test accuracy reaches this (0 = off)", min=0, max=1)
@@ -447,9 +449,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'data.kd_fraction': fedecho with echo.inputs = 'proxy' distils on the "
                           "held-out split, so it must be > 0")
     r = cfg.run
-    if not (r.max_versions or r.max_virtual_time or r.max_wall_seconds or r.target_accuracy):
-        raise ConfigError("config keys 'run.max_versions', 'run.max_virtual_time', 'run.max_wall_seconds', "
-                          "'run.target_accuracy' are all 0: the run would never stop; set at least one")
+    if not (r.max_versions or r.max_updates or r.max_virtual_time or r.max_wall_seconds or r.target_accuracy):
+        raise ConfigError("config keys 'run.max_versions', 'run.max_updates', 'run.max_virtual_time', "
+                          "'run.max_wall_seconds', 'run.target_accuracy' are all 0: the run would never stop; set at "
+                          "least one")
     if 0 < r.eval_every_time < 1e-3:
         raise ConfigError(f"config key 'run.eval_every_time': {r.eval_every_time!r} is out of range; must be 0 (off) "
                           "or >= 0.001 virtual units (a finer grid evaluates more often than jobs arrive)")
@@ -655,7 +658,7 @@ def parse_args(argv: list[str] | None = None,
 
 # Keys a resumed run may change: stop rules, logging and placement. Everything else (data, model,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
-RESUMABLE = {"run.max_versions", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
+RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
              "run.diverged_after",
              "run.eval_every", "run.eval_every_time", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
              "run.threads", "run.device", "run.placement",

@@ -136,6 +136,24 @@ def load_many(paths: list[str | Path]) -> list[Run]:
     return [load(p) for p in find_runs(paths)]
 
 
+def tail_accuracy(virtual_time, accuracy, budget: float, share: float = 0.25) -> float | None:
+    """Mean test accuracy of the evaluations in the last `share` of a run's virtual-time `budget` (None if
+    there are none there): less noisy than the last evaluation alone. `virtual_time`, `accuracy`: the evals
+    table's columns."""
+    t, a = np.asarray(virtual_time, dtype=float), np.asarray(accuracy, dtype=float)
+    tail = a[t >= (1 - share) * budget]
+    return float(tail.mean()) if len(tail) else None
+
+
+def time_to_target(virtual_time, accuracy, target: float) -> float | None:
+    """Virtual time of the first evaluation whose test accuracy reaches `target` (None: never). Compare runs
+    evaluated on one grid (run.eval_every_time): with evaluations every N versions, a method of buffer size B
+    is checked every N x B updates and gets a head start of up to one interval."""
+    t, a = np.asarray(virtual_time, dtype=float), np.asarray(accuracy, dtype=float)
+    reached = np.flatnonzero(a >= target)
+    return float(t[reached[0]]) if len(reached) else None
+
+
 def updates_per_second(accepted: int, last_arrival_wall: float) -> float | None:
     """THE definition of a run's throughput, used by summary.json and the report alike: accepted updates
     divided by the wall time (since the start) at which the server finished processing the last arrival.

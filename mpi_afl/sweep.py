@@ -86,6 +86,41 @@ def grid(algorithms: list[str], seeds: list[int], sets: list[str]) -> list[Point
     return [Point(a, combo, s) for a in algorithms for combo in itertools.product(*axes) for s in seeds]
 
 
+# Client updates per global version, by algorithm: what makes a version budget unequal work.
+_BUFFERED = {"fedbuff", "ca2fl", "fedecho"}   # B = server.buffer_size
+
+
+def updates_per_version(cfg) -> int | None:
+    """Accepted client updates per version of `cfg`'s algorithm (None for a plug-in: unknown)."""
+    name = cfg.server.algorithm
+    if name in _BUFFERED:
+        return cfg.server.buffer_size
+    if name == "fedavg":
+        return cfg.server.concurrency
+    return 1 if ":" not in name else None
+
+
+def unequal_work(points: list[GridPoint], out: Path, extra: list[str]) -> str:
+    """A one-line warning when the grid compares algorithms that turn different numbers of client updates into
+    a version under a version budget (run.max_versions alone), or '' when the work is equal."""
+    from .config import ConfigError, parse_args
+    per_version = {}
+    for point in points:
+        try:
+            cfg, _ = parse_args(point.train_args(out, extra))
+        except (ConfigError, SystemExit):
+            return ""   # the run itself says what is wrong with its options
+        r = cfg.run
+        if r.max_versions and not (r.max_updates or r.max_virtual_time) and updates_per_version(cfg):
+            per_version[short_name(cfg.server.algorithm)] = updates_per_version(cfg)
+    if len(set(per_version.values())) < 2:
+        return ""
+    mix = ", ".join(f"{name} {n}" for name, n in sorted(per_version.items()))
+    return (f"sweep: warning: a version counts aggregations, not client updates, and these algorithms make one from "
+            f"different numbers of updates ({mix}): under run.max_versions they do unequal work; compare them with "
+            f"--run.max_updates=N or --run.max_virtual_time=T")
+
+
 def state(directory: Path) -> str:
     """'done' (summary.json of a run that met its stop rule, and an intact run.h5), 'damaged' (such a
     summary, but run.h5 is missing or damaged, or summary.json unreadable), 'resume' (a checkpoint.h5 and no
@@ -263,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         points = grid(args.algorithms, args.seeds, args.set)
     except ValueError as e:
         parser.error(str(e))
+    if warning := unequal_work(points, args.out, extra):
+        print(warning, file=sys.stderr)
     if args.slurm:
         (args.out / "logs").mkdir(parents=True, exist_ok=True)
         args.slurm.write_text(slurm_script(points, args.out, extra, args.ranks, args.time, args.parallel))

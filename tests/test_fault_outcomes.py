@@ -275,3 +275,15 @@ def test_a_distilling_run_that_ends_before_its_gates_says_so(tmp_path):
     assert "fedrevive never applied its distillation: the run ended at version 5" in proc.stdout
     quiet = launch(1, [*ARGS, "--algorithm", "fedbuff", "--max-versions", "5", "--out", str(tmp_path / "b")])
     assert "never applied" not in quiet.stdout
+
+
+def test_update_budget_gives_methods_of_any_buffer_size_equal_work(tmp_path):
+    """run.max_updates: FedBuff (B = 4) and AFL-DW (B = 1) stop at the same number of accepted updates."""
+    for algorithm in ("fedbuff", "afl_dw"):
+        out = tmp_path / algorithm
+        proc = launch(1, [*ARGS, "--algorithm", algorithm, "--max-versions", "0", "--run.max_updates=24",
+                          "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr
+        s = summary(out)
+        assert (s["stop_reason"], s["updates_accepted"]) == ("max_updates", 24)
+        assert s["versions"] == (6 if algorithm == "fedbuff" else 24)

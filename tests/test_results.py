@@ -147,3 +147,10 @@ def test_missing_or_foreign_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="without a run.h5"):
         results.load(tmp_path)
     assert results.main(["export", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+
+
+def test_tail_accuracy_and_time_to_target():
+    t, acc = [1.0, 2.0, 3.0, 4.0], [0.2, 0.5, 0.4, 0.7]
+    assert results.tail_accuracy(t, acc, budget=4.0) == pytest.approx(0.55)   # evaluations at t >= 3
+    assert results.tail_accuracy(t, acc, budget=40.0) is None
+    assert results.time_to_target(t, acc, 0.45) == 2.0 and results.time_to_target(t, acc, 0.9) is None

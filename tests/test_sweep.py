@@ -87,3 +87,15 @@ def test_bad_set_is_a_usage_error(tmp_path, capsys):
         main(["--out", str(tmp_path), "--algorithms", "fedbuff", "--set", "lr=0.1"])
     assert stop.value.code == 2
     assert "expected section.key=VALUE" in capsys.readouterr().err
+
+
+def test_version_budget_over_different_buffer_sizes_warns(tmp_path, capsys):
+    from mpi_afl.sweep import grid as make_grid, unequal_work
+    points = make_grid(["fedbuff", "afl_dw"], [0], [])
+    line = unequal_work(points, tmp_path, ["--max-versions", "20"])
+    assert "afl_dw 1, fedbuff 4" in line and "--run.max_updates" in line
+    assert unequal_work(points, tmp_path, ["--run.max_updates=80"]) == ""
+    assert unequal_work(make_grid(["fedasync", "afl_dw"], [0], []), tmp_path, ["--max-versions", "20"]) == ""
+    assert main(["--out", str(tmp_path), "--algorithms", "fedbuff,afl_dw", "--slurm", str(tmp_path / "a.sbatch"),
+                 "--", "--max-versions", "20"]) == 0
+    assert "unequal work" in capsys.readouterr().err

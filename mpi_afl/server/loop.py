@@ -395,6 +395,8 @@ class Server:
             self.stop_reason = "signal"
         elif r.max_versions and self.version >= r.max_versions:
             self.stop_reason = "max_versions"
+        elif r.max_updates and self.accepted >= r.max_updates:
+            self.stop_reason = "max_updates"
         elif r.max_wall_seconds and self.wall() >= r.max_wall_seconds:
             self.stop_reason = "max_wall_seconds"
         elif r.target_accuracy and self.evals and self.evals[-1].test_accuracy >= r.target_accuracy:
