@@ -82,3 +82,32 @@ def test_design_lists_every_column_with_its_unit():
         for column, dtype in fields:
             unit = COLUMN_DOCS[table][column][0] or "-"
             assert re.search(rf"\| `{column}` \| {re.escape(dtype)} \| {re.escape(unit)} \|", text), (table, column)
+
+
+def _summary_schema() -> tuple[set[str], str]:
+    """The keys of docs/design.md's summary.json table, and the text that documents algorithm_stats."""
+    text = (DOCS / "design.md").read_text()
+    table = text[text.index("**summary.json**"):text.index("**Throughput.**")]
+    return set(re.findall(r"^\| `(\w+)` \|", table, re.M)), table
+
+
+def test_summary_json_schema_matches_real_summaries(tmp_path):
+    """A FedRevive run in one process and a FedEcho run under mpiexec (workers, FedEcho's stats): every key of
+    their summaries is in the table, every key of the table is in one of them."""
+    from mpi_helpers import FAST, launch, summary
+    small = [*FAST, "--distill.ngf=8", "--distill.nz=16", "--distill.synth_batch=16", "--distill.kd_steps=2",
+             "--distill.kd_batch=8", "--distill.freeze_versions=2", "--distill.warmup_versions=4",
+             "--server.buffer_size=1", "--max-versions", "12"]
+    summaries = []
+    for ranks, algorithm in ((1, "fedrevive"), (3, "fedecho")):
+        out = tmp_path / algorithm
+        proc = launch(ranks, [*small, "--algorithm", algorithm, "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr
+        summaries.append(summary(out))
+    documented, table = _summary_schema()
+    seen = set().union(*(s.keys() for s in summaries))
+    assert seen == documented, (seen - documented, documented - seen)
+    for s in summaries:
+        for key in s["algorithm_stats"]:
+            assert f"`{key}`" in table, f"algorithm_stats key {key} is not documented"
+    assert set(summaries[1]["workers"][0]) == {"rank", "jobs", "wall_seconds", "idle_seconds"}
