@@ -125,6 +125,9 @@ class ClientConfig:
     momentum: float = opt(0.9, "SGD momentum", min=0, max=1)
     weight_decay: float = opt(0.0, "local weight decay", min=0)
     augment: bool = opt(False, "random crop (4-pixel reflect pad) and horizontal flip")
+    trainer: str = opt("default", "local training: 'default' (cross-entropy) or a plug-in 'package.module:Class', "
+                       "a subclass of mpi_afl.client.trainer.LocalTrainer (docs/extending.md)", choices=["default"],
+                       plugin=True)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import sys
 
 from .config import Config, ConfigError
 
-PLUGIN_KEYS = ("server.algorithm", "model.name", "data.dataset")
+PLUGIN_KEYS = ("server.algorithm", "client.trainer", "model.name", "data.dataset")
 
 
 def is_import_path(value: str) -> bool:
@@ -63,6 +63,19 @@ def algorithm_class(spec: str) -> type:
     return cls
 
 
+def trainer_class(spec: str) -> type:
+    """The local trainer `client.trainer` names: the built-in LocalTrainer for 'default', else a plug-in
+    subclass of mpi_afl.client.trainer.LocalTrainer (its contract)."""
+    from .client.trainer import LocalTrainer
+    if not is_import_path(spec):
+        return LocalTrainer
+    cls = load(spec, "client.trainer")
+    if not (isinstance(cls, type) and issubclass(cls, LocalTrainer)):
+        raise ConfigError(f"config key 'client.trainer': {spec!r} is {_what(cls)}, not a subclass of "
+                          "mpi_afl.client.trainer.LocalTrainer (see docs/extending.md \"Local training\")")
+    return cls
+
+
 def callable_object(spec: str, key: str):
     """A model factory or data set loader: anything callable."""
     obj = load(spec, key)
@@ -90,6 +103,7 @@ def check(cfg: Config) -> None:
     """Import every plug-in the config names and check its kind (rank 0, before the run starts)."""
     if is_import_path(cfg.server.algorithm):
         algorithm_class(cfg.server.algorithm)
+    trainer_class(cfg.client.trainer)
     if is_import_path(cfg.model.name):
         callable_object(cfg.model.name, "model.name")
     if is_import_path(cfg.data.dataset):

@@ -59,14 +59,15 @@ def job_generator(seed: int, client_id: int, job_index: int, device: str | torch
 
 def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *,
               iterations: int, batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float,
-              augment: bool, seed: int, client_id: int, job_index: int) -> JobResult:
+              augment: bool, seed: int, client_id: int, job_index: int, trainer=None) -> JobResult:
     """Train `model` from the flat state `base` on the samples `x[indices]`, `y[indices]`.
 
     `model`, `base`, `x`, `y` and `indices` must be on the same device. Each
     pass over the client's data is a fresh permutation from the job generator,
     cut into batches of `batch_size` (the last one partial, as a shuffling
     DataLoader gives); a client with fewer samples than `batch_size` uses all
-    of them at every step."""
+    of them at every step. `trainer` (client/trainer.py, a `client.trainer` plug-in): its `start` runs once
+    the base model is loaded and its `loss` replaces the cross-entropy."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
     n = len(indices)
@@ -77,6 +78,8 @@ def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Te
     start = time.perf_counter()
     load_flat(model, base)
     model.train()
+    if trainer is not None:
+        trainer.start(model, base)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = job_generator(seed, client_id, job_index, device=x.device)
     # Summed on the device and read once at the end: no host sync per step.
@@ -91,7 +94,7 @@ def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Te
         if augment:
             xb = random_crop_flip(xb, gen)
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
+        loss = F.cross_entropy(model(xb), yb) if trainer is None else trainer.loss(model, model(xb), yb)
         loss.backward()
         opt.step()
         total_loss += loss.detach()

@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..models.flat import flat_size
-from .local_train import train_job
+from ..plugins import trainer_class
 
 
 @dataclass
@@ -43,17 +43,15 @@ class JobRunner:
         self.train_x, self.train_y = train_x, train_y
         self.parts = parts
         self.size = flat_size(model)
+        self.trainer = trainer_class(cfg.client.trainer)(cfg)
 
     def run(self, job: JobSpec, base: torch.Tensor) -> JobOutput:
-        c = self.cfg.client
         kind, at = self.cfg.fault.kind, self.cfg.fault.job
         fault = kind if job.job_index == at or (kind == "nan_from" and job.job_index >= at) else "none"
         if fault == "raise":
             raise RuntimeError(f"injected fault: worker raises on job {job.job_index} (fault.kind = raise)")
-        result = train_job(self.model, base, self.train_x, self.train_y, self.parts[job.client_id],
-                           iterations=c.iterations, batch_size=c.batch_size, optimizer=c.optimizer, lr=c.lr,
-                           momentum=c.momentum, weight_decay=c.weight_decay, augment=c.augment,
-                           seed=self.cfg.run.seed, client_id=job.client_id, job_index=job.job_index)
+        result = self.trainer.train(self.model, base, self.train_x, self.train_y, self.parts[job.client_id],
+                                    client_id=job.client_id, job_index=job.job_index)
         out = JobOutput(job.job_index, job.client_id, job.base_version, result.num_samples, result.loss,
                         result.seconds, result.delta)
         # Malformed updates for the failure tests: the server must reject them.
