@@ -289,7 +289,8 @@ def label_prior_control(teachers: TeacherBuffer, info, images: torch.Tensor, lab
 
 
 def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.Tensor, splits, make_model,
-             global_model: torch.Tensor, steps: int, fresh_steps: list[int], ceiling_steps: int = 0) -> dict:
+             global_model: torch.Tensor, steps: int, fresh_steps: list[int], ceiling_steps: int = 0,
+             ceiling_all_steps: int = 0) -> dict:
     """KD from the final teachers into the final global model on each input source (module docstring);
     `true_q` (K, C): the teachers' true label histograms as proportions."""
     d = cfg.distill
@@ -315,8 +316,10 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.
         sources["kd_split"] = lambda k: splits.kd_x[sample_by_class(splits.kd_y, true_q[k], d.kd_batch, rng)]
     if ceiling_steps:
         for variant, experts in (("ceiling_all", False), ("ceiling_experts", True)):
-            images, labels, diagnostics = ceiling_images(cfg, info, teachers, make_model, true_q, ceiling_steps,
+            n_steps = ceiling_steps if experts else (ceiling_all_steps or ceiling_steps)
+            images, labels, diagnostics = ceiling_images(cfg, info, teachers, make_model, true_q, n_steps,
                                                          experts, cfg.run.seed)
+            diagnostics["steps"] = n_steps
             ceiling = SyntheticPool(FRESH_IMAGES)
             ceiling.add(images, labels)
             holder = run_synthesizer(cfg, algorithm, info)
@@ -352,7 +355,7 @@ def kd_probe(cfg, algorithm: dict, info, teachers: TeacherBuffer, true_q: torch.
 
 
 def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd_steps: int,
-            fresh_steps: list[int], ceiling_steps: int = 0) -> dict:
+            fresh_steps: list[int], ceiling_steps: int = 0, ceiling_all_steps: int = 0) -> dict:
     state = load_checkpoint(run_dir / "checkpoint.h5")
     try:
         check_server_format(state)
@@ -440,7 +443,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
         "synthesis_probes": [synthesis_probe(cfg, algorithm, info, teachers, n) for n in probe_steps],
         "label_prior_control": label_prior_control(teachers, info, images, labels, cfg.run.seed),
         "kd_probe": (kd_probe(cfg, algorithm, info, teachers, true_q, splits, make_model, global_model,
-                              kd_steps, fresh_steps, ceiling_steps)
+                              kd_steps, fresh_steps, ceiling_steps, ceiling_all_steps)
                      if kd_steps else None),
     }
 
@@ -458,6 +461,9 @@ def main() -> None:
     parser.add_argument("--ceiling", type=int, default=0, metavar="STEPS",
                         help="with --kd-probe: also KD on images optimised directly against the teachers for "
                              "STEPS Adam steps (the ceiling test: all teachers, and class experts only)")
+    parser.add_argument("--ceiling-all-steps", type=int, default=0, metavar="STEPS",
+                        help="steps of the all-teachers variant (default: --ceiling's); it costs about the "
+                             "teacher count times the class-expert variant per step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -466,8 +472,8 @@ def main() -> None:
         if not (run_dir / "checkpoint.h5").exists():
             raise SystemExit(f"{run_dir}: no checkpoint.h5 (not a finished run directory?)")
         fresh = [int(n) for n in args.kd_probe_fresh.split(",") if n.strip()]
-        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe, fresh, args.ceiling)),
-              flush=True)
+        print(json.dumps(inspect(run_dir, args.out, args.per_class, steps, args.kd_probe, fresh, args.ceiling,
+                                 args.ceiling_all_steps)), flush=True)
 
 
 if __name__ == "__main__":

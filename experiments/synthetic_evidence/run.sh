@@ -13,7 +13,8 @@ python bench/accuracy.py --algorithms fedrevive --alphas 0.1 --schedules high --
 probe() {
     local run=$1
     grep -qF "\"run\": \"$run\"" "$HERE/results.jsonl" 2>/dev/null && return 0
-    python bench/synthetic_images.py "$run" --kd-probe 50 --ceiling "${CEILING_STEPS:-1000}" \
+    python bench/synthetic_images.py "$run" --kd-probe 50 --ceiling "${CEILING_STEPS:-500}" \
+        --ceiling-all-steps "${CEILING_ALL_STEPS:-125}" \
         --out "$HERE/plots" >> "$HERE/results.jsonl"
 }
 runs=$(find "$RUNS" -name checkpoint.h5 -path '*fedrevive*' | sort | xargs -n1 dirname)
