@@ -295,7 +295,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value) if value == value else "nan"   # repr: shortest exact form (1e-05, inf, 0.5)
     if isinstance(value, str):
-        return json.dumps(value)   # a JSON string is a valid TOML basic string
+        # A JSON string is a TOML basic string, but for the escapes: non-ASCII stays as UTF-8 text (JSON's
+        # surrogate pairs for characters beyond the BMP are not TOML), and DEL, raw in JSON, is escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return str(value)
 
 
@@ -663,7 +665,7 @@ def parse_args(argv: list[str] | None = None,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
 RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
              "run.diverged_after",
-             "run.eval_every", "run.eval_every_time", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
+             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
              "run.threads", "run.device", "run.placement",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
 

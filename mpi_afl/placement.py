@@ -90,5 +90,8 @@ def record_ranks(run_log, records: list[dict]) -> None:
 
     import h5py
 
-    with h5py.File(run_log, "r+") as f:
-        f.attrs["ranks"] = json.dumps(records)
+    try:
+        with h5py.File(run_log, "r+") as f:
+            f.attrs["ranks"] = json.dumps(records)
+    except RuntimeError as e:   # HDF5's write failures; the stop's writes handle storage errors (OSError)
+        raise OSError(f"HDF5 could not write {run_log}: {str(e).splitlines()[0]}") from e

@@ -104,7 +104,7 @@ def unequal_work(points: list[GridPoint], out: Path, extra: list[str]) -> str:
     """A one-line warning when the grid compares algorithms that turn different numbers of client updates into
     a version under a version budget (run.max_versions alone), or '' when the work is equal."""
     from .config import ConfigError, parse_args
-    per_version = {}
+    per_version = set()   # (algorithm, updates per version): a --set axis of buffer sizes counts too
     for point in points:
         try:
             cfg, _ = parse_args(point.train_args(out, extra))
@@ -112,10 +112,10 @@ def unequal_work(points: list[GridPoint], out: Path, extra: list[str]) -> str:
             return ""   # the run itself says what is wrong with its options
         r = cfg.run
         if r.max_versions and not (r.max_updates or r.max_virtual_time) and updates_per_version(cfg):
-            per_version[short_name(cfg.server.algorithm)] = updates_per_version(cfg)
-    if len(set(per_version.values())) < 2:
+            per_version.add((short_name(cfg.server.algorithm), updates_per_version(cfg)))
+    if len({n for _, n in per_version}) < 2:
         return ""
-    mix = ", ".join(f"{name} {n}" for name, n in sorted(per_version.items()))
+    mix = ", ".join(f"{name} {n}" for name, n in sorted(per_version))
     return (f"sweep: warning: a version counts aggregations, not client updates, and these algorithms make one from "
             f"different numbers of updates ({mix}): under run.max_versions they do unequal work; compare them with "
             f"--run.max_updates=N or --run.max_virtual_time=T")

@@ -155,15 +155,16 @@ def _repeated_images(cfg: Config, parts) -> list[str]:
             f"than the training split has"]
 
 
-def _prepare_run_dir(cfg: Config, out: Path, new_log: bool) -> None:
+def _prepare_run_dir(cfg: Config, out: Path, new_log: bool, clients: str) -> None:
     """The start's first writes: clear what a killed run left mid-write, set an old run log aside
-    (--new-log), then record the config and the command line."""
+    (--new-log), then record the config, the command line and the clients' data (`clients`: clients.txt)."""
     from .storage.rundir import remove_temp_files, set_aside_log
     for tmp in remove_temp_files(out):
         print(f"[server] removed {tmp.name}, left by a run stopped while writing it", flush=True)
     if new_log and (aside := set_aside_log(out)):
         print(f"[server] --new-log: the old run log is kept as {aside}", flush=True)
     _describe_run(cfg, out)
+    (out / "clients.txt").write_text(clients)
 
 
 def _print_closed_ok(text: str) -> None:
@@ -307,7 +308,8 @@ def _run(comm, setup: _Setup) -> int:
     out = Path(cfg.run.out)
     if rank == 0:   # every check has passed: only now is anything written into the run directory
         try:
-            _prepare_run_dir(cfg, out, setup.new_log)
+            _prepare_run_dir(cfg, out, setup.new_log,
+                             "\n".join(summary_lines(parts, labels, splits.info.num_classes)) + "\n")
         except OSError as e:
             failure = f"config key 'run.out': cannot write to {out}: {e.strerror or e}"
     _startup_point(comm, failure)
@@ -334,7 +336,6 @@ def _run(comm, setup: _Setup) -> int:
 
     console = open(out / "server.log", "a", buffering=1)   # appended to on resume
     sys.stdout, sys.stderr = _Tee(sys.stdout, console), _Tee(sys.stderr, console)
-    (out / "clients.txt").write_text("\n".join(summary_lines(parts, labels, info.num_classes)) + "\n")
     transport = ServerMPI(comm, runner.size, cfg.server.queue_depth) if size > 1 else LocalTransport(runner)
     sizes = [len(p) for p in parts]
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
@@ -364,12 +365,13 @@ def _run(comm, setup: _Setup) -> int:
     gathered = comm.gather(None, root=0)[1:] if size > 1 else []
     workers = [stats for stats, _ in gathered]
     summary["ranks"] = [rank_record(0, device)] + [record for _, record in gathered]
-    record_ranks(out / "run.h5", summary["ranks"])
     if workers:
         summary["worker_idle_fraction"] = sum(w["idle_seconds"] for w in workers) / sum(w["wall_seconds"] for w in workers)
         summary["workers"] = workers
     # checkpoint.h5 was written first, by server.run() (storage/final_writes.py gives the order and why).
     writes = server.final_writes
+    if "run.h5" not in writes.failed:
+        writes.attempt("run.h5", lambda path: record_ranks(path, summary["ranks"]))
     writes.attempt("summary.json", lambda path: write_atomic(path, json.dumps(summary, indent=2) + "\n"))
     writes.attempt("model.pt", server.save_model)
     if (line := writes.error_line(server.checkpoint_version)) is not None:

@@ -100,7 +100,7 @@ def test_batched_kd_distils_the_same_student_as_the_per_teacher_path(norm):
     # Each step's loss and gradient carry the rounding bound of the student's pass over the c batches and the
     # teachers' pass over one (tests/numerics.py); to first order the steps' errors add up (SGD's step is
     # linear in the gradient), so after `steps` steps both the losses and the distilled change stay within
-    # steps x that. About 1e-2 for this cnn, against O(1) for a wrong teacher, temperature or batch.
+    # steps x that. About 1e-3 for this cnn, against O(1) for a wrong teacher, temperature or batch.
     steps = 3
     bound = steps * (reduction_bound(make_model().train(), data[0].flatten(0, 1))
                      + reduction_bound(make_model().eval(), data[0, 0]))

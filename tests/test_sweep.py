@@ -96,6 +96,8 @@ def test_version_budget_over_different_buffer_sizes_warns(tmp_path, capsys):
     assert "afl_dw 1, fedbuff 4" in line and "--run.max_updates" in line
     assert unequal_work(points, tmp_path, ["--run.max_updates=80"]) == ""
     assert unequal_work(make_grid(["fedasync", "afl_dw"], [0], []), tmp_path, ["--max-versions", "20"]) == ""
+    axis = unequal_work(make_grid(["fedbuff"], [0], ["server.buffer_size=1,8"]), tmp_path, ["--max-versions", "20"])
+    assert "fedbuff 1, fedbuff 8" in axis
     assert main(["--out", str(tmp_path), "--algorithms", "fedbuff,afl_dw", "--slurm", str(tmp_path / "a.sbatch"),
                  "--", "--max-versions", "20"]) == 0
     assert "unequal work" in capsys.readouterr().err

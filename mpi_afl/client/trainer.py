@@ -8,10 +8,10 @@ is loaded (keep what the loss needs, e.g. FedProx's anchor), and `loss(model, lo
 batch (a scalar tensor to minimise). The update sent back is `w_local - x_base` over the flat layout.
 
 Determinism (the virtual clock's promise): a job's result must depend only on its base model, its client's
-data and the job's own random stream, so a trainer draws randomness only from `generator` (the job's stream:
-run seed, client, job index) and keeps no state from one job to the next (jobs of one client run on any rank,
-in any order). Then checkpoints and `--resume` need nothing from it. The built-in `LocalTrainer` is plain
-cross-entropy.
+data and the job's own random stream (run seed, client, job index: the loop's batch order and augmentation),
+so a trainer draws no randomness of its own and keeps no state from one job to the next (jobs of one client
+run on any rank, in any order). Then checkpoints and `--resume` need nothing from it. The built-in
+`LocalTrainer` is plain cross-entropy.
 """
 
 from __future__ import annotations

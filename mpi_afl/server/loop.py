@@ -301,6 +301,7 @@ class Server:
                     self.pump()
                     self.dispatch()
         finally:
+            work.close()   # a no-op once it returned; after an exception it lets the slices clean up
             self.ctx.stats["distill_seconds"] = self.ctx.stats.get("distill_seconds", 0.0) + spent
 
     def _new_version(self, model: torch.Tensor) -> None:
@@ -324,7 +325,7 @@ class Server:
         every = self.cfg.run.eval_every_time
         while every and self.next_eval_time < before:
             self.evaluate(at=self.next_eval_time)
-            self.next_eval_time += every
+            self.next_eval_time = every * (round(self.next_eval_time / every) + 1)   # k * T: no drift
 
     def evaluate(self, at: float | None = None) -> None:
         """Evaluate the current version (recorded at virtual time `at`, default now): queued and run in slices

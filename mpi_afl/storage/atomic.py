@@ -1,5 +1,7 @@
-"""Atomic file replacement, shared by checkpoints and run logs (no torch: the results reader imports it)."""
+"""Atomic file replacement and space allocation, shared by checkpoints and run logs (no torch: the results
+reader imports it)."""
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -38,3 +40,15 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview |
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def allocate(fd: int, offset: int, nbytes: int) -> None:
+    """Allocate `nbytes` of the open file `fd` from `offset`, so that later writes there cannot meet a full
+    disk: posix_fallocate where the platform has it (quotas count too), else an OSError(ENOSPC) when the file
+    system's free space is short (macOS)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, offset, nbytes)
+        return
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < nbytes:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

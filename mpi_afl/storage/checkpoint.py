@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 
-from mpi_afl.storage.atomic import atomic_replace, temp_path
+from mpi_afl.storage.atomic import allocate, atomic_replace, temp_path
 
 FORMAT = "mpi_afl-checkpoint"
 FORMAT_VERSION = 1
@@ -58,6 +58,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     path = Path(path)
     tmp = temp_path(path)
+    state = _on_host(state)   # device copies first: an error there is not a storage error
     try:
         _reserve(tmp, stored_bytes(state))
         # libver="latest": checksummed metadata, so damage is reported instead of misread.
@@ -92,26 +93,45 @@ def stored_bytes(state: dict) -> int:
             if isinstance(value, (dict, list, tuple)) and not _is_plain(value):
                 stack.append(value)
             elif isinstance(value, torch.Tensor):
-                total += _OBJECT_BYTES + value.numel() * value.element_size()
+                total += _leaf_bytes(value.numel() * value.element_size())
             elif isinstance(value, bytes):
-                total += _OBJECT_BYTES + len(value)
+                total += _leaf_bytes(len(value))
             elif isinstance(value, (np.ndarray, np.generic)):
-                total += _OBJECT_BYTES + np.asarray(value).nbytes
+                total += _leaf_bytes(np.asarray(value).nbytes)
             else:
                 total += len(json.dumps(value, default=str)) + 16
     return total
+
+
+def _leaf_bytes(nbytes: int) -> int:
+    """A dataset's data plus its object header, and 1/64 for the chunk index and the Fletcher-32 sums of a
+    large array (h5py's automatic chunks are at least 8 KiB, each with a ~40-byte index entry and a sum)."""
+    return _OBJECT_BYTES + nbytes + nbytes // 64
+
+
+def _on_host(value):
+    """`value` with every tensor moved to the host (CPU tensors are returned as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v) for v in value)
+    return value
 
 
 def _reserve(tmp: Path, nbytes: int) -> None:
     """Create `tmp` with `nbytes` allocated, so that a full disk (or quota) is an OSError here, before HDF5
     writes: HDF5 that meets a full disk half-way leaves its library state broken, and the process then
     segfaults at exit (seen with h5py 3 on a full tmpfs). h5py's "w" then truncates the file and writes into
-    the space just given back; only another process filling the disk in that moment can still fail it."""
+    the space just given back; only another process filling the disk in that moment can still fail it.
+    Without posix_fallocate (macOS) the file system's free space is checked instead (quotas then unseen)."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.posix_fallocate(fd, 0, max(nbytes, 1))
+        allocate(fd, 0, max(nbytes, 1))
     finally:
         os.close(fd)
+
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

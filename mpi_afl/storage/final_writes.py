@@ -29,7 +29,8 @@ class FinalWrites:
         except OSError as e:
             self.failed[name] = e.strerror or str(e) or type(e).__name__
             return False
-        self.written.append(name)
+        if name not in self.written:   # run.h5 is written twice at a stop: its rows, then the rank records
+            self.written.append(name)
         return True
 
     def error_line(self, checkpoint_version: int | None) -> str | None:

@@ -50,7 +50,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpi_afl.storage.atomic import atomic_replace, temp_path
+from mpi_afl.storage.atomic import allocate, atomic_replace, temp_path
 from mpi_afl.storage.h5open import open_readonly
 
 FORMAT = "mpi_afl-run"
@@ -283,8 +283,11 @@ class RunLog:
         """Append the buffered rows to the file and make them visible to SWMR readers. A full disk (or quota)
         is an OSError before anything is written (`_reserve`); the rows then stay buffered."""
         self._reserve()
-        for name, table in self._tables.items():
-            table.write(self._datasets[name])
+        try:
+            for name, table in self._tables.items():
+                table.write(self._datasets[name])
+        except RuntimeError as e:   # HDF5 reports a failed write as RuntimeError; callers handle OSError
+            raise OSError(f"HDF5 could not write {self.path}: {str(e).splitlines()[0]}") from e
         self._last_flush = time.monotonic()
 
     def _reserve(self) -> None:
@@ -299,7 +302,7 @@ class RunLog:
             return
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.posix_fallocate(fd, end, needed)
+            allocate(fd, end, needed)
         finally:
             os.close(fd)
 
