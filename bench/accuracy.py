@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,18 +150,8 @@ class RunSpec:
         return f"{self.setting}-{self.directory(Path()).name}"
 
 
-def time_to_reach(evals: list[dict], target: float) -> float | None:
-    """Virtual time of the first evaluation with test accuracy >= target, or None."""
-    for e in evals:
-        if e["test_accuracy"] >= target:
-            return float(e["virtual_time"])
-    return None
-
-
-def tail_accuracy(evals: list[dict], budget: float) -> float | None:
-    """Mean test accuracy of the evaluations at virtual time >= 3/4 of the budget (None if there are none)."""
-    tail = [e["test_accuracy"] for e in evals if e["virtual_time"] >= 0.75 * budget]
-    return round(statistics.fmean(tail), 4) if tail else None
+def _round4(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def run_row(spec: RunSpec, out: Path) -> dict | None:
@@ -180,6 +169,8 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
     if state(reference) == "done":
         fedbuff_final = json.loads((reference / "summary.json").read_text())["final_accuracy"]
     stats = summary.get("algorithm_stats", {})
+    times = [e["virtual_time"] for e in summary["evals"]]
+    accuracies = [e["test_accuracy"] for e in summary["evals"]]
     arrivals = results.load(directory).tables["arrivals"]
     staleness = arrivals["staleness"][arrivals["accepted"].astype(bool)]
     distill = stats.get("distill_seconds")
@@ -189,9 +180,9 @@ def run_row(spec: RunSpec, out: Path) -> dict | None:
         "bench": "accuracy", "algorithm": spec.algorithm, "seed": spec.seed, "alpha": spec.alpha,
         "schedule": spec.schedule, "settings": spec.settings,
         "final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
-        "tail_accuracy": tail_accuracy(summary["evals"], spec.budget),
+        "tail_accuracy": _round4(results.tail_accuracy(times, accuracies, spec.budget)),
         "fedbuff_final_accuracy": fedbuff_final,
-        "virtual_time_to_fedbuff_final": (time_to_reach(summary["evals"], fedbuff_final)
+        "virtual_time_to_fedbuff_final": (results.time_to_target(times, accuracies, fedbuff_final)
                                           if fedbuff_final is not None else None),
         "distill_seconds_per_update": (round(distill / summary["updates_accepted"], 4)
                                        if distill is not None else None),

@@ -565,9 +565,9 @@ def _short_help() -> str:
     for flag, text in rows:
         wrapped = textwrap.wrap(text, 118 - width)
         lines += [f"  {flag:{width}s}{wrapped[0]}"] + [" " * (width + 2) + more for more in wrapped[1:]]
-    lines += ["", EXAMPLES.rstrip(), "",
-              f"mpi-afl train --help-all lists all {len(keys) - sum(k.startswith(tuple(HIDDEN_SECTIONS)) for k in keys)} "
-              "config keys with their defaults; docs/design.md and README.md explain them."]
+    shown = [k for k in keys if k.split(".")[0] not in HIDDEN_SECTIONS]
+    lines += ["", EXAMPLES.rstrip(), "", f"mpi-afl train --help-all lists all {len(shown)} config keys with their "
+              "defaults; docs/design.md and README.md explain them."]
     return "\n".join(lines) + "\n"
 
 
@@ -663,7 +663,8 @@ def parse_args(argv: list[str] | None = None,
 
 # Keys a resumed run may change: stop rules, logging and placement. Everything else (data, model,
 # algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
-RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run.max_wall_seconds", "run.target_accuracy",
+RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run.max_wall_seconds",
+             "run.target_accuracy",
              "run.diverged_after",
              "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
              "run.threads", "run.device", "run.placement",

@@ -43,4 +43,4 @@ class LocalTrainer:
         return train_job(model, base, x, y, indices, iterations=c.iterations, batch_size=c.batch_size,
                          optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                          augment=c.augment, seed=self.cfg.run.seed, client_id=client_id, job_index=job_index,
-                         trainer=None if type(self) is LocalTrainer else self)
+                         trainer=self)
