@@ -5,6 +5,7 @@ agree on how to continue. Refusals are checked in process (`_rank0_setup`, the s
 involves the file system, signals or MPI runs for real (a small tmpfs for the full disk, `mpiexec`)."""
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -186,11 +187,18 @@ def small_file_system(path: Path, size: str = "32m"):
 
 def fill(directory: Path, leave: int) -> Path:
     """Take all but `leave` bytes of the file system's free space."""
-    st = os.statvfs(directory)
     filler = directory / "filler"
     with open(filler, "wb") as fh:
-        os.posix_fallocate(fh.fileno(), 0, st.f_bavail * st.f_frsize - leave)
-    return filler
+        for _ in range(20):   # the run writes meanwhile: measure again when the space went between the two calls
+            st = os.statvfs(directory)
+            try:
+                os.posix_fallocate(fh.fileno(), os.fstat(fh.fileno()).st_size,
+                                   max(st.f_bavail * st.f_frsize - leave, 1))
+                return filler
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+    raise AssertionError(f"could not fill {directory} to within {leave} bytes")
 
 
 def _running(out: Path) -> bool:
