@@ -3,6 +3,7 @@
     python bench/distill_cost.py                                   # fmnist_cpu, paper_28x28, paper_cifar10
     python bench/distill_cost.py --presets fmnist_cpu --calls 5
     python bench/distill_cost.py --research-settings false          # each preset's own distill settings
+    mpiexec -n 2 python bench/distill_cost.py --group --presets fmnist_cpu   # distill.ranks = 1 against 0
 
 For each preset's shapes (data set, model, generator size) and, by default, the FedRevive research code's
 distillation settings (synthesis on every KD call, `distill.kd_steps` = 10 KD iterations of
@@ -25,6 +26,16 @@ of the data set's shape (the cost does not depend on the pixel values):
                             synth.reptile, kd.draw (pool sampling), kd.teachers (teacher forward on the KD batches),
                             kd.student (student forward + backward + Adam step), check (the KD diagnostic's two
                             held-out forwards), other (everything else: bookkeeping, loss terms, filters)
+
+With `--group` under `mpiexec -n D+1` (D >= 1 distilling ranks besides rank 0, `distill.ranks`), every
+rank builds the same teachers and the bench measures, side by side and interleaved, one FedRevive and one
+FedEcho update with rank 0 alone (D = 0; the other ranks wait in their command loop, sleeping) and with the
+group (D; rank 0 sends each call as the server does, the others run it in `distill.group.serve`), at the
+preset's settings and at the research settings (`--research-settings` picks one), and prints per preset:
+
+  d0_fedrevive_seconds, dD_fedrevive_seconds, fedrevive_ratio     one update, and dD / d0 (target <= 0.6, D = 1)
+  d0_fedecho_seconds, dD_fedecho_seconds, fedecho_ratio           the same for FedEcho
+  d0_phases, dD_phases                                            rank 0's FedRevive phases (as `phases` above)
 
 Each figure is the median over `--calls` timed calls after one untimed warm-up call. It runs on a GPU unchanged
 (`--device cuda`, the default when one is present); on a GPU the phases are CPU-side times of the launches plus
@@ -208,6 +219,82 @@ def measure(name: str, research: bool, calls: int, device: torch.device) -> dict
     }
 
 
+def measure_group(name: str, research: bool, calls: int, device: torch.device, comm) -> dict | None:
+    """D = 0 against D = comm size - 1 (see the module docstring); the row on rank 0, None elsewhere."""
+    from mpi_afl.distill.group import Group, drive, in_group, serve, share_state
+    cfg = preset_config(name, research, str(device))
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, ranks=comm.Get_size() - 1))
+    echo_cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, algorithm="fedecho"))
+    bench, group = Bench(cfg, device), Group(comm)
+    solo_ctx = bench.ctx
+    group_ctx = dataclasses.replace(solo_ctx, group=group, stats={})
+    if group.rank:   # a member: serve FedRevive's calls, then FedEcho's (each loop ends at rank 0's stop)
+        for algorithm in (FedRevive(cfg, group_ctx), FedEcho(echo_cfg, group_ctx)):
+            serve(group, algorithm, dataclasses.replace(group_ctx, check_x=None, check_y=None))
+        return None
+    algs = {}
+    for label, ctx in (("d0", solo_ctx), ("dD", group_ctx)):
+        revive, echo = FedRevive(cfg, ctx), FedEcho(echo_cfg, ctx)
+        for k, model in enumerate(bench.clients):
+            revive.teachers.push(k % 4, 0, model)
+            echo.teachers.push(k, 0, model)
+        algs[label] = (revive, echo, ctx)
+    d0_revive, d0_echo, _ = algs["d0"]
+    dd_revive, dd_echo, dd_ctx = algs["dD"]
+    share_state(dd_revive, group)
+
+    def revive_update(alg: FedRevive, ctx: ServerContext) -> None:
+        ctx.version += 1   # a new version per call, so synthesis runs whenever synth_every says
+        drive(in_group(alg, "knowledge", ctx, bench.x0))
+        alg._check(ctx, bench.x0, flatten(alg.student) - bench.x0, 0.5, 10)   # the server's KD diagnostic
+
+    def echo_update(alg: FedEcho, ctx: ServerContext) -> None:
+        ctx.version += 1
+        drive(in_group(alg, "distill", ctx, bench.x0, staleness=10.0))
+
+    def side_by_side(runs: dict) -> dict[str, float]:
+        for fn in runs.values():   # warm-up
+            fn()
+        times = {k: [] for k in runs}
+        for _ in range(calls):
+            for k, fn in runs.items():
+                times[k].append(timed(fn, device))
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    def profiled(fn) -> dict[str, float]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(max(1, calls // 2)):
+                fn()
+            total = (time.perf_counter() - start) / max(1, calls // 2)
+        sums = {n: 0.0 for n in PHASES}
+        for event in prof.key_averages():
+            if event.key in sums:
+                sums[event.key] += event.cpu_time_total / 1e6 / max(1, calls // 2)
+        sums = {k: round(v, 4) for k, v in sums.items()}
+        sums["profiled_total"] = round(total, 4)
+        return sums
+
+    revive = side_by_side({"d0": lambda: revive_update(d0_revive, solo_ctx),
+                           "dD": lambda: revive_update(dd_revive, dd_ctx)})
+    phases = {"d0_phases": profiled(lambda: revive_update(d0_revive, solo_ctx)),
+              "dD_phases": profiled(lambda: revive_update(dd_revive, dd_ctx))}
+    group.stop()   # the members move on to FedEcho
+    share_state(dd_echo, group)
+    echo = side_by_side({"d0": lambda: echo_update(d0_echo, solo_ctx), "dD": lambda: echo_update(dd_echo, dd_ctx)})
+    group.stop()
+    d = cfg.distill
+    return {"bench": "distill_cost_group", "preset": name, "device": str(device), "model": cfg.model.name,
+            "distill_ranks": group.size - 1, "settings": {"research": research, "synth_every": d.synth_every,
+            "synth_steps": d.synth_steps, "synth_batch": d.synth_batch, "kd_steps": d.kd_steps,
+            "kd_batch": d.kd_batch, "teachers": d.teachers, "echo_teachers": cfg.echo.teachers},
+            "calls": calls,
+            "d0_fedrevive_seconds": round(revive["d0"], 4), "dD_fedrevive_seconds": round(revive["dD"], 4),
+            "fedrevive_ratio": round(revive["dD"] / revive["d0"], 3),
+            "d0_fedecho_seconds": round(echo["d0"], 4), "dD_fedecho_seconds": round(echo["dD"], 4),
+            "fedecho_ratio": round(echo["dD"] / echo["d0"], 3), **phases}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="fmnist_cpu,paper_28x28,paper_cifar10")
@@ -216,9 +303,24 @@ def main() -> None:
     parser.add_argument("--research-settings", default="true", choices=["true", "false"],
                         help="the research code's distillation settings (default) or the preset's own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--group", action="store_true", help="under mpiexec -n D+1: D = 0 against D = R-1 distilling "
+                        "ranks (distill.ranks), at --research-settings (both when 'both')")
+    parser.add_argument("--settings", default="both", choices=["both", "preset", "research"],
+                        help="with --group: which distillation settings to measure")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as a server rank under mpiexec on shared cores
     device = torch.device(args.device)
+    if args.group:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{comm.Get_rank() % torch.cuda.device_count()}")
+        for name in [p for p in args.presets.split(",") if p]:
+            for research in {"both": (False, True), "preset": (False,), "research": (True,)}[args.settings]:
+                row = measure_group(name, research, args.calls, device, comm)
+                if row is not None:
+                    print(json.dumps(row), flush=True)
+        return
     for name in [p for p in args.presets.split(",") if p]:
         calls = max(1, args.calls // 3) if name == "paper_cifar10" and device.type == "cpu" else args.calls
         print(json.dumps(measure(name, args.research_settings == "true", calls, device)), flush=True)

@@ -169,6 +169,9 @@ class DelayConfig:
 class DistillConfig:
     """Server-side distillation shared by FedRevive and FedEcho (docs/algorithms.md §3.3, §4)."""
     teachers: int = opt(8, "teacher buffer size c (most recent client models)", min=1)
+    ranks: int = opt(0, "ranks 1..D that join rank 0 in distilling (fedrevive, dd_fedrevive, fedecho): the teachers "
+                     "are split over the group and it sums their share of each step; 0 = rank 0 alone (docs/design.md "
+                     "'Distillation over a group of ranks')", min=0)
     beta: str = opt("cosine", "staleness weight beta(tau) of the hybrid blend (Eq. 3 and alternatives)",
                     choices=["cosine", "exponential", "linear", "step"])
     beta_lambda: float = opt(0.005, "exponential beta rate", min=0, min_exclusive=True)
@@ -445,6 +448,10 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.warmup_versions < cfg.distill.freeze_versions:
         raise ConfigError(f"config key 'distill.warmup_versions': {cfg.distill.warmup_versions} must be >= "
                           f"distill.freeze_versions = {cfg.distill.freeze_versions}")
+    if cfg.distill.ranks and cfg.model.norm == "batchnorm" and s.algorithm in ("fedrevive", "dd_fedrevive"):
+        raise ConfigError("config key 'distill.ranks': with model.norm = 'batchnorm' the KD student's running "
+                          "statistics depend on the order of all teachers' batches, which a group does not keep; "
+                          "use distill.ranks = 0 or model.norm = 'stat' (the default)")
     if cfg.echo.weighting == "expert" and cfg.echo.inputs != "synthetic":
         raise ConfigError("config key 'echo.weighting': 'expert' (the default) weights each image by the class it "
                           "was generated for, so it needs echo.inputs = 'synthetic' (proxy images have no class); "
@@ -529,7 +536,7 @@ USAGE = ("[mpiexec -n R] mpi-afl train [--config FILE | --preset NAME] [--resume
          "[--section.key=VALUE ...]")
 # The keys `--help` shows (`--help-all` shows every key): what a run is most often changed by.
 COMMON_KEYS = ("client.lr", "client.iterations", "server.lr", "server.concurrency", "data.num_clients",
-               "data.alpha", "run.device", "run.checkpoint_every")
+               "data.alpha", "run.device", "run.checkpoint_every", "distill.ranks")
 EXAMPLES = """examples:
   mpiexec -n 5 mpi-afl train                                    # the offline default: digits, FedBuff
   mpiexec -n 17 mpi-afl train --preset paper_cifar10 --out runs/fr-cifar
@@ -661,13 +668,15 @@ def parse_args(argv: list[str] | None = None,
     return validate(cfg), args
 
 
-# Keys a resumed run may change: stop rules, logging and placement. Everything else (data, model,
-# algorithm, seed, clock, ...) decides the result, so changing it would not continue the same run.
+# Keys a resumed run may change: stop rules, logging, placement and the distillation group's size
+# (distill.ranks: the continued run is valid, but sums over another group size differ in the last bits, so it is
+# not bit-identical to one that kept D). Everything else (data, model, algorithm, seed, clock, ...) decides the
+# result, so changing it would not continue the same run.
 RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run.max_wall_seconds",
              "run.target_accuracy",
              "run.diverged_after",
              "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
-             "run.threads", "run.device", "run.placement",
+             "run.threads", "run.device", "run.placement", "distill.ranks",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
 
 

@@ -15,16 +15,22 @@ import torch
 from .config import ConfigError
 
 
-def _gpu_slot(local_rank: int, gpus: int, server_here: bool, placement: str) -> int:
-    """GPU index of a rank on its node. 'server_gpu': rank 0 (local rank 0 of its node) keeps cuda:0 to
-    itself and the other ranks of that node share cuda:1..; nodes without the server share all GPUs."""
-    if placement == "server_gpu" and server_here and gpus > 1:
-        return 0 if local_rank == 0 else 1 + (local_rank - 1) % (gpus - 1)
+def _gpu_slot(local_rank: int, gpus: int, reserved: list[int], placement: str) -> int:
+    """GPU index of a rank on its node. 'server_gpu': the node's local ranks in `reserved` (the server and
+    the ranks that distil with it, distill.ranks) get cuda:0.. to themselves, one each, and the other ranks
+    of the node share the rest; with no more GPUs than reserved ranks, and on nodes without reserved ranks,
+    every rank takes local rank % GPUs."""
+    if placement == "server_gpu" and reserved and gpus > len(reserved):
+        if local_rank in reserved:
+            return reserved.index(local_rank)
+        others = local_rank - sum(r < local_rank for r in reserved)   # its index among the other ranks
+        return len(reserved) + others % (gpus - len(reserved))
     return local_rank % gpus
 
 
-def pick_device(kind: str, placement: str, comm) -> tuple[torch.device, list[str]]:
-    """(this rank's device, warnings for rank 0 to print); ConfigError on every rank when cuda is impossible."""
+def pick_device(kind: str, placement: str, comm, distilling: int = 0) -> tuple[torch.device, list[str]]:
+    """(this rank's device, warnings for rank 0 to print); ConfigError on every rank when cuda is impossible.
+    `distilling`: ranks 1..distilling distil with rank 0 (distill.ranks) and are placed first as it is."""
     from mpi4py import MPI
 
     gpus = torch.cuda.device_count() if kind != "cpu" else 0
@@ -42,19 +48,21 @@ def pick_device(kind: str, placement: str, comm) -> tuple[torch.device, list[str
     if gpus == 0:
         return torch.device("cpu"), warnings
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    server_here = node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
-    slot = _gpu_slot(node.Get_rank(), gpus, server_here, placement)
+    reserved = [r for r, first in enumerate(node.allgather(comm.Get_rank() <= distilling)) if first]
+    slot = _gpu_slot(node.Get_rank(), gpus, reserved, placement)
     node.Free()
-    if placement == "server_gpu" and gpus == 1 and comm.Get_rank() == 0:
-        warnings.append("run.placement=server_gpu: the server's node has one GPU, so rank 0 shares it")
+    if placement == "server_gpu" and reserved and gpus <= len(reserved) and comm.Get_rank() == 0:
+        warnings.append(f"run.placement=server_gpu: the server's node has {gpus} GPU(s) for {len(reserved)} "
+                        f"distilling rank(s) (the server and distill.ranks), so they share them with the workers")
     return torch.device(f"cuda:{slot}"), warnings
 
 
-def rank_record(rank: int, device: torch.device) -> dict:
-    """Host, device, GPU name and peak GPU memory of this rank (peak so far: call it at the end)."""
+def rank_record(rank: int, device: torch.device, role: str) -> dict:
+    """Role ('server', 'distil': a rank of the distillation group, 'worker'), host, device, GPU name and peak
+    GPU memory of this rank (peak so far: call it at the end)."""
     from mpi4py import MPI
 
-    record = {"rank": rank, "host": MPI.Get_processor_name(), "device": str(device), "gpu_name": "",
+    record = {"rank": rank, "role": role, "host": MPI.Get_processor_name(), "device": str(device), "gpu_name": "",
               "peak_gpu_bytes": 0}
     if device.type == "cuda":
         record["gpu_name"] = torch.cuda.get_device_name(device)

@@ -286,7 +286,7 @@ def _run(comm, setup: _Setup) -> int:
             failure = str(e)
     _startup_point(comm, failure)
     try:
-        device, placement_notes = pick_device(cfg.run.device, cfg.run.placement, comm)
+        device, placement_notes = pick_device(cfg.run.device, cfg.run.placement, comm, cfg.distill.ranks)
     except ConfigError as e:   # raised alike on every rank
         failure = str(e)
     _startup_point(comm, failure)
@@ -299,6 +299,7 @@ def _run(comm, setup: _Setup) -> int:
     labels = splits.train_y.numpy()
     try:
         _check_split_sizes(cfg, len(labels))
+        _check_group(cfg, size)
         parts = partition(labels, d.num_clients, d.partition, seed=cfg.run.seed, num_classes=splits.info.num_classes,
                           alpha=d.alpha, shards_per_client=d.shards_per_client,
                           samples_per_client=d.samples_per_client)
@@ -324,10 +325,16 @@ def _run(comm, setup: _Setup) -> int:
     runner = JobRunner(cfg, make_model(), splits.train_x.to(device), splits.train_y.to(device),
                        [torch.as_tensor(p, dtype=torch.long, device=device) for p in parts])
 
-    placements = comm.allgather(rank_record(rank, device))
+    distilling = cfg.distill.ranks   # ranks 1..distilling distil with the server (distill/group.py)
+    role = "server" if rank == 0 else "distil" if rank <= distilling else "worker"
+    placements = comm.allgather(rank_record(rank, device, role))
+    group = _distillation_group(comm, distilling)
     if rank != 0:
-        stats = run_worker(comm, runner, cfg.server.queue_depth)
-        comm.gather((stats, rank_record(rank, device)), root=0)
+        if role == "distil":
+            stats = _serve_group(cfg, group, device, model, make_model, splits, parts, labels)
+        else:
+            stats = run_worker(comm, runner, cfg.server.queue_depth)
+        comm.gather((stats, rank_record(rank, device, role)), root=0)
         return 0
 
     from .server.loop import Server
@@ -336,13 +343,18 @@ def _run(comm, setup: _Setup) -> int:
 
     console = open(out / "server.log", "a", buffering=1)   # appended to on resume
     sys.stdout, sys.stderr = _Tee(sys.stdout, console), _Tee(sys.stderr, console)
-    transport = ServerMPI(comm, runner.size, cfg.server.queue_depth) if size > 1 else LocalTransport(runner)
+    transport = (ServerMPI(comm, runner.size, cfg.server.queue_depth, first_worker=distilling + 1) if size > 1
+                 else LocalTransport(runner))
     sizes = [len(p) for p in parts]
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
           f"{runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
           f"K={cfg.server.concurrency}, {size} rank(s), {cfg.run.clock} clock, device {device}, out {out}", flush=True)
     print(f"[server] placement: {describe(placements)}", flush=True)
-    for note in placement_notes + _idle_workers(cfg.server.concurrency, size - 1) + _repeated_images(cfg, parts):
+    if distilling:
+        print(f"[server] distillation: ranks 0-{distilling} distil together (teachers split over {distilling + 1} "
+              f"ranks, distill.ranks = {distilling}); ranks {distilling + 1}-{size - 1} are workers", flush=True)
+    notes = placement_notes + _idle_workers(cfg.server.concurrency, size - 1 - distilling) + _repeated_images(cfg, parts)
+    for note in notes:
         print(f"[server] warning: {note}", flush=True)
     resume_state = setup.resume_state
     log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, placements), "run_id": setup.run_id},
@@ -350,7 +362,7 @@ def _run(comm, setup: _Setup) -> int:
                  resume_counts=resume_state["log_counts"] if resume_state and not setup.new_log else None)
     server = Server(cfg, transport, model=model, make_model=make_model, splits=splits,
                     histograms=class_histograms(parts, labels, info.num_classes), device=device, flat=flat,
-                    out_dir=out, world_size=size, log=log, run_id=setup.run_id)
+                    out_dir=out, world_size=size, log=log, run_id=setup.run_id, group=group)
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
@@ -364,10 +376,14 @@ def _run(comm, setup: _Setup) -> int:
     summary = server.run()
     gathered = comm.gather(None, root=0)[1:] if size > 1 else []
     workers = [stats for stats, _ in gathered]
-    summary["ranks"] = [rank_record(0, device)] + [record for _, record in gathered]
+    summary["ranks"] = [rank_record(0, device, "server")] + [record for _, record in gathered]
+    members = [stats for stats in workers if stats.get("role") == "distil"]
+    workers = [stats for stats in workers if stats.get("role") != "distil"]
     if workers:
         summary["worker_idle_fraction"] = sum(w["idle_seconds"] for w in workers) / sum(w["wall_seconds"] for w in workers)
         summary["workers"] = workers
+    if members:
+        summary["distill_ranks"] = members
     # checkpoint.h5 was written first, by server.run() (storage/final_writes.py gives the order and why).
     writes = server.final_writes
     if "run.h5" not in writes.failed:
@@ -391,6 +407,50 @@ def _run(comm, setup: _Setup) -> int:
               f"server.lr", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     return 0
+
+
+def _check_group(cfg: Config, size: int) -> None:
+    """distill.ranks must leave a worker, name an algorithm that can use a group, and give every rank a teacher."""
+    from .algorithms import algorithm_class
+    d = cfg.distill.ranks
+    if not d:
+        return
+    if d >= size - 1:
+        raise ConfigError(f"config key 'distill.ranks': {d} distilling rank(s) besides the server leave no worker "
+                          f"among {size} rank(s); allowed: 0..{max(size - 2, 0)} (or start more ranks)")
+    algorithm = algorithm_class(cfg.server.algorithm)
+    if not algorithm.group_methods:
+        raise ConfigError(f"config key 'distill.ranks': server.algorithm = {cfg.server.algorithm!r} does not distil "
+                          f"on the server, so it has nothing to share; distill.ranks applies to fedrevive, "
+                          f"dd_fedrevive and fedecho; use 0")
+    teachers = cfg.echo.teachers if cfg.server.algorithm == "fedecho" else cfg.distill.teachers
+    key = "echo.teachers" if cfg.server.algorithm == "fedecho" else "distill.teachers"
+    if d + 1 > teachers:
+        raise ConfigError(f"config key 'distill.ranks': {d + 1} distilling ranks for {key} = {teachers} teachers "
+                          f"would leave a rank without a teacher; allowed: 0..{teachers - 1}")
+
+
+def _distillation_group(comm, distilling: int):
+    """Ranks 0..distilling on their own communicator (collective: every rank calls it); None without a group."""
+    if not distilling:
+        return None
+    from mpi4py import MPI
+
+    from .distill.group import Group
+    sub = comm.Split(0 if comm.Get_rank() <= distilling else MPI.UNDEFINED, comm.Get_rank())
+    return Group(sub) if sub != MPI.COMM_NULL else None
+
+
+def _serve_group(cfg: Config, group, device, model, make_model, splits, parts, labels) -> dict:
+    """A distilling rank: the run's algorithm, built as on the server, runs the server's distillation calls."""
+    from .algorithms import algorithm_class
+    from .data.partition import class_histograms
+    from .distill.group import serve
+    from .models import flat
+    from .server.loop import algorithm_context
+    ctx = algorithm_context(cfg, device, flat.flatten(model).to(device), model, make_model, splits,
+                            class_histograms(parts, labels, splits.info.num_classes), flat, group)
+    return serve(group, algorithm_class(cfg.server.algorithm)(cfg, ctx), ctx)
 
 
 def _never_distilled(cfg: Config, summary: dict) -> list[str]:

@@ -85,7 +85,10 @@ class LoopEnsemble:
     for the synthesizer and for bench/distill_cost.py."""
 
     def __init__(self, make_model: Callable[[], nn.Module], stacked: torch.Tensor):
+        from mpi_afl.distill.group import Solo
         self.modules = teacher_modules(make_model, stacked)
+        # one rank's share of a group is every teacher (TeacherEnsemble's group attributes)
+        self.total, self.owned, self.group = len(self.modules), list(range(len(self.modules))), Solo()
 
     def __len__(self) -> int:
         return len(self.modules)

@@ -96,12 +96,17 @@ def test_trainer_refuses_a_world_of_one_from_a_multi_task_launcher(tmp_path):
 
 def test_server_gpu_placement_keeps_cuda0_for_rank0():
     # 4 GPUs, 17 ranks on the server's node: rank 0 alone on cuda:0, 16 workers over cuda:1-3
-    slots = [_gpu_slot(r, 4, True, "server_gpu") for r in range(17)]
+    slots = [_gpu_slot(r, 4, [0], "server_gpu") for r in range(17)]
     assert slots[0] == 0 and 0 not in slots[1:] and set(slots[1:]) == {1, 2, 3}
     # other nodes, one GPU, or the shared default: local rank modulo GPUs
-    assert [_gpu_slot(r, 4, False, "server_gpu") for r in range(5)] == [0, 1, 2, 3, 0]
-    assert [_gpu_slot(r, 1, True, "server_gpu") for r in range(3)] == [0, 0, 0]
-    assert [_gpu_slot(r, 4, True, "shared") for r in range(5)] == [0, 1, 2, 3, 0]
+    assert [_gpu_slot(r, 4, [], "server_gpu") for r in range(5)] == [0, 1, 2, 3, 0]
+    assert [_gpu_slot(r, 1, [0], "server_gpu") for r in range(3)] == [0, 0, 0]
+    assert [_gpu_slot(r, 4, [0], "shared") for r in range(5)] == [0, 1, 2, 3, 0]
+    # distill.ranks = 2: the server and its two distilling ranks get cuda:0-2 alone, the workers share 3-7
+    slots = [_gpu_slot(r, 8, [0, 1, 2], "server_gpu") for r in range(17)]
+    assert slots[:3] == [0, 1, 2] and set(slots[3:]) == {3, 4, 5, 6, 7}
+    # more distilling ranks than GPUs: every rank takes local rank % GPUs
+    assert [_gpu_slot(r, 2, [0, 1, 2], "server_gpu") for r in range(4)] == [0, 1, 0, 1]
 
 
 def test_placement_description():

@@ -300,9 +300,9 @@ def test_teacher_matched_labels_give_each_teacher_its_own_sub_batch_and_losses()
     labels = torch.tensor([1, 2, 3, 4, 5, 6])
     from mpi_afl.distill.synthesizer import own_adversarial_loss, own_one_hot_loss
     expected = sum(F.cross_entropy(logits[k], labels[3 * k:3 * k + 3], reduction="sum") for k in range(2)) / 6
-    assert float(own_one_hot_loss(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(own_one_hot_loss(logits, labels, 6)) == pytest.approx(float(expected), rel=1e-6)
     student = logits.flatten(0, 1).clone()   # agrees with its own teacher everywhere, at KL 0
-    assert float(own_adversarial_loss(logits, student)) == pytest.approx(0.0, abs=1e-6)
+    assert float(own_adversarial_loss(logits, student, 6)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_synthesizer_state_round_trip_continues_identically():

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..distill.group import Solo
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ServerContext:
     check_x: torch.Tensor | None = None         # fixed held-out images for the KD diagnostic (kd.loss_change)
     check_y: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)   # counters and diagnostics an algorithm reports (summary.json)
+    group: object = field(default_factory=lambda: Solo())   # the distillation group (distill/group.py)
 
 
 Result = Union[torch.Tensor, None]
@@ -78,6 +80,10 @@ class Algorithm:
     #: True for synchronous FedAvg: the server dispatches K jobs from one
     #: version and waits for all of them before dispatching more.
     synchronous = False
+    #: methods that run on every rank of a distillation group (`distill.ranks` > 0, distill/group.py):
+    #: sliced work `method(ctx, start, **extra)` whose teacher computations use the group's sums. Empty:
+    #: the algorithm cannot use a group.
+    group_methods: frozenset[str] = frozenset()
 
     def __init__(self, cfg: Config, ctx: ServerContext):
         self.cfg = cfg

@@ -138,6 +138,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
+from mpi_afl.distill.group import in_group, sum_gradients
 from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
@@ -246,6 +247,17 @@ def echo_target(logits: torch.Tensor, weights: torch.Tensor, temperature: float)
     return (weights[..., None] * torch.softmax(logits / temperature, dim=-1)).sum(dim=0)
 
 
+def all_teacher_logits(teachers, inputs: torch.Tensor) -> Generator[str, None, torch.Tensor]:
+    """Every teacher's logits (K, N, C) on the shared batch `inputs`: within a distillation group each rank
+    fills the rows of its own teachers and the group sums them (adding zeros is exact)."""
+    mine = teachers(inputs)
+    if teachers.group.size == 1:
+        return mine
+    every = mine.new_zeros(teachers.total, *mine.shape[1:])
+    every[teachers.owned] = mine
+    return (yield from teachers.group.reduce([every]))[0]
+
+
 def soft_kl(student_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
     """Batch mean of T² KL(target ‖ softmax(z_S/T)) for a target given as probabilities (B, C).
 
@@ -258,6 +270,8 @@ def soft_kl(student_logits: torch.Tensor, target: torch.Tensor, temperature: flo
 
 class FedEcho(Algorithm):
     name = "fedecho"
+    # `distill` runs on every rank of a distillation group (distill.ranks, distill/group.py).
+    group_methods = frozenset({"distill"})
 
     def __init__(self, cfg, ctx: ServerContext):
         super().__init__(cfg, ctx)
@@ -271,6 +285,7 @@ class FedEcho(Algorithm):
         self.rng = torch.Generator()
         self.rng.manual_seed(stream_seed(cfg.run.seed, _SERVER_STREAM))
         self.student = ctx.make_model()
+        self.batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.student.modules())
         self.param_mask = ctx.param_mask
         self.kd_filter = OutlierFilter()
         self.synthetic = echo.inputs == "synthetic"
@@ -279,7 +294,7 @@ class FedEcho(Algorithm):
         self.teachers = TeacherBuffer(echo.teachers, ctx.make_model, ctx.device, ctx.client_histograms,
                                       ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature),
                                       proportions=d.proxy if self.synthetic else "histogram", distinct=True,
-                                      generator=self.rng)
+                                      generator=self.rng, group=ctx.group)
         self.synth = Synthesizer(d, ctx.image_shape, ctx.num_classes, ctx.data_mean, ctx.data_std, ctx.device,
                                  stream_seed(cfg.run.seed, _SYNTHESIS_STREAM)) if self.synthetic else None
         self.last_synthesis = -1  # version of the last synthesis, -1 = never
@@ -302,7 +317,7 @@ class FedEcho(Algorithm):
         active = ctx.version >= d.freeze_versions if self.synthetic else ctx.version > d.warmup_versions
         if not active or self.cfg.echo.kd_step == 0:
             return self.finish(x_new, x_new)
-        return self.distill(ctx, x_new, staleness)
+        return in_group(self, "distill", ctx, x_new, staleness=staleness)
 
     # -- distillation ---------------------------------------------------------
 
@@ -343,20 +358,27 @@ class FedEcho(Algorithm):
         reliability = agreement = 0.0
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         self.student.train()  # as distill.kd.distill: the research code distils in train mode
+        group, params = teachers.group, list(self.student.parameters())
         for _ in range(d.kd_steps):
             inputs, labels = self.draw(q)
             with torch.no_grad():
-                logits = teachers(inputs)
+                logits = yield from all_teacher_logits(teachers, inputs)
                 weights, rho = teacher_weights(logits, s, echo, q, labels)
                 target = echo_target(logits, weights, d.temperature)
             if rho is not None:
                 reliability += float(rho.mean()) / d.kd_steps
             if labels is not None:
                 agreement += float((target.argmax(dim=-1) == labels.to(target.device)).float().mean()) / d.kd_steps
-            loss = self.kd_filter(soft_kl(self.student(inputs), target, d.temperature))
+            # Each group rank takes its share of the rows (all of them with BatchNorm, whose train-mode output
+            # depends on the batch: every rank then computes the whole loss and nothing is summed).
+            rows = slice(None) if self.batch_norm else group.rows(len(inputs))
+            share = len(inputs[rows]) / len(inputs)   # the batch mean over the shares: sum_r mean_r * n_r / n
+            loss = soft_kl(self.student(inputs[rows]), target[rows], d.temperature) * share
             optimizer.zero_grad(set_to_none=True)
-            if loss is not None:
-                loss.backward()
+            loss.backward()
+            if not self.batch_norm:
+                loss = yield from sum_gradients(group, params, loss)
+            if self.kd_filter(loss) is not None:
                 optimizer.step()
             yield
         # Step 6: lerp is exact at both ends, so step 1 is the student itself (the first reconstruction).

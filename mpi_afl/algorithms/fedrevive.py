@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mpi_afl.distill import kd
+from mpi_afl.distill.group import in_group
 from mpi_afl.distill.pool import sample_by_class
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
@@ -58,6 +59,9 @@ def stream_seed(seed: int, stream: int) -> int:
 class _TeacherDistillation(Algorithm):
     """The flow shared by FedRevive and DD-FedRevive: teacher buffer, blend, aggregation, timing."""
 
+    # `knowledge` runs on every rank of a distillation group (distill.ranks, distill/group.py).
+    group_methods = frozenset({"knowledge"})
+
     def __init__(self, cfg, ctx: ServerContext, proportions: str):
         super().__init__(cfg, ctx)
         d = cfg.distill
@@ -67,7 +71,12 @@ class _TeacherDistillation(Algorithm):
         # `proportions`: where the teachers' q_k come from (TeacherBuffer).
         self.teachers = TeacherBuffer(d.teachers, ctx.make_model, ctx.device, ctx.client_histograms,
                                       ProbeProxy(ctx.image_shape, ctx.num_classes, d.probes, d.probe_temperature),
-                                      proportions=proportions, distinct=False, generator=self.rng)
+                                      proportions=proportions, distinct=False, generator=self.rng,
+                                      group=ctx.group)
+
+    def active(self, version: int) -> bool:
+        """Whether `knowledge` does any work at `version` (FedRevive: not below distill.freeze_versions)."""
+        return True
 
     def beta(self, tau: int) -> float:
         raise NotImplementedError
@@ -86,8 +95,8 @@ class _TeacherDistillation(Algorithm):
         self.teachers.push(update.client_id, update.base_version, model)
         x_t = ctx.global_model
         step = update.delta
-        if weight > 0:
-            kd_delta = yield from self.knowledge(ctx, x_t)   # the server times the slices (distill_seconds)
+        if weight > 0 and self.active(ctx.version):
+            kd_delta = yield from in_group(self, "knowledge", ctx, x_t)   # the server times it (distill_seconds)
             if kd_delta is not None:
                 step = (1.0 - weight) * update.delta + weight * kd_delta
                 kd.record_kd(ctx.stats, kd_delta[ctx.param_mask], update.delta[ctx.param_mask])
@@ -130,6 +139,9 @@ class FedRevive(_TeacherDistillation):
 
     def beta(self, tau: int) -> float:
         return staleness_beta(tau, self.cfg.distill, self.cfg.server.s_max)
+
+    def active(self, version: int) -> bool:
+        return version >= self.cfg.distill.freeze_versions
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
         d, version = self.cfg.distill, ctx.version

@@ -38,23 +38,38 @@ class TeacherEnsemble:
     `with_feature_loss(x)` also gives each teacher's L_bn distance (c,).
     Gradients flow to the inputs, never to the teachers. The template is
     owned by the ensemble (its hooks stay on it); make one ensemble per run
-    and `load` new teachers into it."""
+    and `load` new teachers into it.
+
+    Within a distillation group (distill/group.py) the ensemble holds only
+    this rank's share: `owned` are the buffer positions of the loaded
+    teachers, `total` the buffer's length K and `group` the group whose sums
+    combine the shares; with one rank `owned` is every position. A share may
+    be empty (more group ranks than teachers): calls then give (0, B, classes)."""
 
     def __init__(self, template: nn.Module):
         self.template = template.eval().requires_grad_(False)
         self._entries = [(name, t.shape, t.numel()) for name, t in float_entries(template)]
         self.size = 0
+        self.owned: list[int] = []
+        self.total = 0
+        self.group = None
         self.state: dict[str, torch.Tensor] = {}
         self._distances: list[torch.Tensor] | None = None
         for m in template.modules():
             if isinstance(m, NORM_LAYERS) and getattr(m, "running_mean", None) is not None:
                 m.register_forward_hook(self._record)
 
-    def load(self, stacked: torch.Tensor) -> TeacherEnsemble:
-        """Use the c flat vectors `stacked` (c, P) as the teachers (views, not copies); returns self."""
+    def load(self, stacked: torch.Tensor, owned: list[int] | None = None, total: int | None = None,
+             group=None) -> TeacherEnsemble:
+        """Use the c flat vectors `stacked` (c, P) as the teachers (views, not copies); returns self.
+        `owned`, `total`, `group`: this rank's share of a group's buffer (default: all of one rank's)."""
+        from .group import Solo
         width = sum(n for _, _, n in self._entries)
         if stacked.dim() != 2 or stacked.shape[1] != width:
             raise ValueError(f"teachers must be given as (c, {width}) flat vectors, got {tuple(stacked.shape)}")
+        self.owned = list(range(stacked.shape[0])) if owned is None else owned
+        self.total = stacked.shape[0] if total is None else total
+        self.group = Solo() if group is None else group
         self.size, self.state, offset = stacked.shape[0], {}, 0
         for name, shape, n in self._entries:
             self.state[name] = stacked[:, offset:offset + n].reshape(self.size, *shape)
@@ -82,6 +97,11 @@ class TeacherEnsemble:
     def _run(self, x: torch.Tensor, per_teacher: bool, feature_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if per_teacher and x.shape[0] != self.size:
             raise ValueError(f"per-teacher inputs need a leading dimension of {self.size}, got {tuple(x.shape)}")
+        if self.size == 0:   # an empty share: only the shape of the logits is needed
+            with torch.no_grad():
+                classes = self.template(x[:1].flatten(0, 1) if per_teacher else x[:1]).shape[-1]
+            batch = x.shape[1] if per_teacher else x.shape[0]
+            return x.new_zeros(0, batch, classes), x.new_zeros(0)
         self._distances = [] if feature_loss else None
         try:
             return vmap(self._one, in_dims=(0, 0 if per_teacher else None), randomness="error")(self.state, x)

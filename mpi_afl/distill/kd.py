@@ -20,6 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from mpi_afl.distill.ensemble import TeacherEnsemble
+from mpi_afl.distill.group import sum_gradients
 from mpi_afl.models.flat import load_flat
 
 
@@ -137,25 +138,35 @@ def distill(student: nn.Module, teachers: TeacherEnsemble, draw: Callable[[int],
     batch as in the per-teacher formulation. The student trains in train
     mode, as in the research code; teachers run in eval mode without
     gradients. A step whose loss the `outliers` filter drops is skipped (no
-    optimizer step)."""
+    optimizer step).
+
+    Within a distillation group each rank draws every teacher's batch (the
+    random streams stay the same on every rank) but evaluates only its own
+    teachers' batches; the student's gradient and the loss are summed over
+    the group before the filter and the step (distill/group.py)."""
     per_batch = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+    params = [p for p in student.parameters() if p.requires_grad]
     student.train()
     losses = []
     for _ in range(steps):
         with record_function("kd.draw"):
-            inputs = torch.stack([draw(k) for k in range(len(teachers))])  # (c, b, ...)
+            batches = [draw(k) for k in range(teachers.total)]
+            inputs = (torch.stack([batches[k] for k in teachers.owned]) if teachers.owned   # (c', b, ...)
+                      else batches[0].new_zeros(0, *batches[0].shape))
         with record_function("kd.teachers"), torch.no_grad():
             targets = teachers(inputs, per_teacher=True)
         with record_function("kd.student"):
             if per_batch:
-                logits = torch.stack([student(x) for x in inputs])
+                logits = torch.stack([student(x) for x in inputs]) if len(inputs) else targets
             else:
                 logits = student(inputs.flatten(0, 1)).view(*targets.shape)
-            loss = kl_div(logits, targets, temperature, reduction="sum") / (inputs.shape[0] * inputs.shape[1])
-            kept = outliers(loss) if outliers is not None else loss
+            loss = kl_div(logits, targets, temperature, reduction="sum") / (teachers.total * len(batches[0]))
             optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+            loss = yield from sum_gradients(teachers.group, params, loss)
+            kept = outliers(loss) if outliers is not None else loss
             if kept is not None:
-                kept.backward()
                 optimizer.step()
         losses.append(float(loss.detach()))
         yield

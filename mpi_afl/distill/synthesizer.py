@@ -18,6 +18,10 @@ FedRevive research code adapts it to several weighted teachers):
 
 `Synthesizer.synthesize` is a generator that yields after every generator
 step; drive it with `yield from` inside an algorithm, or `drain()` it.
+Within a distillation group (distill/group.py) each rank evaluates only the
+teachers it owns: the loss terms are summed over the group before the outlier
+filters see them and the gradients before the optimizer step, so every rank
+keeps the same generator; with one rank the sums are the identity.
 Every random draw comes from the synthesizer's own CPU `torch.Generator`,
 whose state is in `state_dict()`, so a restored synthesizer continues exactly.
 """
@@ -36,6 +40,7 @@ from mpi_afl.augment import random_crop_flip
 from mpi_afl.config import DistillConfig
 from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.distill.generator import Generator
+from mpi_afl.distill.group import sum_gradients
 from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div, record_mean
 from mpi_afl.distill.pool import SyntheticPool
 
@@ -67,18 +72,19 @@ def adversarial_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return -(sample_weights.T * agree * kl).sum() / student_logits.shape[0]
 
 
-def own_one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def own_one_hot_loss(teacher_logits: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
     """L_oh with per-teacher sub-batches (distill.synth_labels = teacher): (1/B) sum_k sum_{b in S_k}
-    CE(T_k(x_b), y_b); teacher_logits (K, B/K, C), labels (B,) teacher-major."""
-    return F.cross_entropy(teacher_logits.flatten(0, 1), labels, reduction="sum") / labels.shape[0]
+    CE(T_k(x_b), y_b); teacher_logits (K, B/K, C) and labels (K * B/K,) teacher-major, B = `batch` (the
+    whole batch: with a group, the K teachers are this rank's share)."""
+    return F.cross_entropy(teacher_logits.flatten(0, 1), labels, reduction="sum") / batch
 
 
-def own_adversarial_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def own_adversarial_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, batch: int) -> torch.Tensor:
     """L_adv with per-teacher sub-batches: each image against its own teacher only; teacher_logits
-    (K, B/K, C), student_logits (B, C) teacher-major."""
+    (K, B/K, C), student_logits (K * B/K, C) teacher-major, B = `batch`."""
     s = student_logits.view(teacher_logits.shape)
     agree = (s.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float()
-    return -(agree * kl_div(s, teacher_logits, reduction="none")).sum() / student_logits.shape[0]
+    return -(agree * kl_div(s, teacher_logits, reduction="none")).sum() / batch
 
 
 class Synthesizer:
@@ -136,13 +142,14 @@ class Synthesizer:
         generator quality (bench/ACCURACY.md). The student is used in eval
         mode and its mode and requires_grad flags are restored afterwards."""
         cfg = self.cfg
-        if len(teachers) == 0 or proportions.shape != (len(teachers), self.num_classes):
-            raise ValueError(f"need proportions of shape ({len(teachers)}, {self.num_classes}) for "
-                             f"{len(teachers)} teachers, got {tuple(proportions.shape)}")
+        k, group = teachers.total, teachers.group
+        if k == 0 or proportions.shape != (k, self.num_classes):
+            raise ValueError(f"need proportions of shape ({k}, {self.num_classes}) for "
+                             f"{k} teachers, got {tuple(proportions.shape)}")
         if adversarial and student is None:
             raise ValueError("the adversarial loss needs a student model")
         q = proportions.detach().to(self.device, torch.float32)
-        k = len(teachers)
+        mine = torch.tensor(teachers.owned, dtype=torch.long, device=self.device)   # this rank's teachers
         own = cfg.synth_labels == "teacher"
         if own:   # teacher-major sub-batches, each drawn from its teacher's own q_k
             per = max(1, cfg.synth_batch // k)
@@ -157,6 +164,11 @@ class Synthesizer:
         embeddings = torch.randn(self.num_classes, cfg.nz, generator=self.rng).to(self.device).requires_grad_()
         if not own:
             sample_weights = class_weights(q)[:, labels].T  # (B, K) = w_k(y_b)
+        # This rank's teachers' columns and sub-batches; one rank keeps the tensors as they are (the same
+        # memory layout, so the same summation order and bits as without a group).
+        sharded = group.size > 1
+        weights_mine = sample_weights[:, mine] if sharded else sample_weights   # (B, this rank's teachers)
+        labels_mine = labels.view(k, per)[mine].flatten() if own and sharded else labels
 
         self.fast.load_state_dict(self.generator.state_dict())
         self.fast.train()
@@ -179,6 +191,7 @@ class Synthesizer:
                 with record_function("synth.teachers"):
                     if own:   # teacher k on its own sub-batch only
                         split = inputs.view(k, per, *inputs.shape[1:])
+                        split = split[mine] if sharded else split
                         if cfg.bn > 0:
                             teacher_logits, per_teacher = teachers.with_feature_loss(split, per_teacher=True)
                         else:
@@ -187,29 +200,36 @@ class Synthesizer:
                         teacher_logits, per_teacher = teachers.with_feature_loss(inputs)
                     else:
                         teacher_logits = teachers(inputs)
-                # own: teacher_logits (K, B/K, C), each teacher on its sub-batch; else (K, B, C)
-                oh = (own_one_hot_loss(teacher_logits, labels) if own
-                      else one_hot_loss(teacher_logits, labels, sample_weights))
+                # own: teacher_logits (K', B/K, C), each teacher on its sub-batch; else (K', B, C); K' = this
+                # rank's teachers, so every term below is this rank's share of the sum over teachers
+                oh = (own_one_hot_loss(teacher_logits, labels_mine, b) if own
+                      else one_hot_loss(teacher_logits, labels, weights_mine))
                 terms = {"oh": (cfg.oh, oh)}
                 if cfg.bn > 0:
-                    terms["bn"] = (cfg.bn, feature_loss(per_teacher, sample_weights))
+                    terms["bn"] = (cfg.bn, feature_loss(per_teacher, weights_mine))
                 if adversarial and cfg.adv > 0:
                     with record_function("synth.student"):
                         student_logits = student(inputs)
-                    terms["adv"] = (cfg.adv, own_adversarial_loss(teacher_logits, student_logits) if own
-                                    else adversarial_loss(teacher_logits, student_logits, sample_weights))
-                loss = None
-                for name, (weight, value) in terms.items():
-                    value = self.filters[name](value) if weight > 0 else None
-                    if value is not None:
+                    if own and sharded:
+                        student_logits = student_logits.view(k, per, -1)[mine].flatten(0, 1)
+                    terms["adv"] = (cfg.adv, own_adversarial_loss(teacher_logits, student_logits, b) if own
+                                    else adversarial_loss(teacher_logits, student_logits, weights_mine))
+                # The filters judge each term's sum over the group, so every rank keeps the same terms.
+                totals = yield from group.reduce([value.detach() for _, value in terms.values()])
+                loss = kept_cost = None
+                for (name, (weight, value)), total in zip(terms.items(), totals):
+                    if weight > 0 and self.filters[name](total) is not None:
                         loss = weight * value if loss is None else loss + weight * value
-                cost = float(loss.detach()) if loss is not None else math.nan
+                        kept_cost = weight * total if kept_cost is None else kept_cost + weight * total
+                cost = float(kept_cost) if kept_cost is not None else math.nan
                 if cost < best_cost:
                     best_cost, best, best_logits = cost, images.detach().clone(), teacher_logits.detach()
                 with record_function("synth.backward"):
                     optimizer.zero_grad(set_to_none=True)
                     if loss is not None and loss.requires_grad:
                         loss.backward()
+                    if loss is not None:
+                        yield from sum_gradients(group, [*self.fast.parameters(), z, embeddings], loss)
                     self._fast_step(step, optimizer)
                 yield
             if cfg.meta == "reptile":
@@ -228,7 +248,11 @@ class Synthesizer:
             if own:   # the same measure as with mean labels: every teacher on the kept images (no augmentation)
                 with torch.no_grad():
                     best_logits = teachers((best - self._mean) / self._std)
-            agreement = float((best_logits.mean(0).argmax(1) == labels).float().mean())
+            if group.size == 1:
+                mean_logits = best_logits.mean(0)
+            else:   # the mean over all K teachers from every rank's share (only its argmax is used)
+                mean_logits = (yield from group.reduce([best_logits.sum(0)]))[0] / k
+            agreement = float((mean_logits.argmax(1) == labels).float().mean())
             record_mean(stats, "syntheses", {"synth_agreement": agreement})
         return best, labels_cpu
 

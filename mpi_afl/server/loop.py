@@ -38,6 +38,7 @@ from ..client.local_train import evaluate_slices
 from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
+from ..distill.group import WAIT, Solo, share_state
 from ..results import updates_per_second
 from ..storage.atomic import write_atomic
 from ..storage.checkpoint import CheckpointError, save_checkpoint
@@ -94,9 +95,23 @@ class EvalPoint:
     val_accuracy: float
 
 
+def algorithm_context(cfg: Config, device: torch.device, x: torch.Tensor, model: torch.nn.Module, make_model, splits,
+                      histograms: np.ndarray, flat, group, **extra) -> ServerContext:
+    """The algorithm's view of the run (algorithms/base.py), on the server and on a distilling rank."""
+    info = splits.info
+    return ServerContext(
+        cfg=cfg, device=device, global_model=x, version=0, snapshot=extra.pop("snapshot", None),
+        make_model=make_model, param_mask=flat.param_mask(model).to(device), num_classes=info.num_classes,
+        image_shape=(info.channels, info.image_size, info.image_size), data_mean=tuple(info.mean),
+        data_std=tuple(info.std), client_histograms=histograms,
+        kd_x=splits.kd_x.to(device) if len(splits.kd_x) else None,
+        kd_y=splits.kd_y.to(device) if len(splits.kd_y) else None, group=group, **extra)
+
+
 class Server:
     def __init__(self, cfg: Config, transport, *, model: torch.nn.Module, make_model, splits, histograms: np.ndarray,
-                 device: torch.device, flat, out_dir: Path, world_size: int, log: RunLog, run_id: str = ""):
+                 device: torch.device, flat, out_dir: Path, world_size: int, log: RunLog, run_id: str = "",
+                 group=None):
         self.cfg = cfg
         self.transport = transport
         self.device = device
@@ -106,20 +121,16 @@ class Server:
         self.world_size = world_size
         self.log = log
         self.flat = flat            # the models.flat module (flatten / param_mask)
+        group = Solo() if group is None else group   # ranks 0..distill.ranks (distill/group.py)
+        self.group = group
         self.x = flat.flatten(model).to(device)
         self.variances = flat.variance_mask(model).nonzero().squeeze(1).to(device)   # a few hundred indices
         self.version = 0
         self.versions = VersionStore()
         self.versions.put(0, self.x)
-        info = splits.info
-        self.ctx = ServerContext(
-            cfg=cfg, device=device, global_model=self.x, version=0, snapshot=self.versions.get,
-            make_model=make_model, param_mask=flat.param_mask(model).to(device), num_classes=info.num_classes,
-            image_shape=(info.channels, info.image_size, info.image_size), data_mean=tuple(info.mean),
-            data_std=tuple(info.std), client_histograms=histograms,
-            kd_x=splits.kd_x.to(device) if len(splits.kd_x) else None,
-            kd_y=splits.kd_y.to(device) if len(splits.kd_y) else None,
-            **check_images(splits, cfg.distill.kd_check_images, device))
+        self.ctx = algorithm_context(cfg, device, self.x, model, make_model, splits, histograms, flat, group,
+                                     snapshot=self.versions.get,
+                                     **check_images(splits, cfg.distill.kd_check_images, device))
         self.algorithm = algorithm_class(cfg.server.algorithm)(cfg, self.ctx)
         self.delays = DelayModel(cfg.delays, cfg.data.num_clients, cfg.run.seed)
         self.rng = np.random.default_rng([cfg.run.seed, _CLIENT_STREAM])
@@ -283,25 +294,31 @@ class Server:
         print(f"[server] rejected update: {where}: {reason}", flush=True)
 
     def _drive(self, work):
-        """Run an algorithm's sliced work, receiving and dispatching between slices. The seconds spent inside
-        the slices (not the pauses between them) are the run's distill_seconds, for every algorithm that
-        slices its work (FedRevive's and FedEcho's distillation, a plug-in's own)."""
-        spent = 0.0
+        """Run an algorithm's sliced work, receiving and dispatching between slices. Its wall time, less the
+        receiving and dispatching between slices, is the run's distill_seconds, for every algorithm that slices
+        its work (FedRevive's and FedEcho's distillation, a plug-in's own); waiting for the distillation group's
+        sums counts as distillation (with nothing to receive, the server sleeps with back-off meanwhile)."""
+        start, between, backoff = time.perf_counter(), 0.0, Backoff()
         try:
             while True:
-                start = time.perf_counter()
                 try:
-                    next(work)
+                    signal = next(work)
                 except StopIteration as done:
                     return done.value
-                finally:
-                    spent += time.perf_counter() - start
+                t0 = time.perf_counter()
                 self.heartbeat()   # a long distillation must not silence the log
+                arrived = False
                 if not self.stopped:
-                    self.pump()
+                    arrived = self.pump()
                     self.dispatch()
+                between += time.perf_counter() - t0
+                if signal == WAIT and not arrived:
+                    backoff.idle()
+                else:
+                    backoff.reset()
         finally:
             work.close()   # a no-op once it returned; after an exception it lets the slices clean up
+            spent = time.perf_counter() - start - between
             self.ctx.stats["distill_seconds"] = self.ctx.stats.get("distill_seconds", 0.0) + spent
 
     def _new_version(self, model: torch.Tensor) -> None:
@@ -411,6 +428,7 @@ class Server:
         return self.schedule[0][0] if self.virtual and self.schedule else self.now
 
     def run(self) -> dict:
+        share_state(self.algorithm, self.group)   # a distillation group starts from the server's state (also on resume)
         self.refill()
         self.dispatch()
         backoff = Backoff()
@@ -446,6 +464,7 @@ class Server:
         if self.final_writes.attempt("checkpoint.h5", lambda path: save_checkpoint(path, self._checkpoint_state())):
             self.checkpoint_version = self.version
         self.transport.stop()
+        self.group.stop()
         if not self.evals or self.evals[-1].version != self.version:
             self.evaluate()
             self.finish_evaluations()

@@ -61,11 +61,12 @@ def reap(sending: list[Sending], free: list[Message], payload_len: int) -> tuple
 
 
 class ServerMPI:
-    def __init__(self, comm: MPI.Comm, payload_len: int, queue_depth: int):
+    def __init__(self, comm: MPI.Comm, payload_len: int, queue_depth: int, first_worker: int = 1):
+        """`first_worker`: ranks below it are the server and its distillation group (distill.ranks), not workers."""
         self.comm = comm
         self.payload_len = payload_len
         self.queue_depth = queue_depth
-        self.workers = list(range(1, comm.Get_size()))
+        self.workers = list(range(first_worker, comm.Get_size()))
         self.sent = {w: 0 for w in self.workers}
         self.sending: list[Sending] = []
         self.free_send: list[Message] = []   # job headers (payload-less messages)
