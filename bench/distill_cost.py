@@ -25,7 +25,8 @@ of the data set's shape (the cost does not depend on the pixel values):
                             synth.backward (backward through teachers and generator, generator optimizer step),
                             synth.reptile, kd.draw (pool sampling), kd.teachers (teacher forward on the KD batches),
                             kd.student (student forward + backward + Adam step), check (the KD diagnostic's two
-                            held-out forwards), other (everything else: bookkeeping, loss terms, filters)
+                            held-out forwards, kd.loss_check), other (everything else: bookkeeping, loss terms,
+                            filters)
 
 With `--group` under `mpiexec -n D+1` (D >= 1 distilling ranks besides rank 0, `distill.ranks`), every
 rank builds the same teachers and the bench measures, side by side and interleaved, one FedRevive and one
@@ -143,20 +144,19 @@ class Bench:
         ctx.version += 1  # a new version per call, so synthesis runs whenever synth_every says (every call: 1)
         q = alg.teachers.proportions()
         if path == "batched":
-            drain(alg.knowledge(ctx, self.x0))
-        else:  # the same steps with one module per teacher
-            stacked = torch.stack(alg.teachers.models)
-            teachers = reference.LoopEnsemble(self.make_model, stacked)
-            load_flat(alg.student, self.x0)
-            if alg.synthesis_due(ctx.version):
-                drain(alg.synth.synthesize(teachers, q, alg.student, adversarial=True))
-                alg.last_synthesis = ctx.version
-            optimizer = torch.optim.Adam(alg.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
-            reference.distill(alg.student, teachers.modules, lambda k: alg.synth.sample(q[k], d.kd_batch)[0],
-                              optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature)
-        kd_delta = flatten(alg.student) - self.x0
-        with torch.profiler.record_function("check"):
-            alg._check(ctx, self.x0, kd_delta, 0.5, 10)
+            drain(alg.knowledge(ctx, self.x0, share=0.5))   # the KD diagnostic is its last part
+            return
+        # the same steps with one module per teacher
+        stacked = torch.stack(alg.teachers.models)
+        teachers = reference.LoopEnsemble(self.make_model, stacked)
+        load_flat(alg.student, self.x0)
+        if alg.synthesis_due(ctx.version):
+            drain(alg.synth.synthesize(teachers, q, alg.student, adversarial=True))
+            alg.last_synthesis = ctx.version
+        optimizer = torch.optim.Adam(alg.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
+        reference.distill(alg.student, teachers.modules, lambda k: alg.synth.sample(q[k], d.kd_batch)[0],
+                          optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature)
+        drain(alg.distilled(ctx, self.x0, 0.5))
 
     def fedecho_update(self, alg: FedEcho) -> None:
         self.ctx.version += 1
@@ -230,7 +230,7 @@ def measure_group(name: str, research: bool, calls: int, device: torch.device, c
     group_ctx = dataclasses.replace(solo_ctx, group=group, stats={})
     if group.rank:   # a member: serve FedRevive's calls, then FedEcho's (each loop ends at rank 0's stop)
         for algorithm in (FedRevive(cfg, group_ctx), FedEcho(echo_cfg, group_ctx)):
-            serve(group, algorithm, dataclasses.replace(group_ctx, check_x=None, check_y=None))
+            serve(group, algorithm, group_ctx)
         return None
     algs = {}
     for label, ctx in (("d0", solo_ctx), ("dD", group_ctx)):
@@ -245,8 +245,7 @@ def measure_group(name: str, research: bool, calls: int, device: torch.device, c
 
     def revive_update(alg: FedRevive, ctx: ServerContext) -> None:
         ctx.version += 1   # a new version per call, so synthesis runs whenever synth_every says
-        drive(in_group(alg, "knowledge", ctx, bench.x0))
-        alg._check(ctx, bench.x0, flatten(alg.student) - bench.x0, 0.5, 10)   # the server's KD diagnostic
+        drive(in_group(alg, "knowledge", ctx, bench.x0, share=0.5))   # with the KD diagnostic, as the server
 
     def echo_update(alg: FedEcho, ctx: ServerContext) -> None:
         ctx.version += 1

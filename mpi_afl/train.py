@@ -447,9 +447,10 @@ def _serve_group(cfg: Config, group, device, model, make_model, splits, parts, l
     from .data.partition import class_histograms
     from .distill.group import serve
     from .models import flat
-    from .server.loop import algorithm_context
+    from .server.loop import algorithm_context, check_images
     ctx = algorithm_context(cfg, device, flat.flatten(model).to(device), model, make_model, splits,
-                            class_histograms(parts, labels, splits.info.num_classes), flat, group)
+                            class_histograms(parts, labels, splits.info.num_classes), flat, group,
+                            **check_images(splits, cfg.distill.kd_check_images, device))   # a share of the KD check
     return serve(group, algorithm_class(cfg.server.algorithm)(cfg, ctx), ctx)
 
 

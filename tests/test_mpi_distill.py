@@ -171,3 +171,64 @@ def test_teacher_matched_synthesis_runs_end_to_end(tmp_path):
                    "--max-versions", "15", "--out", str(out)]))
     stats = summary(out)["algorithm_stats"]
     assert stats["syntheses"] > 0 and 0.0 <= stats["synth_agreement"] <= 1.0 and stats["kd_applied"] > 0
+
+
+@pytest.fixture(scope="module")
+def group_run(tmp_path_factory):
+    """group_run(algorithm, ranks): a VERSIONS-long run with distill.ranks = 1, launched on first use."""
+    outs: dict[tuple[str, int], Path] = {}
+
+    def get(algorithm: str, ranks: int) -> Path:
+        if (algorithm, ranks) not in outs:
+            outs[algorithm, ranks] = _run(tmp_path_factory, f"group-{algorithm}{ranks}", ranks,
+                                          ["--algorithm", algorithm, "--distill.ranks=1",
+                                           "--max-versions", str(VERSIONS)])
+        return outs[algorithm, ranks]
+
+    return get
+
+
+def test_distill_group_gives_one_result_for_any_worker_count(group_run):
+    four, five = summary(group_run("fedrevive", 4)), summary(group_run("fedrevive", 5))
+    _assert_identical(four, five)
+    assert [r["role"] for r in five["ranks"]] == ["server", "distil", "worker", "worker", "worker"]
+    assert len(five["workers"]) == 3 and five["distill_ranks"][0]["rank"] == 1
+    assert five["distill_ranks"][0]["calls"] > 0
+
+
+def test_distill_group_follows_the_one_rank_run(group_run, full_run):
+    """D = 1 sums the teachers' shares in another order than D = 0: the same KD calls, per-call held-out loss
+    changes within float noise of each other, and the same accuracy within noise."""
+    group, alone = group_run("fedrevive", 4), full_run("fedrevive", 1)
+    g, a = summary(group), summary(alone)
+    assert g["algorithm_stats"]["kd_applied"] == a["algorithm_stats"]["kd_applied"]
+    rows_g, rows_a = _kd_checks(group, g["algorithm_stats"]), _kd_checks(alone, a["algorithm_stats"])
+    np.testing.assert_array_equal(rows_g["version"], rows_a["version"])
+    change_g = rows_g["loss_after"] - rows_g["loss_before"]
+    change_a = rows_a["loss_after"] - rows_a["loss_before"]
+    np.testing.assert_allclose(change_g, change_a, rtol=0.05, atol=1e-3)
+    assert abs(g["final_accuracy"] - a["final_accuracy"]) <= 0.05, (g["evals"], a["evals"])
+
+
+def test_distill_group_resume_is_exact(group_run, tmp_path):
+    out = tmp_path / "run"
+    _ok(launch(3, [*ARGS, "--algorithm", "fedrevive", "--distill.ranks=1", "--max-versions", str(VERSIONS // 2),
+                   "--out", str(out)]))
+    _ok(launch(3, ["--resume", str(out), "--max-versions", str(VERSIONS)]))
+    resumed, whole = summary(out), summary(group_run("fedrevive", 4))
+    assert resumed["model_sha256"] == whole["model_sha256"]
+    assert _without_wall_time(resumed["evals"]) == _without_wall_time(whole["evals"])
+
+
+def test_fedecho_distill_group_records_its_distillation(group_run, full_run):
+    g, a = summary(group_run("fedecho", 3)), summary(full_run("fedecho", 3))
+    assert g["algorithm_stats"]["distill_seconds"] > 0
+    assert g["algorithm_stats"]["kd_applied"] == a["algorithm_stats"]["kd_applied"] > 0
+    assert abs(g["final_accuracy"] - a["final_accuracy"]) <= 0.05, (g["evals"], a["evals"])
+
+
+def test_distill_group_without_a_worker_is_refused_in_one_line(tmp_path):
+    proc = launch(2, [*ARGS, "--algorithm", "fedrevive", "--distill.ranks=1", "--out", str(tmp_path / "r")])
+    assert proc.returncode == 2, proc.stderr
+    assert "config key 'distill.ranks'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()

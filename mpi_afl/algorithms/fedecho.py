@@ -390,8 +390,8 @@ class FedEcho(Algorithm):
         model = self.finish(corrected, x_new)
         if ctx.check_x is not None:
             # The KD diagnostic: the new model against the same step without its correction.
-            before, after = loss_check(self.student, ctx.stats, self.finish(x_new, x_new), model, ctx.check_x,
-                                       ctx.check_y)
+            before, after = yield from loss_check(self.student, ctx.stats, self.finish(x_new, x_new), model,
+                                                  ctx.check_x, ctx.check_y, teachers.group)
             self.kd_check = {"version": version, "staleness": round(staleness), "share": step,
                              "loss_before": before, "loss_after": after}
         return model

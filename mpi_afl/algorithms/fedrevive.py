@@ -81,9 +81,22 @@ class _TeacherDistillation(Algorithm):
     def beta(self, tau: int) -> float:
         raise NotImplementedError
 
-    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
-        """Distil the teachers into a student from x_t; returns Delta_KD, or None when KD did not run."""
+    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor,
+                  share: float) -> Generator[None, None, torch.Tensor | None]:
+        """Distil the teachers into a student from x_t; returns Delta_KD, or None when KD did not run. `share`
+        = eta beta, the part of Delta_KD the blend applies (for the KD diagnostic, `distilled`)."""
         raise NotImplementedError
+
+    def distilled(self, ctx: ServerContext, x_t: torch.Tensor, share: float) -> Generator[None, None, torch.Tensor]:
+        """Delta_KD = the student - x_t, after the KD diagnostic (kd.loss_check): L(x_t + share Delta_KD) - L(x_t)
+        on ctx.check_x, the change when only the KD part of the step is applied; logged per call (run.h5
+        kd_checks; the server adds the staleness). Inside `knowledge`, so a group shares the check's images."""
+        kd_delta = flatten(self.student) - x_t
+        if ctx.check_x is not None:
+            before, after = yield from kd.loss_check(self.student, ctx.stats, x_t, x_t + share * kd_delta,
+                                                     ctx.check_x, ctx.check_y, ctx.group)
+            self.kd_check = {"version": ctx.version, "share": share, "loss_before": before, "loss_after": after}
+        return kd_delta
 
     def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         return self._arrive(update, ctx)
@@ -96,25 +109,16 @@ class _TeacherDistillation(Algorithm):
         x_t = ctx.global_model
         step = update.delta
         if weight > 0 and self.active(ctx.version):
-            kd_delta = yield from in_group(self, "knowledge", ctx, x_t)   # the server times it (distill_seconds)
+            # the server times it (distill_seconds)
+            kd_delta = yield from in_group(self, "knowledge", ctx, x_t, share=self.cfg.server.lr * weight)
             if kd_delta is not None:
                 step = (1.0 - weight) * update.delta + weight * kd_delta
                 kd.record_kd(ctx.stats, kd_delta[ctx.param_mask], update.delta[ctx.param_mask])
-                if ctx.check_x is not None:
-                    self._check(ctx, x_t, kd_delta, weight, update.staleness)
+                if self.kd_check is not None:
+                    self.kd_check["staleness"] = update.staleness
         load_flat(self.student, x_t + self.cfg.server.lr * step)
         reset_norm_statistics(self.student)
         return flatten(self.student)
-
-    def _check(self, ctx: ServerContext, x_t: torch.Tensor, kd_delta: torch.Tensor, weight: float,
-               staleness: int) -> None:
-        """The KD diagnostic (kd.loss_check): L(x_t + eta beta Delta_KD) - L(x_t) on ctx.check_x, the
-        change when only the KD part of the step is applied; logged per call (run.h5 kd_checks)."""
-        share = self.cfg.server.lr * weight
-        before, after = kd.loss_check(self.student, ctx.stats, x_t, x_t + share * kd_delta, ctx.check_x,
-                                      ctx.check_y)
-        self.kd_check = {"version": ctx.version, "staleness": staleness, "share": share, "loss_before": before,
-                         "loss_after": after}
 
     def state_dict(self) -> dict:
         return {**self.teachers.state_dict(), "rng": self.rng.get_state()}
@@ -143,7 +147,8 @@ class FedRevive(_TeacherDistillation):
     def active(self, version: int) -> bool:
         return version >= self.cfg.distill.freeze_versions
 
-    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
+    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor,
+                  share: float) -> Generator[None, None, torch.Tensor | None]:
         d, version = self.cfg.distill, ctx.version
         if version < d.freeze_versions:
             return None
@@ -160,7 +165,7 @@ class FedRevive(_TeacherDistillation):
         yield from kd.distill(self.student, teachers, lambda k: self.synth.sample(q[k], d.kd_batch)[0],
                               optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature,
                               outliers=self.kd_filter)
-        return flatten(self.student) - x_t
+        return (yield from self.distilled(ctx, x_t, share))
 
     def synthesis_due(self, version: int) -> bool:
         return synthesis_due(self.last_synthesis, version, self.cfg.distill.synth_every)
@@ -200,7 +205,8 @@ class DDFedRevive(_TeacherDistillation):
     def beta(self, tau: int) -> float:
         return self.cfg.distill.dd_beta
 
-    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor) -> Generator[None, None, torch.Tensor | None]:
+    def knowledge(self, ctx: ServerContext, x_t: torch.Tensor,
+                  share: float) -> Generator[None, None, torch.Tensor | None]:
         d = self.cfg.distill
         teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
@@ -212,4 +218,4 @@ class DDFedRevive(_TeacherDistillation):
 
         yield from kd.distill(self.student, teachers, draw, optimizer=optimizer, steps=d.kd_steps,
                               temperature=d.dd_temperature)
-        return flatten(self.student) - x_t
+        return (yield from self.distilled(ctx, x_t, share))

@@ -20,8 +20,10 @@ from torch import nn
 from torch.profiler import record_function
 
 from mpi_afl.distill.ensemble import TeacherEnsemble
-from mpi_afl.distill.group import sum_gradients
+from mpi_afl.distill.group import Solo, sum_gradients
 from mpi_afl.models.flat import load_flat
+
+SOLO = Solo()
 
 
 def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -65,14 +67,27 @@ def held_out_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torc
 
 
 def loss_check(model: nn.Module, stats: dict, without: torch.Tensor, with_kd: torch.Tensor, x: torch.Tensor,
-               y: torch.Tensor) -> tuple[float, float]:
+               y: torch.Tensor, group: Solo = SOLO) -> Generator[str, None, tuple[float, float]]:
     """The KD diagnostic of one KD call: held-out losses (before, after) of the flat models `without` and
     `with_kd` (the same step without and with its KD part) on the fixed check images (x, y), recorded as
     running means in `stats` (kd_loss_change = after - before; kd_loss_improved = the share of calls with a
     negative change) over the `kd_checks` calls. Negative on average: the distilled change carries
     knowledge that generalises; positive: it moves the model away from the data. Read-only for the run:
-    `model` is scratch space."""
-    before, after = held_out_loss(model, without, x, y), held_out_loss(model, with_kd, x, y)
+    `model` is scratch space. Within a distillation group each rank takes its share of the images and the
+    group sums the cross-entropies (a generator for the sum's wait; one rank: no yield)."""
+    if group.size == 1:
+        with record_function("check"):
+            before, after = held_out_loss(model, without, x, y), held_out_loss(model, with_kd, x, y)
+    else:
+        rows = group.rows(len(x))
+        sums = []
+        for flat in (without, with_kd):
+            load_flat(model, flat)
+            model.eval()
+            with torch.no_grad(), record_function("check"):
+                sums.append(F.cross_entropy(model(x[rows]), y[rows], reduction="sum"))
+        total = (yield from group.reduce([torch.stack(sums)]))[0]
+        before, after = (total / len(x)).tolist()
     record_mean(stats, "kd_checks", {"kd_loss_change": after - before, "kd_loss_improved": float(after < before)})
     return before, after
 
