@@ -354,6 +354,8 @@ def _run(comm, setup: _Setup) -> int:
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
+    from .storage.tracking import open_trackers   # run.tensorboard, run.mlflow: live mirrors of run.h5
+    log.attach(*open_trackers(cfg, out, server.ctx.stats))
 
     def request_stop(signum: int) -> None:
         server.stop_requested = True
