@@ -118,7 +118,7 @@ def _lower_bounds(requirements: list[str]) -> dict[str, str]:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = _lower_bounds(project["dependencies"])
-    for extra in ("mpich", "results", "tensorboard", "test"):
+    for extra in ("mpich", "results", "tensorboard", "mlflow", "test"):
         wanted.update(_lower_bounds(project["optional-dependencies"][extra]))
     wanted["pytorch"] = wanted.pop("torch")   # conda-forge's name
     text = (REPO / "environment.yml").read_text().split("dependencies:", 1)[1]

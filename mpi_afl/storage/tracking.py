@@ -259,14 +259,17 @@ def _rewrite(directory: Path, limit):
     """A new event file in `directory` holding the points of the old ones that the run log kept (`limit`:
     ("version", kept versions) or ("evaluation", kept count); None: none), each once; then the old files are
     removed. Returns its writer, for the points to come."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     old = event_files(directory)
     kept, seen = [], set()
     if limit is not None:
         kind, bound = limit
         for path in old:
-            for event in EventFileLoader(str(path)).Load():
+            # the raw records, as written: EventFileLoader would turn simple_value scalars into tensors
+            for record in RawEventFileLoader(str(path)).Load():
+                event = Event.FromString(record)
                 if not event.HasField("summary"):
                     continue   # the file_version record: the new file has its own
                 inside = event.step in bound if kind == "version" else event.step < bound
