@@ -60,17 +60,16 @@ def record(log: RunLog, versions: list[int], first: int = 0) -> None:
             log.timing(version=v, wall_time=1.0, phase=phase, seconds=0.5)
 
 
-def tracker(out: Path, stats: dict, **keys):
-    from mpi_afl.storage.tracking import open_trackers
-    cfg, _ = parse_args(["--run.tensorboard=true", *(f"--{k}={v}" for k, v in keys.items())])
-    (t,) = open_trackers(cfg, out, stats)
-    return t
+def attach(log: RunLog, out: Path, stats: dict) -> None:
+    from mpi_afl.storage import tracking
+    cfg, _ = parse_args(["--run.tensorboard=true"])
+    tracking.attach(log, tracking.open_trackers(cfg, out), stats)
 
 
 def test_points_follow_the_log_and_a_resume_drops_what_the_checkpoint_does_not_count(tmp_path):
     path, stats = tmp_path / "run.h5", {"kd_loss_change": -0.25, "kd_checks": 3, "note": "text"}
     log = RunLog(path, {"run_id": "r1", "started": "2026-01-02T03:04:05+0000"})
-    log.attach(tracker(tmp_path, stats))
+    attach(log, tmp_path, stats)
     record(log, [2, 4])
     log.flush()
     counts = log.counts()             # what a checkpoint taken here would count
@@ -90,7 +89,7 @@ def test_points_follow_the_log_and_a_resume_drops_what_the_checkpoint_does_not_c
     # Resume from the checkpoint above: the rows after it are dropped from run.h5, and so are their points;
     # the counters start again from the kept rows.
     log = RunLog(path, {}, resume_counts=counts)
-    log.attach(tracker(tmp_path, stats))
+    attach(log, tmp_path, stats)
     record(log, [6, 8, 10], first=2)
     log.close()
     assert [s for s, _ in scalars(tb / "by_version", "test/accuracy")] == [2, 4, 6, 8, 10]
@@ -197,3 +196,15 @@ def test_a_run_killed_after_its_checkpoint_and_resumed_logs_every_version_once(t
     assert history(client, run, "test/accuracy") == list(zip(evals["version"].tolist(),
                                                              evals["test_accuracy"].tolist()))
     assert json.loads((cut / "summary.json").read_text())["versions"] == 20
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_and_leaves_no_run(tmp_path):
+    pytest.importorskip("mlflow")
+    out = tmp_path / "run"
+    proc = launch(1, [*FAST, "--max-versions", "2", "--run.mlflow=true", "--run.mlflow_uri=nosuchscheme://x",
+                      "--out", str(out)], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "mpi_afl: error: config key 'run.mlflow_uri': MLflow could not start:")
+    assert "Traceback" not in proc.stderr
+    assert not (out / "run.h5").exists() and not (out / "checkpoint.h5").exists()   # a fresh start may follow

@@ -5,8 +5,9 @@
 record of the run, and a tracker that fails (a full disk, an MLflow server gone) says so once and stops,
 while the run goes on.
 
-How they are fed: `RunLog.attach(tracker)` (storage/runlog.py) hands a tracker every row the run log
-records, in order. A tracker turns them into one **point** per evaluation, written (and flushed) as soon
+How they are fed: `open_trackers` connects them before the run log is created (a store that cannot be
+reached is one config error, exit 2, and leaves no run behind), and `attach` hands them to the run log
+(`RunLog.attach`, storage/runlog.py), which gives a tracker every row it records, in order. A tracker turns them into one **point** per evaluation, written (and flushed) as soon
 as the evaluation's rows are complete:
 
 - `test/accuracy`, `test/loss`, `val/accuracy`, `val/loss` (the evals row; a NaN validation value is left out);
@@ -66,8 +67,9 @@ class Tracker:
 
     name = "tracker"
 
-    def __init__(self, cfg: Config, out: Path, stats: dict):
-        self.cfg, self.out, self.stats = cfg, Path(out), stats
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg, self.out = cfg, Path(out)
+        self.stats: dict = {}           # the algorithm's stats (ServerContext.stats), given by `attach`
         self.accepted = self.rejected = 0
         self.staleness_sum = 0
         self.staleness_max = 0
@@ -78,10 +80,19 @@ class Tracker:
         self.pending: dict | None = None
         self.failed = False
 
+    def connect(self) -> None:
+        """Import the backend and reach its store; ConfigError naming the key when that fails."""
+        try:
+            self.open_store()
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"config key '{self.key}': {self.name} could not start: {_first_line(e)}") from None
+
     # ------------------------------------------------------------ RunLog's calls
     def start(self, kept: dict[str, np.ndarray], attrs: dict) -> None:
         """Rebuild the counters from the rows a resumed run log kept (none on a fresh start), then open the
-        backend (`open`). Raises ConfigError: nothing of the run has happened yet."""
+        backend's run (`open`). Raises ConfigError: nothing of the run has happened yet."""
         a = kept["arrivals"]
         if len(a):
             ok = a["accepted"].astype(bool)
@@ -177,6 +188,9 @@ class Tracker:
     # ------------------------------------------------------------ backends
     key = "run"
 
+    def open_store(self) -> None:
+        raise NotImplementedError
+
     def open(self, kept_evals: np.ndarray, attrs: dict) -> None:
         raise NotImplementedError
 
@@ -212,11 +226,13 @@ class TensorBoardTracker(Tracker):
     name = "TensorBoard"
     key = "run.tensorboard"
 
-    def open(self, kept_evals: np.ndarray, attrs: dict) -> None:
+    def open_store(self) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
+        self.Summary = Summary
+
+    def open(self, kept_evals: np.ndarray, attrs: dict) -> None:
         from tensorboard.plugins.hparams import summary_v2 as hparams
         from tensorboard.plugins.text import summary_v2 as text
-        self.Summary = Summary
         root = self.out / TB_DIR
         kept_versions = set(int(v) for v in kept_evals["version"])
         limits = {root: None, root / BY_VERSION: ("version", kept_versions),
@@ -298,12 +314,14 @@ class MlflowTracker(Tracker):
     """An MLflow run (module docstring); found again on resume by its `mpi_afl.run_id` tag."""
 
     name = "MLflow"
-    key = "run.mlflow"
     PARAM_LIMIT = 6000   # MLflow's longest param value
 
-    def open(self, kept_evals: np.ndarray, attrs: dict) -> None:
+    @property
+    def key(self) -> str:
+        return "run.mlflow_uri" if self.cfg.run.mlflow_uri else "run.mlflow"
+
+    def open_store(self) -> None:
         import logging
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
         for name in ("mlflow.store.db.utils", "alembic"):   # their INFO lines about creating the database
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -314,9 +332,13 @@ class MlflowTracker(Tracker):
         if experiment is None:
             # A store of this run's own keeps its artifacts beside it; another store decides for itself.
             location = None if r.mlflow_uri else (self.out / "mlflow-artifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(r.mlflow_experiment, artifact_location=location)
+            self.experiment_id = client.create_experiment(r.mlflow_experiment, artifact_location=location)
         else:
-            experiment_id = experiment.experiment_id
+            self.experiment_id = experiment.experiment_id
+
+    def open(self, kept_evals: np.ndarray, attrs: dict) -> None:
+        from mlflow.entities import Param
+        client, experiment_id = self.client, self.experiment_id
         run_id = str(attrs.get("run_id", ""))
         found = client.search_runs([experiment_id], filter_string=f"tags.`mpi_afl.run_id` = '{run_id}'",
                                    max_results=1) if run_id else []
@@ -353,11 +375,22 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
-def open_trackers(cfg: Config, out: Path, stats: dict) -> list[Tracker]:
-    """The trackers `cfg` asks for (run.tensorboard, run.mlflow), for RunLog.attach."""
+def open_trackers(cfg: Config, out: Path) -> list[Tracker]:
+    """The trackers `cfg` asks for (run.tensorboard, run.mlflow), connected to their stores; call before the
+    run log is created, so that a store that cannot be reached (ConfigError naming the key) leaves no run."""
     trackers: list[Tracker] = []
     if cfg.run.tensorboard:
-        trackers.append(TensorBoardTracker(cfg, out, stats))
+        trackers.append(TensorBoardTracker(cfg, out))
     if cfg.run.mlflow:
-        trackers.append(MlflowTracker(cfg, out, stats))
+        trackers.append(MlflowTracker(cfg, out))
+    for tracker in trackers:
+        tracker.connect()
     return trackers
+
+
+def attach(log, trackers: list[Tracker], stats: dict) -> None:
+    """Let `trackers` follow the run log `log` (before its first row), with the algorithm's `stats`
+    (ServerContext.stats, the dict summary.json's algorithm_stats comes from)."""
+    for tracker in trackers:
+        tracker.stats = stats
+    log.attach(*trackers)
