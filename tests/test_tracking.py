@@ -208,3 +208,18 @@ def test_a_store_that_cannot_be_reached_is_one_line_and_leaves_no_run(tmp_path):
         "mpi_afl: error: config key 'run.mlflow_uri': MLflow could not start:")
     assert "Traceback" not in proc.stderr
     assert not (out / "run.h5").exists() and not (out / "checkpoint.h5").exists()   # a fresh start may follow
+
+
+def test_distillation_diagnostics_of_the_stats_are_tracked(tmp_path):
+    out = tmp_path / "fr"
+    small = ["--algorithm", "fedrevive", "--distill.freeze_versions=2", "--distill.warmup_versions=4",
+             "--distill.synth_batch=16", "--distill.ngf=16", "--distill.nz=32", "--distill.kd_steps=2",
+             "--distill.kd_check_images=64"]
+    ok(launch(1, [*FAST, *small, "--run.eval_every=2", "--max-versions", "10", "--run.tensorboard=true",
+                  "--out", str(out)], cwd=tmp_path))
+    stats = summary(out)["algorithm_stats"]
+    assert stats["kd_applied"] > 0 and stats["kd_checks"] > 0
+    tb = out / "tensorboard" / "by_version"
+    for key in ("kd_loss_change", "kd_loss_improved", "kd_norm_ratio", "kd_cosine", "synth_agreement", "kd_applied"):
+        # the last point is written after the last update: the stats as summary.json has them
+        assert scalars(tb, f"stats/{key}")[-1] == (10, f32([stats[key]])[0]), key
