@@ -223,3 +223,58 @@ def test_distillation_diagnostics_of_the_stats_are_tracked(tmp_path):
     for key in ("kd_loss_change", "kd_loss_improved", "kd_norm_ratio", "kd_cosine", "synth_agreement", "kd_applied"):
         # the last point is written after the last update: the stats as summary.json has them
         assert scalars(tb, f"stats/{key}")[-1] == (10, f32([stats[key]])[0]), key
+
+
+def test_a_run_stopped_by_a_signal_and_resumed_matches_its_run_log(tmp_path):
+    """SIGTERM during the run: the server checkpoints, then evaluates the version it stopped at if that one was
+    not evaluated (off-schedule: a row the resumed run log drops). After --resume the event files hold exactly
+    run.h5's evaluations, each once; MLflow holds each step once and every evaluation of run.h5."""
+    import signal
+    from mpi_helpers import HANG_GUARD, start, wait_until
+    pytest.importorskip("mlflow")
+    out = tmp_path / "sig"
+    proc = start(1, [*TRACK, "--max-versions", "400", "--out", str(out)])
+    by_version = out / "tensorboard" / "by_version"
+
+    def points() -> int:
+        if not by_version.is_dir() or "test/accuracy" not in tags(by_version)["scalars"]:
+            return 0
+        return len(scalars(by_version, "test/accuracy"))
+
+    try:
+        assert wait_until(lambda: points() >= 3 or proc.poll() is not None), "no points while the run goes on"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    first = summary(out)
+    assert first["stop_reason"] == "signal", first["stop_reason"]
+    ok(launch(1, ["--resume", str(out), "--max-versions", str(first["versions"] + 6)], cwd=tmp_path))
+    evals = read_run(out / "run.h5")["evals"]
+    assert evals["version"].tolist() == sorted(set(evals["version"].tolist()))
+    assert scalars(by_version, "test/accuracy") == list(zip(evals["version"].tolist(), f32(evals["test_accuracy"])))
+    by_evaluation = scalars(out / "tensorboard" / "by_evaluation", "test/accuracy")
+    assert [step for step, _ in by_evaluation] == list(range(len(evals["version"])))
+    client, run = mlflow_run(out)
+    points_ = history(client, run, "test/accuracy")
+    assert len({s for s, _ in points_}) == len(points_)
+    assert set(zip(evals["version"].tolist(), evals["test_accuracy"].tolist())) <= set(points_)
+    assert run.info.status == "FINISHED"
+
+
+def test_on_a_virtual_time_grid_the_evaluation_step_is_virtual_time(tmp_path):
+    out = tmp_path / "grid"
+    ok(launch(1, [*FAST, "--run.eval_every_time=0.5", "--max-versions", "6", "--run.tensorboard=true",
+                  "--out", str(out)], cwd=tmp_path))
+    evals = read_run(out / "run.h5")["evals"]
+    tb = out / "tensorboard"
+    grid = scalars(tb / "by_evaluation", "time/virtual_time")
+    assert grid[:-1] == [(k, 0.5 * (k + 1)) for k in range(len(grid) - 1)]   # the last one: the stop, off the grid
+    assert grid[-1] == (len(grid) - 1, f32([evals["virtual_time"][-1]])[0])
+    versions = evals["version"].tolist()
+    assert len(versions) > len(set(versions))   # grid times without a new version: the same model again
+    first = {v: i for i, v in reversed(list(enumerate(versions)))}   # each version's first evaluation
+    assert scalars(tb / "by_version", "time/virtual_time") == [
+        (v, f32([evals["virtual_time"][i]])[0]) for v, i in sorted(first.items())]

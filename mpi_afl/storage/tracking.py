@@ -7,8 +7,8 @@ while the run goes on.
 
 How they are fed: `open_trackers` connects them before the run log is created (a store that cannot be
 reached is one config error, exit 2, and leaves no run behind), and `attach` hands them to the run log
-(`RunLog.attach`, storage/runlog.py), which gives a tracker every row it records, in order. A tracker turns them into one **point** per evaluation, written (and flushed) as soon
-as the evaluation's rows are complete:
+(`RunLog.attach`, storage/runlog.py), which gives a tracker every row it records, in order. A tracker turns
+them into one **point** per evaluation, written (and flushed) as soon as the evaluation's rows are complete:
 
 - `test/accuracy`, `test/loss`, `val/accuracy`, `val/loss` (the evals row; a NaN validation value is left out);
 - `time/virtual_time` (vt) and `time/wall_seconds` (s) when the evaluated version was reached, `time/evaluation`
@@ -25,8 +25,8 @@ as the evaluation's rows are complete:
 Steps. TensorBoard's x axis is an integer step or the event's Unix wall time, so the event files hold two
 runs: `tensorboard/by_version` (step = the evaluated version) and `tensorboard/by_evaluation` (step = the
 evaluation's index, with `time/virtual_time` and `time/version` as scalars of the same step). With
-`run.eval_every_time = T` evaluation k is the model at virtual time (k + 1) T, so by_evaluation's step axis is
-the virtual-time grid; otherwise read the virtual time of a step from `time/virtual_time`. Wall times are the
+`run.eval_every_time = T` evaluation k is the model at virtual time (k + 1) T (all but a final evaluation at
+the stop, off the grid), so by_evaluation's step axis is the virtual-time grid; otherwise read the virtual time of a step from `time/virtual_time`. Wall times are the
 real time each point was written. The event's wall_time field is not used for virtual time: TensorBoard reads it
 as a date. `tensorboard/` itself holds the config as text (`config`, TOML) and as HParams (one hparam per key).
 An evaluation of a version already logged (run.eval_every_time with no new version between grid times:
@@ -55,8 +55,9 @@ from typing import Any
 import numpy as np
 
 from mpi_afl.config import Config, ConfigError
+from mpi_afl.storage.runlog import PHASES
 
-PHASE_NAMES = {0: "aggregate", 1: "distill", 2: "synthesize", 3: "eval", 4: "checkpoint", 5: "idle", 6: "dispatch"}
+PHASE_NAMES = {code: name for name, code in PHASES.items()}   # timings.phase is recorded as its code
 TB_DIR = "tensorboard"
 BY_VERSION, BY_EVALUATION = "by_version", "by_evaluation"
 
@@ -354,7 +355,7 @@ class MlflowTracker(Tracker):
                                     tags={"mpi_afl.run_id": run_id, "mpi_afl.out": str(self.out.resolve())})
             self.run_id = run.info.run_id
         params = [Param(k, str(v)[:self.PARAM_LIMIT]) for k, v in config_values(self.cfg).items()
-                  if k not in run.data.params]   # a param is set once: a resume's changed stop rule stays in config.toml
+                  if k not in run.data.params]   # set once: a resume's new stop rule is in config.toml
         for i in range(0, len(params), 100):   # MLflow takes at most 100 params per batch
             client.log_batch(self.run_id, params=params[i:i + 100])
         client.log_text(self.run_id, config_text(self.cfg), "config.toml")
