@@ -100,6 +100,26 @@ def test_points_follow_the_log_and_a_resume_drops_what_the_checkpoint_does_not_c
     assert len(read_run(path)["evals"]["version"]) == 5
 
 
+def test_a_tracker_that_fails_during_the_run_says_so_once_and_the_log_goes_on(tmp_path, capsys):
+    from mpi_afl.storage import tracking
+    cfg, _ = parse_args(["--run.tensorboard=true"])
+    (tb,) = tracking.open_trackers(cfg, tmp_path)
+    log = RunLog(tmp_path / "run.h5", {"run_id": "r2"})
+    tracking.attach(log, [tb], {})
+    calls = []
+
+    def full_disk(point):
+        calls.append(point["version"])
+        raise OSError(28, "No space left on device")
+
+    tb.emit = full_disk
+    record(log, [2, 4, 6])
+    log.close()
+    assert calls == [2]   # stopped after the first failure
+    assert capsys.readouterr().err.count("[server] warning: TensorBoard tracking stopped") == 1
+    assert read_run(tmp_path / "run.h5")["evals"]["version"].tolist() == [2, 4, 6]
+
+
 def test_tracking_keys_are_validated():
     for argv, text in [(["--run.tensorboard=maybe"], "config key 'run.tensorboard': 'maybe' is not a boolean"),
                        (["--run.mlflow_uri=sqlite:///x.db"], "config key 'run.mlflow_uri': set, but run.mlflow"),
