@@ -83,6 +83,15 @@ class RunConfig:
     log_flush_seconds: float = opt(2.0, "flush buffered HDF5 rows at least this often", min=0, min_exclusive=True)
     heartbeat_seconds: float = opt(30.0, "print a progress line at least this often, also between evaluations",
                                    min=0, min_exclusive=True)
+    # Live tracking (storage/tracking.py): mirrors of run.h5 that change nothing in the run's result.
+    tensorboard: bool = opt(False, "write TensorBoard event files into OUT/tensorboard during the run (rank 0, "
+                            "at every evaluation): accuracy and loss by version and by evaluation with the virtual "
+                            "time, throughput, staleness, algorithm stats, the config as text and HParams "
+                            "(needs the tensorboard extra)")
+    mlflow: bool = opt(False, "log the same to an MLflow run during the run (needs the mlflow extra)")
+    mlflow_uri: str = opt("", "with run.mlflow: the MLflow tracking URI (sqlite:///PATH, http://HOST:PORT, ...); "
+                          "empty: a SQLite file OUT/mlflow.db, no server needed")
+    mlflow_experiment: str = opt("mpi_afl", "with run.mlflow: the MLflow experiment the run is logged to")
 
 
 @dataclass
@@ -271,8 +280,21 @@ class Config:
     echo: EchoConfig = field(default_factory=EchoConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
+    def __post_init__(self):
+        # Sections declared by plug-ins (`config_section = (name, dataclass)`, docs/extending.md), by name; not
+        # dataclass fields: they exist only for the plug-ins a config names (resolve_plugin_sections).
+        self.plugin_sections: dict[str, Any] = {}
+
+    def __getattr__(self, name: str):
+        """`cfg.fedprox`: a plug-in's section (only called for names that are not attributes)."""
+        sections = self.__dict__.get("plugin_sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self),
+                **{name: dataclasses.asdict(section) for name, section in self.plugin_sections.items()}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -315,22 +337,26 @@ SHORTCUTS = {
 }
 
 
-def _sections() -> dict[str, type]:
-    return {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+def _sections(cfg: Config | None = None) -> dict[str, type]:
+    """The built-in sections, and those of the plug-ins `cfg` names."""
+    sections = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+    if cfg is not None:
+        sections.update({name: type(section) for name, section in cfg.plugin_sections.items()})
+    return sections
 
 
-def all_keys() -> dict[str, tuple[type, dataclasses.Field]]:
-    """Every dotted key with its type and field."""
+def all_keys(cfg: Config | None = None) -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every dotted key with its type and field (with `cfg`: its plug-in sections' keys too)."""
     keys = {}
-    for section, cls in _sections().items():
+    for section, cls in _sections(cfg).items():
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             keys[f"{section}.{f.name}"] = (hints[f.name], f)
     return keys
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.6)
+def _unknown_key(key: str, cfg: Config | None = None) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys(cfg)), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the list of keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -418,7 +444,7 @@ def _is_utf8(text: str) -> bool:
 
 def validate(cfg: Config) -> Config:
     """Field constraints, then the rules that tie several keys together."""
-    keys = all_keys()
+    keys = all_keys(cfg)
     for key, (_, f) in keys.items():
         section, name = key.split(".")
         _check_field(key, getattr(getattr(cfg, section), name), f)
@@ -470,6 +496,11 @@ def validate(cfg: Config) -> Config:
                           "or >= 0.001 virtual units (a finer grid evaluates more often than jobs arrive)")
     if cfg.fault.kind != "none" and cfg.fault.job < 0:
         raise ConfigError("config key 'fault.job': a fault needs the job index that triggers it (>= 0)")
+    if (r.mlflow_uri or r.mlflow_experiment != "mpi_afl") and not r.mlflow:
+        key = "run.mlflow_uri" if r.mlflow_uri else "run.mlflow_experiment"
+        raise ConfigError(f"config key '{key}': set, but run.mlflow = false; add --run.mlflow=true to log to MLflow")
+    if r.mlflow and not r.mlflow_experiment.strip():
+        raise ConfigError("config key 'run.mlflow_experiment': must not be empty")
     resolve_derived(cfg)
     return cfg
 
@@ -486,23 +517,108 @@ def resolve_derived(cfg: Config) -> None:
 
 def apply(cfg: Config, values: dict[str, Any], *, from_text: bool) -> None:
     """Set dotted keys on `cfg` (in place), type-checking each value."""
-    keys = all_keys()
+    keys = all_keys(cfg)
     for key, value in values.items():
         if key not in keys:
-            raise _unknown_key(key)
+            raise _unknown_key(key, cfg)
         typ, _ = keys[key]
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, _coerce(key, typ, value, from_text))
 
 
+def apply_layers(cfg: Config, layers: list[tuple[dict[str, Any], bool, str]]) -> None:
+    """Apply (values, from_text, source) layers in order, later ones winning. Keys of sections that are not
+    built in are kept back until every built-in key is set: only then is it known which plug-ins the config
+    names, and so which sections they declare (resolve_plugin_sections); a key of no such section is an error."""
+    builtin = _sections()
+    deferred: dict[str, tuple[Any, bool, str]] = {}
+    for values, from_text, source in layers:
+        apply(cfg, {k: v for k, v in values.items() if k.split(".")[0] in builtin}, from_text=from_text)
+        deferred.update({k: (v, from_text, source) for k, v in values.items() if k.split(".")[0] not in builtin})
+    resolve_plugin_sections(cfg, strict=bool(deferred))
+    for key, (value, from_text, source) in deferred.items():
+        section = key.split(".")[0]
+        if section not in cfg.plugin_sections:
+            sections = _sections(cfg)
+            close = difflib.get_close_matches(section, list(sections), n=1)
+            hint = (f"; did you mean '{close[0]}'?" if close else f"; allowed sections: {', '.join(sections)}, "
+                    "and the sections of the plug-ins the config names (docs/extending.md)")
+            if source == "command line":
+                if difflib.get_close_matches(key, list(all_keys(cfg)), n=1, cutoff=0.6):
+                    raise _unknown_key(key, cfg)
+                raise ConfigError(f"unknown config key '{key}': no built-in section or section of a plug-in this "
+                                  f"config names is called '{section}'{hint}")
+            raise ConfigError(f"{source}: unknown config section '{section}'{hint}")
+        apply(cfg, {key: value}, from_text=from_text)
+
+
+PLUGIN_SECTION_TYPES = (int, float, bool, str)
+
+
+def resolve_plugin_sections(cfg: Config, *, strict: bool) -> None:
+    """Give `cfg` the config sections its plug-ins declare: a class (or function) attribute
+    `config_section = ("name", Dataclass)`, every field with a default and of type int, float, bool, str or a
+    list of one of them (use `opt(...)` for help text and limits). Sections already there keep their values.
+    A plug-in that cannot be imported is skipped unless `strict` (its keys were given): rank 0's plug-in check
+    (plugins.check) reports it before the run starts."""
+    from . import plugins
+    declared: dict[str, tuple[type, str]] = {}
+    for key in plugins.PLUGIN_KEYS:
+        section, name = key.split(".")
+        spec = getattr(getattr(cfg, section), name)
+        if not plugins.is_import_path(spec):
+            continue
+        try:
+            obj = plugins.load(spec, key)
+        except ConfigError:
+            if strict:
+                raise
+            continue
+        if getattr(obj, "config_section", None) is None:
+            continue
+        section_name, cls = _check_section_declaration(obj.config_section, spec, key)
+        if section_name in declared and declared[section_name][0] is not cls:
+            raise ConfigError(f"config key '{key}': {spec!r} declares config section '{section_name}', which "
+                              f"{declared[section_name][1]!r} declares with another class")
+        declared[section_name] = (cls, spec)
+    old = cfg.plugin_sections
+    cfg.plugin_sections = {name: old[name] if type(old.get(name)) is cls else cls()
+                           for name, (cls, _) in declared.items()}
+
+
+def _check_section_declaration(declared: Any, spec: str, key: str) -> tuple[str, type]:
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': {spec!r} has config_section = {declared!r}: {why} (see "
+                           "docs/extending.md \"Configuration\")")
+
+    if not (isinstance(declared, tuple) and len(declared) == 2 and isinstance(declared[0], str)):
+        raise bad("expected a tuple (name, dataclass)")
+    name, cls = declared
+    if not name.isidentifier() or name != name.lower():
+        raise bad(f"the section name {name!r} must be a lower-case Python identifier")
+    if name in _sections():
+        raise bad(f"'{name}' is a built-in section")
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise bad("the second item must be a dataclass")
+    try:
+        hints = get_type_hints(cls)
+    except Exception as e:   # an annotation that does not resolve
+        raise bad(f"its annotations do not resolve ({e})") from None
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        item = get_args(typ)[0] if get_origin(typ) is list and len(get_args(typ)) == 1 else typ
+        if item not in PLUGIN_SECTION_TYPES:
+            raise bad(f"field '{f.name}' has type {typ!r}; allowed: int, float, bool, str or a list of one of them")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise bad(f"field '{f.name}' has no default")
+    return name, cls
+
+
 def _flatten_toml(data: dict, source: str) -> dict[str, Any]:
-    sections = _sections()
+    """Dotted keys of a TOML document; sections that are not built in are checked by apply_layers, once the
+    plug-ins (and so their sections) are known."""
     flat = {}
     for section, body in data.items():
-        if section not in sections:
-            close = difflib.get_close_matches(section, list(sections), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed sections: {', '.join(sections)}"
-            raise ConfigError(f"{source}: unknown config section '{section}'{hint}")
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: '{section}' must be a table ([{section}])")
         for name, value in body.items():
@@ -642,20 +758,20 @@ def parse_args(argv: list[str] | None = None,
     only the keys in RESUMABLE may differ from the checkpoint."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    for token in unknown:
-        if token.startswith("--"):
-            raise _unknown_key(token[2:].split("=", 1)[0].replace("-", "_"))
-        raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key=VALUE")
+    plugin_overrides = _plugin_overrides(unknown)
     base = from_dict(resume_config(args.resume)) if args.resume else None
     cfg = from_dict(base.to_dict()) if base else Config()
     if args.preset and args.config:
         raise ConfigError("give either --preset or --config, not both")
+    layers = []
     if args.preset:
-        apply(cfg, load_toml(preset_path(args.preset)), from_text=False)
+        layers.append((load_toml(preset_path(args.preset)), False, f"preset {args.preset}"))
     if args.config:
-        apply(cfg, load_toml(Path(args.config)), from_text=False)
+        layers.append((load_toml(Path(args.config)), False, str(args.config)))
     overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
-    apply(cfg, overrides, from_text=True)
+    overrides.update(plugin_overrides)
+    layers.append((overrides, True, "command line"))
+    apply_layers(cfg, layers)
     if args.new_log and not base:
         raise ConfigError("--new-log only applies with --resume DIR")
     if base:
@@ -665,7 +781,41 @@ def parse_args(argv: list[str] | None = None,
                               f"resume the copy)")
         cfg.run.out = args.resume
         check_resumable(base, cfg)
-    return validate(cfg), args
+    validate(cfg)
+    _check_tracking_packages(cfg)
+    return cfg, args
+
+
+def _check_tracking_packages(cfg: Config) -> None:
+    """run.tensorboard and run.mlflow need their packages (the extras of the same names): one line, before
+    anything is written. Only found, not imported (importing them takes seconds)."""
+    import importlib.util
+    for key, on, module, extra in (("run.tensorboard", cfg.run.tensorboard, "tensorboard", "tensorboard"),
+                                   ("run.mlflow", cfg.run.mlflow, "mlflow", "mlflow")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"config key '{key}': true, but the {module} package is not installed; "
+                              f"pip install 'mpi_afl[{extra}]'")
+
+
+def _plugin_overrides(unknown: list[str]) -> dict[str, str]:
+    """The command-line tokens argparse did not know: `--section.key=VALUE` (or `--section.key VALUE`) of a
+    section that is not built in, for a plug-in's section (apply_layers checks it). Anything else is an error."""
+    builtin = _sections()
+    values, i = {}, 0
+    while i < len(unknown):
+        token = unknown[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key=VALUE")
+        key, eq, value = token[2:].partition("=")
+        if key.count(".") != 1 or key.split(".")[0] in builtin:
+            raise _unknown_key(key.replace("-", "_"))
+        if not eq:
+            if i + 1 == len(unknown) or unknown[i + 1].startswith("--"):
+                raise ConfigError(f"config key '{key}': no value given; use --{key}=VALUE")
+            i, value = i + 1, unknown[i + 1]
+        values[key] = value
+        i += 1
+    return values
 
 
 # Keys a resumed run may change: stop rules, logging, placement and the distillation group's size
@@ -677,13 +827,15 @@ RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run
              "run.diverged_after",
              "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
              "run.threads", "run.device", "run.placement", "distill.ranks",
+             "run.tensorboard", "run.mlflow", "run.mlflow_uri", "run.mlflow_experiment",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}
 
 
 def check_resumable(old: Config, new: Config) -> None:
-    for key in all_keys():
+    for key in {**all_keys(old), **all_keys(new)}:
         section, name = key.split(".")
-        before, after = getattr(getattr(old, section), name), getattr(getattr(new, section), name)
+        before = getattr(getattr(old, section, None), name, None)
+        after = getattr(getattr(new, section, None), name, None)
         if key not in RESUMABLE and before != after:
             raise ConfigError(f"cannot resume with config key '{key}' = {after!r}: the checkpoint's run has "
                               f"{before!r}; only these keys may change on resume: {', '.join(sorted(RESUMABLE))}")
@@ -692,5 +844,5 @@ def check_resumable(old: Config, new: Config) -> None:
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict()` output (checkpoints, broadcasts)."""
     cfg = Config()
-    apply(cfg, _flatten_toml(data, "config"), from_text=False)
+    apply_layers(cfg, [(_flatten_toml(data, "config"), False, "config")])
     return validate(cfg)

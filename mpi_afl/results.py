@@ -36,7 +36,8 @@ RUN_FILE = "run.h5"
 # Config keys that do not change what a run computes; runs that differ only in these (and the seed) are
 # repetitions of one setting. Resume-time placement keys, output place and logging cadence.
 NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.device", "run.placement",
-               "run.log_flush_seconds", "run.heartbeat_seconds", "run.checkpoint_every", "server.queue_depth"}
+               "run.log_flush_seconds", "run.heartbeat_seconds", "run.checkpoint_every", "server.queue_depth",
+               "run.tensorboard", "run.mlflow", "run.mlflow_uri", "run.mlflow_experiment"}   # live tracking
 # Config sections that only some built-in algorithms read (mpi_afl/algorithms): for a run of another built-in
 # algorithm their keys change nothing, so they do not tell its settings apart (runs made before a default of
 # such a section changed stay one setting). A plug-in may read any section, so for it every key counts.

@@ -357,6 +357,8 @@ def _run(comm, setup: _Setup) -> int:
     for note in notes:
         print(f"[server] warning: {note}", flush=True)
     resume_state = setup.resume_state
+    from .storage import tracking
+    trackers = tracking.open_trackers(cfg, out)   # live mirrors of run.h5; before it, so a bad store leaves no run
     log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, placements), "run_id": setup.run_id},
                  flush_seconds=cfg.run.log_flush_seconds, overwrite=cfg.run.overwrite,
                  resume_counts=resume_state["log_counts"] if resume_state and not setup.new_log else None)
@@ -366,6 +368,7 @@ def _run(comm, setup: _Setup) -> int:
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
+    tracking.attach(log, trackers, server.ctx.stats)   # run.tensorboard, run.mlflow
 
     def request_stop(signum: int) -> None:
         server.stop_requested = True

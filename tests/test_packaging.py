@@ -102,9 +102,11 @@ def test_wheel_runs_an_example_plugin_under_mpiexec(installed):
     out = work / "plug"
     done = _run([mpiexec_path(), "-n", "3", bin_dir / "mpi-afl", "train",
                  "--server.algorithm=examples.custom_algorithm:ClippedAsync", "--data.num_clients=12",
+                 "--client.trainer=examples.fedprox:FedProx", "--fedprox.mu=0.1",   # with its own config section
                  "--server.concurrency=4", "--client.iterations=5", "--max-versions", "12", "--out", out], work)
     assert done.returncode == 0, done.stderr
     assert '"world_size": 3' in (out / "summary.json").read_text()
+    assert "[fedprox]\nmu = 0.1\n" in (out / "config.toml").read_text()
 
 
 def _lower_bounds(requirements: list[str]) -> dict[str, str]:
@@ -118,7 +120,7 @@ def _lower_bounds(requirements: list[str]) -> dict[str, str]:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = _lower_bounds(project["dependencies"])
-    for extra in ("mpich", "results", "tensorboard", "test"):
+    for extra in ("mpich", "results", "tensorboard", "mlflow", "test"):
         wanted.update(_lower_bounds(project["optional-dependencies"][extra]))
     wanted["pytorch"] = wanted.pop("torch")   # conda-forge's name
     text = (REPO / "environment.yml").read_text().split("dependencies:", 1)[1]

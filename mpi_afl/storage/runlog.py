@@ -34,6 +34,10 @@ Format versions: 1 had no checksums on the tables; 2 added them and the
 `run_id` attribute that resume checks against the checkpoint. `read_run`
 reads both; a run can only be resumed with a version-2 log.
 
+Observers (`attach`: the live TensorBoard and MLflow trackers of storage/tracking.py) get every row as it
+is recorded, every flush and the close; on resume they first get the rows the log kept, so that they can
+drop what they mirrored after the checkpoint, as the log does.
+
 Rows are buffered in a Python list (a tuple per row) and written in one slice
 per table when `flush_seconds` have passed, so logging costs 3-6 us per update
 including the flushes (`bench/runlog_overhead.py`), far below 2% of a server
@@ -253,22 +257,41 @@ class RunLog:
         self._datasets = {name: self._file[name] for name in TABLES}
         self._tables = {name: _Table(name, fields, len(kept[name])) for name, fields in TABLES.items()}
         self._last_flush = time.monotonic()
+        self.attrs = {key: _py(value) for key, value in root_attrs.items()}
+        self._kept: dict[str, np.ndarray] | None = kept   # for observers attached before the first row
+        self._observers: list = []
+
+    def attach(self, *observers) -> None:
+        """Let `observers` follow the log: `start(kept_rows, attrs)` now (the rows a resumed log kept, by table;
+        empty tables on a fresh start), then `row(table, row)` for every row recorded (coded columns as their
+        codes), `flush()` after every flush and `close()` at the close. Attach before the first row."""
+        if self._kept is None:
+            raise RuntimeError("RunLog.attach: rows were recorded already")
+        for observer in observers:
+            observer.start(self._kept, self.attrs)
+            self._observers.append(observer)
+
+    def _record(self, table: str, row: dict[str, Any]) -> None:
+        self._kept = None   # the kept rows are only needed until the first new one
+        self._tables[table].add(row)
+        for observer in self._observers:
+            observer.row(table, row)
 
     def arrival(self, **row: Any) -> None:
         """Buffer one arrival row (all ARRIVAL_FIELDS; `reason` is a REJECT_REASONS name)."""
-        self._tables["arrivals"].add(row)
+        self._record("arrivals", row)
 
     def eval(self, **row: Any) -> None:
         """Buffer one evaluation row (all EVAL_FIELDS)."""
-        self._tables["evals"].add(row)
+        self._record("evals", row)
 
     def timing(self, **row: Any) -> None:
         """Buffer one server timing row (all TIMING_FIELDS; `phase` is a PHASES name)."""
-        self._tables["timings"].add(row)
+        self._record("timings", row)
 
     def kd_check(self, **row: Any) -> None:
         """Buffer one KD-effect row (all KD_CHECK_FIELDS)."""
-        self._tables["kd_checks"].add(row)
+        self._record("kd_checks", row)
 
     def counts(self) -> dict[str, int]:
         """Rows logged so far per table, written and buffered."""
@@ -288,6 +311,9 @@ class RunLog:
                 table.write(self._datasets[name])
         except RuntimeError as e:   # HDF5 reports a failed write as RuntimeError; callers handle OSError
             raise OSError(f"HDF5 could not write {self.path}: {str(e).splitlines()[0]}") from e
+        finally:
+            for observer in self._observers:
+                observer.flush()
         self._last_flush = time.monotonic()
 
     def _reserve(self) -> None:
@@ -319,6 +345,9 @@ class RunLog:
         finally:   # a flush refused for want of space wrote nothing, so the file still closes cleanly
             self._file.close()
             self._file = None
+            observers, self._observers = self._observers, []
+            for observer in observers:
+                observer.close()
 
     def __enter__(self) -> "RunLog":
         return self
