@@ -57,7 +57,8 @@ from .config import ConfigError, _flatten_toml, _toml_value, parse_args, tomllib
 
 # Row fields the tables can show; differences of the accuracies are in points (x 100).
 METRICS = ("final_accuracy", "best_accuracy", "tail_accuracy", "time_to_target")
-LOWER_IS_BETTER = {"time_to_target", "virtual_time_to_fedbuff_final"}
+LOWER_IS_BETTER = {"time_to_target", "virtual_time_to_fedbuff_final", "kd_loss_change"}
+TIMES = {"time_to_target", "virtual_time_to_fedbuff_final"}   # in virtual time units
 DEFAULT_METRICS = ["final_accuracy", "best_accuracy", "tail_accuracy"]
 RESERVED = {"cells": {"label", "methods", "seeds"}, "methods": {"label", "algorithm", "seeds"}}
 # algorithm_stats of summary.json copied into a row (FedRevive's and FedEcho's diagnostics; README "Outputs").
@@ -345,7 +346,12 @@ def _fmt(value: float | None, metric: str, difference: bool = False) -> str:
         return "-"
     if _is_accuracy(metric):
         return f"{100 * value:+.1f}" if difference else f"{value:.3f}"
-    return f"{value:+.2f}" if difference else f"{value:.2f}"
+    digits = 2 if metric in TIMES else 4
+    return f"{value:+.{digits}f}" if difference else f"{value:.{digits}f}"
+
+
+def _unit(metric: str) -> str:
+    return " points" if _is_accuracy(metric) else " virtual time units" if metric in TIMES else ""
 
 
 def _values(rows: list[dict], cell: str, method: str, metric: str) -> dict[int, float | None]:
@@ -366,7 +372,7 @@ def summary_table(experiment: Experiment, rows: list[dict], cell: str) -> list[s
             values = [r.get(metric) for r in members]
             mean, std = results.mean_std(values)
             text = _fmt(mean, metric) + (f" ± {_fmt(std, metric)}" if std is not None else "")
-            if metric in LOWER_IS_BETTER:
+            if metric in TIMES:
                 text += f" ({sum(v is not None for v in values)} of {len(values)})"
             cells.append(text)
         lines.append(f"| {method['label']} | {len(members)} | " + " | ".join(cells) + " |")
@@ -388,7 +394,7 @@ def comparison_lines(experiment: Experiment, rows: list[dict]) -> list[str]:
                     lines.append(f"{title}, {metric}: no seed with both")
                     continue
                 ahead = pair["negative"] if metric in LOWER_IS_BETTER else pair["positive"]
-                unit = " points" if _is_accuracy(metric) else " virtual time units"
+                unit = _unit(metric)
                 std = f" ± {_fmt(pair['std'], metric, True).lstrip('+')}" if pair["std"] is not None else ""
                 p = "-" if pair["p_value"] is None else f"{pair['p_value']:.3g}"
                 lines.append(f"{title}, {metric}: {_fmt(pair['mean'], metric, True)}{std}{unit}, {c.a} ahead on "
