@@ -158,9 +158,10 @@ class ServerConfig:
 
 @dataclass
 class DelayConfig:
-    schedule: str = opt("paper", "delay schedule: 'paper' and 'shifted' are docs/algorithms.md §3.5; "
+    schedule: str = opt("paper", "delay schedule: 'paper' and 'shifted' are docs/algorithms.md §3.5; 'high' has "
+                        "heavy-tailed stragglers (Pareto(1.5), a fifth of the clients average 6 units); "
                         "'custom' uses the fields below; 'none' = every job takes 1 unit",
-                        choices=["paper", "shifted", "custom", "none"])
+                        choices=["paper", "shifted", "high", "custom", "none"])
     train_shape: str = opt("exponential", "custom: distribution of a job's training time around the "
                            "client's mean", choices=["exponential", "constant", "uniform", "halfnormal", "pareto"])
     train_means: list[float] = opt([1.0, 1.3, 1.6], "custom: per-client training-time means (mixture)",

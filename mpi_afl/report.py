@@ -2,7 +2,9 @@
 
     python -m mpi_afl.report RUN [RUN ...] [--out DIR] [--target ACC] [--format png,pdf,svg] [--json]
 
-RUN is a run directory, its run.h5, or a directory holding runs below it (a sweep). Runs whose
+RUN is a run directory, its run.h5, or a directory holding runs below it (a sweep). An experiment's sweep
+directory (it holds experiment.toml) or its results.jsonl gets the experiment's tables instead
+(mpi_afl/experiment.py: mean ± std per cell and method, the registered paired comparisons). Runs whose
 configs differ only in the seed (and in keys that do not change results: results.NOT_SETTING, and
 the distill/echo sections for built-in algorithms that do not read them) form one setting; a
 setting with several runs is drawn as its mean with a band of one standard deviation across the
@@ -28,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mpi_afl import experiment  # noqa: E402
 from mpi_afl.results import Group, Run, group_by_setting, load, find_runs, mean_std, run_updates_per_second  # noqa: E402
 
 PLOT_NAMES = ("accuracy_vs_virtual_time", "accuracy_vs_wall_time", "staleness_histogram", "updates_per_client")
@@ -123,8 +126,12 @@ def format_group_table(lines: list[dict]) -> str:
 def band(runs: list[Run], clock: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(times, mean, std) of test accuracy over `runs` on the union of their evaluation times, within the
     span every run covers (each run linearly interpolated between its evaluations); std is 0 for one run."""
-    curves = [(r.tables["evals"][f"{clock}_time"], r.tables["evals"]["test_accuracy"]) for r in runs]
-    curves = [(t, a) for t, a in curves if len(t)]
+    return band_of_curves([(r.tables["evals"][f"{clock}_time"], r.tables["evals"]["test_accuracy"]) for r in runs])
+
+
+def band_of_curves(curves: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`band` for (times, accuracies) pairs, e.g. the evaluations kept in an experiment's result rows."""
+    curves = [(np.asarray(t, dtype=float), np.asarray(a, dtype=float)) for t, a in curves if len(t)]
     if not curves:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     lo, hi = max(t[0] for t, _ in curves), min(t[-1] for t, _ in curves)
@@ -230,11 +237,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"plot file formats, comma-separated: {', '.join(FORMATS)} (default: png)")
     parser.add_argument("--json", action="store_true",
                         help="after the tables, also print one JSON object per run and per setting (null for '-')")
+    parser.add_argument("--experiment", type=Path, metavar="FILE",
+                        help="the experiment.toml of an experiment's sweep directory or results.jsonl (default: "
+                             "the one in the directory / beside the file)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if len(args.runs) == 1 and (experiment.is_experiment(args.runs[0]) or args.experiment):
+        try:   # an experiment (mpi_afl/experiment.py): its tables, paired comparisons, rows and plots
+            return experiment.report(args.runs[0], args.out, args.format, args.experiment)
+        except (OSError, ValueError) as e:
+            print(f"mpi_afl.report: error: {e}", file=sys.stderr)
+            return 2
     try:
         runs = [load(path) for path in find_runs(args.runs)]
     except (OSError, ValueError) as e:  # missing file, not HDF5, not a run file

@@ -2,6 +2,7 @@
 
     python -m mpi_afl.sweep --out DIR --algorithms fedbuff,afl_dw --seeds 0,1,2 \\
         [--set server.lr=0.1,0.5 ...] [--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS ...]
+    python -m mpi_afl.sweep --out DIR --experiment experiments/smoke/experiment.toml [--parallel N] [--slurm FILE]
 
 Every grid point is one run directory, DIR/<algorithm>[-<key>=<value>...]/s<seed>. Options after
 `--` (a preset, stop rules, data options...) go to every run. Locally, N runs go at a time, each
@@ -20,9 +21,10 @@ With `--slurm FILE` nothing runs here: FILE becomes an sbatch script with one ar
 point, each running `python -m mpi_afl.slurm` (which resumes and requeues itself; see
 mpi_afl/slurm.py) on the same directories, so the local and SLURM sweeps are interchangeable.
 
-`run_local` takes any grid points that name their directory, their fresh-run options and their log:
-bench/accuracy.py runs its Fashion-MNIST grid (tuned settings per algorithm, delay schedules, budgets)
-through it with its own directory layout.
+`--experiment FILE` runs an experiment.toml (cells x methods x seeds, each method's full settings;
+mpi_afl/experiment.py) into DIR/<cell>/<method>/s<seed> the same way, locally or with --slurm, and ends with
+its tables (`mpi-afl report DIR`). `run_local` takes any grid points that name their directory, their
+fresh-run options and their log.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .plugins import short_name
 
 
 class GridPoint(Protocol):
-    """What `run_local` needs of a grid point (Point below; bench/accuracy.py's RunSpec)."""
+    """What `run_local` needs of a grid point (Point below; mpi_afl.experiment.Point)."""
 
     def directory(self, out: Path) -> Path: ...
     def train_args(self, out: Path, extra: list[str]) -> list[str]: ...
@@ -269,6 +271,34 @@ def print_table(out: Path) -> None:
     print(format_group_table([summarize_group(g, [summarize(r, None) for r in g.runs]) for g in groups]))
 
 
+def run_experiment(args: argparse.Namespace, extra: list[str]) -> int:
+    """`--experiment FILE`: its runs into args.out (locally or as a SLURM array), then its tables, rows and
+    plots (`mpi-afl report OUT`)."""
+    from .experiment import ExperimentError, load_experiment, prepare, report
+    try:
+        experiment = load_experiment(args.experiment)
+        prepare(experiment, args.out)
+    except ExperimentError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    points = experiment.points()
+    if warning := unequal_work(points, args.out, extra):
+        print(warning, file=sys.stderr)
+    if args.slurm:
+        (args.out / "logs").mkdir(parents=True, exist_ok=True)
+        args.slurm.write_text(slurm_script(points, args.out, extra, args.ranks, args.time, args.parallel))
+        print(f"sweep: wrote {args.slurm} ({len(points)} array tasks); submit with: sbatch {args.slurm}; "
+              f"then: mpi-afl report {args.out}")
+        return 0
+    failed = [] if args.table_only else run_local(points, args.out, extra, args.parallel, args.ranks)
+    report(args.out, None, ["png"])
+    if failed:
+        print(f"sweep: {len(failed)} run(s) failed; see {args.out / 'logs'}; run the same command again to "
+              "retry them (finished runs are kept)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -279,10 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(
         prog="mpi-afl sweep", description=__doc__.split("\n\n")[0],
-        usage="mpi-afl sweep --out DIR --algorithms A[,A...] --seeds S[,S...] [--set KEY=V[,V...]] "
-              "[--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS]")
+        usage="mpi-afl sweep --out DIR (--experiment FILE | --algorithms A[,A...] --seeds S[,S...] "
+              "[--set KEY=V[,V...]]) [--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS]")
     parser.add_argument("--out", type=Path, required=True, help="sweep directory (one subdirectory per setting)")
-    parser.add_argument("--algorithms", type=_csv, required=True, help="comma-separated algorithms (or plug-ins)")
+    parser.add_argument("--experiment", type=Path, metavar="FILE",
+                        help="run the experiment FILE describes (experiment.toml: cells x methods x seeds; "
+                             "mpi_afl/experiment.py) instead of --algorithms/--set/--seeds")
+    parser.add_argument("--algorithms", type=_csv, help="comma-separated algorithms (or plug-ins)")
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0], help="comma-separated seeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V[,V...]",
                         help="a grid axis: a dotted config key and its values (repeatable)")
@@ -294,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     if args.parallel < 1 or args.ranks < 1:
         parser.error("--parallel and --ranks must be >= 1")
+    if bool(args.experiment) == bool(args.algorithms):
+        parser.error("give either --experiment FILE or --algorithms A[,A...]")
+    if args.experiment:
+        return run_experiment(args, extra)
     try:
         points = grid(args.algorithms, args.seeds, args.set)
     except ValueError as e:

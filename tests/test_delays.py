@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpi_afl.config import DelayConfig
-from mpi_afl.delays import SCHEDULES, DelayModel, Schedule, sample_train_time, schedule_from
+from mpi_afl.delays import SCHEDULES, DelayModel, Schedule, mean_job_time, sample_train_time, schedule_from
 
 
 def test_client_means_follow_the_mixture():
@@ -117,3 +117,22 @@ def test_named_schedules_ignore_custom_fields():
     cfg = DelayConfig(schedule="paper", train_means=[9.0], train_probs=[1.0], download=7.0)
     assert schedule_from(cfg) == SCHEDULES["paper"]
     assert SCHEDULES["paper"] == Schedule("exponential", (1.0, 1.3, 1.6), (0.25, 0.5, 0.25), 0.1, (0.15, 0.25), 0.02)
+
+
+def test_high_schedule_gives_the_virtual_times_of_its_custom_form():
+    """`delays.schedule = "high"` is the custom Pareto schedule the FedRevive and FedEcho experiments ran with
+    (`--delays.schedule=custom --delays.train_shape=pareto --delays.train_means=1,2,6 --delays.train_probs=0.5,0.3,0.2
+    --delays.pareto_shape=1.5`, the other fields at their defaults): the same clients and the same job times."""
+    custom = DelayConfig(schedule="custom", train_shape="pareto", train_means=[1.0, 2.0, 6.0],
+                         train_probs=[0.5, 0.3, 0.2], pareto_shape=1.5)
+    assert schedule_from(DelayConfig(schedule="high")) == schedule_from(custom)
+    named, spelled = DelayModel(DelayConfig(schedule="high"), 100, seed=3), DelayModel(custom, 100, seed=3)
+    np.testing.assert_array_equal(named.train_mean, spelled.train_mean)
+    np.testing.assert_array_equal(named.upload_mean, spelled.upload_mean)
+    assert [named.job(c, j) for c in range(100) for j in range(5)] == \
+           [spelled.job(c, j) for c in range(100) for j in range(5)]
+
+
+def test_mean_job_time_of_the_named_schedules():
+    assert mean_job_time(SCHEDULES["paper"]) == pytest.approx(1.6)
+    assert mean_job_time(SCHEDULES["high"]) == pytest.approx(2.6)   # 32.5 units = the paper's 20 in updates

@@ -111,3 +111,27 @@ def test_summary_json_schema_matches_real_summaries(tmp_path):
         for key in s["algorithm_stats"]:
             assert f"`{key}`" in table, f"algorithm_stats key {key} is not documented"
     assert set(summaries[1]["workers"][0]) == {"rank", "jobs", "wall_seconds", "idle_seconds"}
+
+
+# Files the lead engineer is rewriting; their history words are listed for that rewrite. Remove entries as they land.
+HISTORY_PENDING = {"mpi_afl/algorithms/fedecho.py", "mpi_afl/distill/kd.py", "mpi_afl/distill/synthesizer.py"}
+
+
+def test_user_facing_files_speak_of_the_software_not_its_development_history():
+    """README, docs/, experiments/, bench/, examples/ and the package's code and comments say what the software
+    does and what the measurements show, never which work session or tracker issue produced them."""
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "README.md", *(p for top in ("docs", "experiments", "bench", "examples", "mpi_afl")
+                                   for p in (root / top).rglob("*") if p.is_file())]
+    pattern = re.compile(r"\bsessions?\b|\bissue[ _-]?[0-9]", re.IGNORECASE)
+    found = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if pattern.search(rel):
+            found.append(f"{rel}: file name")
+        if rel in HISTORY_PENDING or path.suffix not in (".md", ".py", ".toml", ".sh", ".sbatch", ".txt", ".jsonl"):
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{rel}:{n}: {line.strip()[:100]}")
+    assert not found, "development history in user-facing files:\n" + "\n".join(found)

@@ -154,3 +154,31 @@ def test_tail_accuracy_and_time_to_target():
     assert results.tail_accuracy(t, acc, budget=4.0) == pytest.approx(0.55)   # evaluations at t >= 3
     assert results.tail_accuracy(t, acc, budget=40.0) is None
     assert results.time_to_target(t, acc, 0.45) == 2.0 and results.time_to_target(t, acc, 0.9) is None
+
+
+# Reference values: scipy.stats.t and scipy.special.betainc (scipy 1.17), written down so the test needs no scipy.
+@pytest.mark.parametrize("t, df, cdf", [(2.0, 4, 0.9419417382415922), (0.5, 1, 0.6475836176504333),
+                                        (3.1, 9, 0.993638772010899), (-1.2, 2, 0.17650168038968475),
+                                        (10.0, 3, 0.9989358004707929), (1.96, 1000, 0.9748634075221256),
+                                        (0.0, 5, 0.5)])
+def test_student_t_cdf_matches_known_values(t, df, cdf):
+    assert results.student_t_cdf(t, df) == pytest.approx(cdf, rel=1e-10, abs=1e-13)
+
+
+def test_regularized_beta_matches_known_values():
+    assert results.regularized_beta(2.5, 0.5, 0.3) == pytest.approx(0.018927124071945658, rel=1e-10)
+    assert results.regularized_beta(0.5, 0.5, 0.9) == pytest.approx(0.7951672353008665, rel=1e-10)
+    assert results.regularized_beta(3.0, 2.0, 0.0) == 0.0 and results.regularized_beta(3.0, 2.0, 1.0) == 1.0
+
+
+def test_paired_comparison_is_the_paired_t_test():
+    a = {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.5, 4: 0.4, 9: 0.9}
+    b = {0: 0.0, 1: 0.1, 2: 0.25, 3: 0.2, 4: 0.1, 5: 0.3}   # seeds 5 and 9 have one side only
+    c = results.paired_comparison(a, b)
+    assert c["seeds"] == [0, 1, 2, 3, 4]
+    assert c["positive"] == 4 and c["negative"] == 1
+    assert c["mean"] == pytest.approx(0.17)
+    assert c["p_value"] == pytest.approx(0.062449600206163, rel=1e-9)   # scipy.stats.ttest_rel
+    assert results.paired_comparison({0: 1.0}, {0: 0.5})["p_value"] is None
+    assert results.paired_comparison({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})["p_value"] == 0.0
+    assert results.paired_comparison({0: 1.0}, {1: 1.0}) is None

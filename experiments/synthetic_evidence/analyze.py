@@ -2,9 +2,9 @@
 
     python experiments/synthetic_evidence/analyze.py
 
-E1 (results.jsonl, one bench/synthetic_images.py line per checkpoint): the held-out KD gain of each input
+E1 (results.jsonl, one experiments/probes/synthetic_images.py line per checkpoint): the held-out KD gain of each input
 source, the ceiling's share of the real split's gain and the label-prior control. E2 (e2-budget*.jsonl and
-control-budget*.jsonl, bench/accuracy.py lines): teacher-matched FedRevive against AFL-DW and default FedRevive
+control-budget*.jsonl, run rows of the earlier grid front end): teacher-matched FedRevive against AFL-DW and default FedRevive
 of the same seeds: mean ± sample std, paired differences with a paired t-test p value and the seeds ahead.
 """
 

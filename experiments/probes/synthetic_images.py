@@ -1,6 +1,6 @@
 """Look at a FedRevive (or synthetic-input FedEcho) run's synthetic images and measure how its models see them.
 
-    python bench/synthetic_images.py RUN_DIR [RUN_DIR ...] [--out DIR] [--per-class 8] [--synth-steps 2,10,50]
+    python experiments/probes/synthetic_images.py RUN_DIR [RUN_DIR ...] [--out DIR] [--per-class 8] [--synth-steps 2,10,50]
 
 Reads each RUN_DIR/checkpoint.h5 (the synthetic pool, the teacher buffer and the global model are all in
 the algorithm's checkpointed state), writes DIR/<run name>-pool.png (one row per class, the newest pool
@@ -78,8 +78,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `python bench/synthetic_images.py` from anywhere
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # `python experiments/probes/synthetic_images.py` from anywhere
 
 from mpi_afl.algorithms.fedecho import echo_target, teacher_staleness, teacher_weights  # noqa: E402
 from mpi_afl.config import from_dict  # noqa: E402
@@ -451,7 +451,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding checkpoint.h5")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/synthetic"), help="where PNGs go")
+    parser.add_argument("--out", type=Path, default=Path("experiments/probes/images"), help="where PNGs go")
     parser.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
     parser.add_argument("--synth-steps", default="", help="comma-separated fast-generator step counts to probe")
     parser.add_argument("--kd-probe", type=int, default=0, metavar="N",
