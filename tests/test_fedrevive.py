@@ -106,7 +106,7 @@ def test_warmup_gates_and_blend():
 class FixedKD(FedRevive):
     """FedRevive whose distillation returns a known Delta_KD, to check the blend alone."""
 
-    def knowledge(self, ctx, x_t):
+    def knowledge(self, ctx, x_t, share):
         yield
         return torch.full_like(x_t, 0.25)
 

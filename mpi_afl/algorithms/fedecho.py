@@ -10,8 +10,8 @@ non-IID data; it comes with convergence guarantees. Its authors also wrote
 CA2FL.
 
 **Everything below is our reconstruction** (every choice configurable). The
-defaults are the second reconstruction (issue 12) with class-expert teacher
-weights (step 4) and η_kd = 0.3: in the 5-seed grid of bench/ACCURACY.md it
+defaults are the second reconstruction with class-expert teacher
+weights (step 4) and η_kd = 0.3: in the 5-seed grid of experiments/fedecho_grid it
 matches CA2FL in all four cells and beats it at alpha 0.1 with the paper
 schedule (+1.7 points final), where "relative" weights only matched it. The
 first reconstruction is `echo.backbone=fedbuff echo.weighting=entropy
@@ -61,14 +61,14 @@ replaced the stepped model, undid part of CA2FL's step.
    straggler that is still right) down to its prior s_k (> 0 for sqrt and
    polynomial); a fresh teacher (s = 1) has ρ = 1. γ → ∞ gives the
    reliability-weighted mean. "expert" (default; synthetic inputs only;
-   issue 12's third variant, bench/ACCURACY.md): the teachers as class experts,
+   the third variant, experiments/fedecho_grid): the teachers as class experts,
        a_k(x) = ρ_k q_k(y_x) / Σ_j ρ_j q_j(y_x),
    y_x the class the generator made image x for and q_k the teacher's class
    proportions that steer the synthesis (step 3), ρ_k as in "relative"; a
    class no teacher has (Σ_j ρ_j q_j(y_x) = 0) gets ρ_k / Σ_j ρ_j.
    Why: on real test images the final teachers of alpha 0.1 / high delay
    weighted by q_k of the true class are right 94% of the time, against 66%
-   for "relative" and 74% for the global model (bench/synthetic_images.py);
+   for "relative" and 74% for the global model (experiments/probes/synthetic_images.py);
    a synthetic image carries its class, so the weights can use it without
    labels from any client. The abstract's uncertainty weighting lives on in
    ρ_k (a stale teacher's estimated reliability); per-sample certainty alone

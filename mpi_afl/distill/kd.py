@@ -52,7 +52,7 @@ def record_kd(stats: dict, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
 
     A diagnostic, not part of any method: a small ratio means KD barely moves the model next to the
     update (FedRevive's blend is then mostly a shrink of the stale delta, which AFL-DW does without KD;
-    bench/ACCURACY.md)."""
+    experiments/fedrevive_distillation)."""
     delta_norm, kd_norm = float(delta.norm()), float(kd_delta.norm())
     cosine = float(torch.dot(kd_delta, delta)) / max(kd_norm * delta_norm, 1e-30)
     record_mean(stats, "kd_applied", {"kd_norm_ratio": kd_norm / max(delta_norm, 1e-30), "kd_cosine": cosine})

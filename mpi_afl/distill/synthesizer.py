@@ -139,7 +139,7 @@ class Synthesizer:
         in stats["syntheses"] and keeps in stats["synth_agreement"] the running
         mean of the kept batch's agreement: the fraction of its images whose
         teacher-ensemble (mean logits) argmax is their label, a diagnostic of
-        generator quality (bench/ACCURACY.md). The student is used in eval
+        generator quality (experiments/fedrevive_distillation). The student is used in eval
         mode and its mode and requires_grad flags are restored afterwards."""
         cfg = self.cfg
         k, group = teachers.total, teachers.group
