@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from .transport.peer_loss import EXIT_PEER_LOST
+
 DEFAULT_SRUN_MPI = "pmi2"
 DEFAULT_MAX_REQUEUES = 100
 _STEPS = 1000   # step ids whose segments count as the job's own (a job script runs a handful)
@@ -144,6 +146,28 @@ def should_requeue(out: Path, returncode: int, stamp_before: tuple[int, int] | N
     return True, "the run stopped on a signal (time limit or pre-emption) and has not met its stop rule"
 
 
+def checkpoint_stamp(out: Path) -> tuple[int, int] | None:
+    try:
+        st = (out / "checkpoint.h5").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def failure_note(out: Path, returncode: int, checkpoint_before: tuple[int, int] | None) -> str:
+    """What a failed training step left to resume from (empty for a step that did not fail)."""
+    if returncode == 0:
+        return ""
+    stamp = checkpoint_stamp(out)
+    if stamp is None:
+        return "; no checkpoint.h5 to resume from"
+    when = "written during this start" if stamp != checkpoint_before else "from an earlier start"
+    cause = (" (ranks died under the server, e.g. a node failed or its ranks were killed: a rank that lost its "
+             f"peers exits {EXIT_PEER_LOST})" if returncode in (EXIT_PEER_LOST, 128 + signal.SIGKILL) else "")
+    return (f"{cause}; {out / 'checkpoint.h5'} ({when}) is intact: `scontrol requeue JOBID`, or a new sbatch "
+            f"with the same OUT, resumes from it")
+
+
 PROGRESS_FILE = ".slurm-progress.json"   # in OUT: starts in a row that added no version
 DEFAULT_MAX_IDLE_STARTS = 3
 
@@ -208,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["srun", f"--mpi={mpi}", "--kill-on-bad-exit=1", sys.executable, "-m", "mpi_afl.train",
            *trainer_args(out, restarts), *options]
     print(f"mpi_afl.slurm: job {job_id} restart {restarts}: {' '.join(cmd)}", flush=True)
-    before, versions_before = summary_stamp(out), run_versions(out)
+    before, versions_before, checkpoint_before = summary_stamp(out), run_versions(out), checkpoint_stamp(out)
     code = subprocess.run(cmd, check=False).returncode
     requeue, why = should_requeue(out, code, before)
     if not requeue:
-        print(f"mpi_afl.slurm: job {job_id} done: {why}", flush=True)
+        print(f"mpi_afl.slurm: job {job_id} done: {why}{failure_note(out, code, checkpoint_before)}", flush=True)
         return code
     idle = idle_starts(out, versions_before, summary_stamp(out) not in (None, before))
     if idle >= max_idle:

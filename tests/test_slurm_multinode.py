@@ -195,9 +195,10 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
         job = out.stdout.strip().split(";")[0]
         jobs[name] = Job(job, d / f"mpi_afl-multi-{job}.out", d / "run", act)
 
-    # The server alone on n1, two workers on n2 (an arbitrary distribution from a host file).
+    # The server alone on n1, two workers on n2 (an arbitrary distribution from a host file; --ntasks-per-node
+    # replaces the script's 8, which -n 3 on 2 nodes could not satisfy).
     (root / "hosts").write_text("n1\nn2\nn2\n")
-    submit("two_nodes", ["-N", "2", "-n", "3", "--cpus-per-task=1", "--distribution=arbitrary", "--time=20"],
+    submit("two_nodes", ["-N", "2", "-n", "3", "--ntasks-per-node=2", "--cpus-per-task=1", "--distribution=arbitrary", "--time=20"],
            [*EXACT, "--max-versions", "20"], SLURM_HOSTFILE=str(root / "hosts"))
     if NODES >= 4:
         submit("four_nodes", ["-N", "4", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
