@@ -4,17 +4,22 @@
 
 One incarnation of the job (the first start, or a restart after a requeue) does:
 
-1. remove this job's stale MPICH shared-memory segments on every node. Ranks killed before
+1. remove stale MPICH shared-memory segments on every node. Ranks killed before
    MPI_Finalize (pre-emption's SIGKILL after KillWait) leave `/dev/shm/mpich_shm_<id>_<node>`
    behind; `<id>` hashes the PMI job id `JOBID.STEPID`, which a requeued job gets again, so
-   its MPI_Init would map the dead job's segment and spin forever;
+   its MPI_Init would map the dead job's segment and spin forever. Segments of earlier jobs
+   (another job id: a cancelled job, a resubmission) are removed too, once they are a minute
+   old. A segment that a live process maps (/proc/*/maps, compared by device and inode) is
+   never stale: MPICH's names carry no cluster, so another job with the same id may own it;
 2. start the trainer with `srun --mpi=$MPI_AFL_SRUN_MPI` (default pmi2: the plug-in that
    gives MPICH, and the `mpich` wheel, one world; Open MPI sites use pmix). The run resumes
    from OUT/checkpoint.h5 when there is one; a restarted job without a checkpoint (killed
    before its first one) starts the run over in OUT;
 3. when the run stopped on a signal (`--signal=USR1@T`: the time limit is near), requeue
    the job with `scontrol requeue`, so it continues from the checkpoint; a run that ended by
-   its own stop rule, or failed, ends the job. At most $MPI_AFL_MAX_REQUEUES restarts.
+   its own stop rule, or failed, ends the job. At most $MPI_AFL_MAX_REQUEUES restarts, and no
+   requeue after $MPI_AFL_MAX_IDLE_STARTS (3) starts in a row that added no version (the
+   signal came before the run began every time: start-up is slower than the signal's lead time).
 
 The signal of `--signal=USR1@T` (no `B:`) goes to the tasks of the steps, not to this
 process; `scancel` (TERM to everything) ends the job for good: the trainer checkpoints and
@@ -28,7 +33,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from .transport.peer_loss import EXIT_PEER_LOST
 
 DEFAULT_SRUN_MPI = "pmi2"
 DEFAULT_MAX_REQUEUES = 100
@@ -43,13 +51,45 @@ def fnv1a32(text: str) -> int:
     return h
 
 
-def stale_segments(job_id: str, shm: Path = Path("/dev/shm")) -> list[Path]:
-    """MPICH segments (`mpich_shm_<id>_<node>`, `mpich_vci_<id>_<node>`) of earlier steps with this job id."""
+OTHER_JOB_MIN_AGE = 60.0   # seconds: a segment of another job id younger than this may be one being set up
+
+
+def mapped_files(proc: Path = Path("/proc")) -> set[tuple[int, int]]:
+    """(device, inode) of every file that a live process maps, from /proc/*/maps (a process whose maps cannot
+    be read, e.g. another user's without root, is not seen: the caller only removes files it may remove)."""
+    found = set()
+    for maps in proc.glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:   # gone, or not ours to read
+            continue
+        for line in text.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/") and fields[4] != "0":
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                found.add((os.makedev(major, minor), int(fields[4])))
+    return found
+
+
+def stale_segments(job_id: str, shm: Path = Path("/dev/shm"), mapped: set[tuple[int, int]] | None = None,
+                   now: float | None = None) -> list[Path]:
+    """MPICH segments (`mpich_shm_<id>_<node>`, `mpich_vci_<id>_<node>`) that no live process maps: those of
+    earlier steps with this job id, and those of other job ids once OTHER_JOB_MIN_AGE old."""
     ids = {f"{fnv1a32(f'{job_id}.{step}'):x}" for step in range(_STEPS)}
+    mapped = mapped_files() if mapped is None else mapped
+    now = time.time() if now is None else now
     found = []
     for path in sorted(shm.glob("mpich_*_*_*")):
         kind, world, _node = path.name[len("mpich_"):].split("_", 2)
-        if kind in ("shm", "vci") and world in ids:
+        if kind not in ("shm", "vci"):
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) in mapped:
+            continue
+        if world in ids or now - st.st_mtime >= OTHER_JOB_MIN_AGE:
             found.append(path)
     return found
 
@@ -60,7 +100,7 @@ def remove_stale_segments(job_id: str, shm: Path = Path("/dev/shm")) -> list[Pat
         try:
             path.unlink()
             removed.append(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):   # gone, or another user's (sticky /dev/shm)
             pass
     return removed
 
@@ -106,6 +146,54 @@ def should_requeue(out: Path, returncode: int, stamp_before: tuple[int, int] | N
     return True, "the run stopped on a signal (time limit or pre-emption) and has not met its stop rule"
 
 
+def checkpoint_stamp(out: Path) -> tuple[int, int] | None:
+    try:
+        st = (out / "checkpoint.h5").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def failure_note(out: Path, returncode: int, checkpoint_before: tuple[int, int] | None) -> str:
+    """What a failed training step left to resume from (empty for a step that did not fail)."""
+    if returncode == 0:
+        return ""
+    stamp = checkpoint_stamp(out)
+    if stamp is None:
+        return "; no checkpoint.h5 to resume from"
+    when = "written during this start" if stamp != checkpoint_before else "from an earlier start"
+    cause = (" (ranks died under the server, e.g. a node failed or its ranks were killed: a rank that lost its "
+             f"peers exits {EXIT_PEER_LOST})" if returncode in (EXIT_PEER_LOST, 128 + signal.SIGKILL) else "")
+    return (f"{cause}; {out / 'checkpoint.h5'} ({when}) is intact: `scontrol requeue JOBID`, or a new sbatch "
+            f"with the same OUT, resumes from it")
+
+
+PROGRESS_FILE = ".slurm-progress.json"   # in OUT: starts in a row that added no version
+DEFAULT_MAX_IDLE_STARTS = 3
+
+
+def run_versions(out: Path) -> int:
+    """Versions the run has reached so far (summary.json), 0 when it has none."""
+    try:
+        return int(json.loads((out / "summary.json").read_text()).get("versions", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def idle_starts(out: Path, before: int, added_summary: bool) -> int:
+    """Count this start in OUT/.slurm-progress.json: the number of starts in a row (this one included) that
+    added no version; a start that added one resets it to 0."""
+    path = out / PROGRESS_FILE
+    try:
+        count = int(json.loads(path.read_text()).get("idle_starts", 0))
+    except (OSError, ValueError, AttributeError):
+        count = 0
+    count = 0 if added_summary and run_versions(out) > before else count + 1
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"idle_starts": count}) + "\n")
+    return count
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     try:
@@ -130,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     out, options = Path(argv[0]), argv[1:]
     restarts = _env_int("SLURM_RESTART_COUNT", 0)
     max_requeues = _env_int("MPI_AFL_MAX_REQUEUES", DEFAULT_MAX_REQUEUES)
+    max_idle = _env_int("MPI_AFL_MAX_IDLE_STARTS", DEFAULT_MAX_IDLE_STARTS)
     mpi = os.environ.get("MPI_AFL_SRUN_MPI", DEFAULT_SRUN_MPI)
     nodes = _env_int("SLURM_JOB_NUM_NODES", 1)
 
@@ -143,25 +232,34 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["srun", f"--mpi={mpi}", "--kill-on-bad-exit=1", sys.executable, "-m", "mpi_afl.train",
            *trainer_args(out, restarts), *options]
     print(f"mpi_afl.slurm: job {job_id} restart {restarts}: {' '.join(cmd)}", flush=True)
-    before = summary_stamp(out)
+    before, versions_before, checkpoint_before = summary_stamp(out), run_versions(out), checkpoint_stamp(out)
     code = subprocess.run(cmd, check=False).returncode
     requeue, why = should_requeue(out, code, before)
     if not requeue:
-        print(f"mpi_afl.slurm: job {job_id} done: {why}", flush=True)
+        print(f"mpi_afl.slurm: job {job_id} done: {why}{failure_note(out, code, checkpoint_before)}", flush=True)
         return code
+    idle = idle_starts(out, versions_before, summary_stamp(out) not in (None, before))
+    if idle >= max_idle:
+        print(f"mpi_afl.slurm: {why}; {idle} starts in a row added no version: start-up (importing torch, MPI "
+              f"initialisation, loading data) takes longer than the time-limit signal's lead time, so every start "
+              f"is stopped before it trains. Not requeueing: submit again with a larger --signal=USR1@SECONDS "
+              f"or a longer --time (the run continues from {out}).", flush=True)
+        return 1
     if restarts >= max_requeues:
         print(f"mpi_afl.slurm: {why}, but the job has restarted {restarts} times (MPI_AFL_MAX_REQUEUES="
               f"{max_requeues}); not requeueing. Continue with another sbatch of the same OUT.", flush=True)
         return 1
-    print(f"mpi_afl.slurm: {why}: requeueing job {job_id}", flush=True)
+    print(f"mpi_afl.slurm: {why}: requeueing job {job_id}. Expected next in this log: slurmstepd's "
+          f"'*** JOB {job_id} ... CANCELLED ... DUE TO JOB REQUEUE ***' (how SLURM ends this start), then about "
+          f"two minutes of hold (reason BeginTime) before the restart resumes from the checkpoint", flush=True)
     # The requeue ends this incarnation (SLURM kills the batch script); it restarts after SLURM's hold.
     return subprocess.run(["scontrol", "requeue", job_id], check=False).returncode
 
 
 def _clean_shm(job_id: str) -> None:
     for path in remove_stale_segments(job_id):
-        print(f"mpi_afl.slurm: removed stale MPI shared memory {path} (an earlier run of job {job_id} was killed)",
-              flush=True)
+        print(f"mpi_afl.slurm: removed stale MPI shared memory {path} on {os.uname().nodename} (ranks of an "
+              f"earlier start or job were killed before MPI_Finalize; no live process mapped it)", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ it is: delete its directory to start it over. At the end the mean ± std table o
 With `--slurm FILE` nothing runs here: FILE becomes an sbatch script with one array task per grid
 point, each running `python -m mpi_afl.slurm` (which resumes and requeues itself; see
 mpi_afl/slurm.py) on the same directories, so the local and SLURM sweeps are interchangeable.
+`--array-parallel N` limits the array to N tasks at a time (default: no limit); `--partition`,
+`--account`, `--gpus-per-task`, `--cpus-per-task` and `--sbatch=OPTION` (repeatable) add `#SBATCH` lines.
 
 `--experiment FILE` runs an experiment.toml (cells x methods x seeds, each method's full settings;
 mpi_afl/experiment.py) into DIR/<cell>/<method>/s<seed> the same way, locally or with --slurm, and ends with
@@ -227,8 +229,12 @@ def run_local(points: list[GridPoint], out: Path, extra: list[str], parallel: in
 
 
 def slurm_script(points: list[Point], out: Path, extra: list[str], ranks: int, time_limit: str,
-                 parallel: int) -> str:
-    """An sbatch script with one array task per point; each runs mpi_afl.slurm on the point's directory."""
+                 parallel: int | None, sbatch: list[str] = ()) -> str:
+    """An sbatch script with one array task per point; each runs mpi_afl.slurm on the point's directory.
+    `parallel`: array tasks at a time (`--array=0-N%parallel`; None or 0: as many as the scheduler starts);
+    `sbatch`: more sbatch options, one `#SBATCH` line each (partition, account, GPUs, ...)."""
+    throttle = f"%{parallel}" if parallel else ""
+    more = "".join(f"#SBATCH {option}\n" for option in sbatch)
     tasks = "\n".join(f"    {shlex.quote(shlex.join(p.train_args(out, extra)))}" for p in points)
     dirs = "\n".join(f"    {shlex.quote(str(p.directory(out)))}" for p in points)
     return f"""#!/usr/bin/env bash
@@ -238,12 +244,13 @@ def slurm_script(points: list[Point], out: Path, extra: list[str], ranks: int, t
 #SBATCH --job-name=mpi_afl-sweep
 #SBATCH --ntasks={ranks}
 #SBATCH --time={time_limit}
-#SBATCH --array=0-{len(points) - 1}%{parallel}
+#SBATCH --array=0-{len(points) - 1}{throttle}
 #SBATCH --output={out}/logs/%x-%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
-set -euo pipefail
+{more}set -euo pipefail
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}
 DIRS=(
 {dirs}
 )
@@ -303,6 +310,22 @@ def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def sbatch_options(args: argparse.Namespace) -> list[str]:
+    """The `#SBATCH` options of --partition, --account, --gpus-per-task, --cpus-per-task and --sbatch
+    (ValueError: one that cannot be a line of the script)."""
+    if args.array_parallel is not None and args.array_parallel < 0:
+        raise ValueError(f"--array-parallel must be >= 0 (0: no limit), not {args.array_parallel}")
+    for name in ("gpus_per_task", "cpus_per_task"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    options = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+               for name in ("partition", "account", "gpus_per_task", "cpus_per_task") if getattr(args, name)]
+    for option in args.sbatch:
+        if not option.startswith("-") or any(c in option for c in "\n\r"):
+            raise ValueError(f"--sbatch {option!r}: expected one sbatch option such as --qos=long")
+    return options + list(args.sbatch)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -310,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mpi-afl sweep", description=__doc__.split("\n\n")[0],
         usage="mpi-afl sweep --out DIR (--experiment FILE | --algorithms A[,A...] --seeds S[,S...] "
-              "[--set KEY=V[,V...]]) [--parallel N] [--ranks R] [--slurm FILE] [-- TRAIN OPTIONS]")
+              "[--set KEY=V[,V...]]) [--parallel N] [--ranks R] [--slurm FILE [--array-parallel N] [--partition P] "
+              "...] [-- TRAIN OPTIONS]")
     parser.add_argument("--out", type=Path, required=True, help="sweep directory (one subdirectory per setting)")
     parser.add_argument("--experiment", type=Path, metavar="FILE",
                         help="run the experiment FILE describes (experiment.toml: cells x methods x seeds; "
@@ -319,18 +343,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0], help="comma-separated seeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V[,V...]",
                         help="a grid axis: a dotted config key and its values (repeatable)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local) or array tasks at a time")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="runs at a time (local, default 1); with --slurm the same as --array-parallel")
     parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (1: one process, no launcher)")
     parser.add_argument("--slurm", type=Path, metavar="FILE", help="write an sbatch array script instead of running")
     parser.add_argument("--time", default="04:00:00", help="SLURM time limit per task (with --slurm)")
+    cluster = parser.add_argument_group("SLURM array (with --slurm)")
+    cluster.add_argument("--array-parallel", type=int, default=None, metavar="N",
+                         help="array tasks running at a time: --array=0-LAST%%N (default: no limit, as many as the "
+                              "scheduler starts)")
+    cluster.add_argument("--partition", help="#SBATCH --partition")
+    cluster.add_argument("--account", help="#SBATCH --account")
+    cluster.add_argument("--gpus-per-task", type=int, metavar="N", help="#SBATCH --gpus-per-task")
+    cluster.add_argument("--cpus-per-task", type=int, metavar="N",
+                         help="#SBATCH --cpus-per-task (also OMP_NUM_THREADS of the ranks)")
+    cluster.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                         help="any other sbatch option, one #SBATCH line each (repeatable), e.g. --sbatch=--qos=long "
+                              "--sbatch='--constraint=a100'")
     parser.add_argument("--table-only", action="store_true", help="only print the mean ± std table of DIR")
     args = parser.parse_args(own)
-    if args.parallel < 1 or args.ranks < 1:
+    if (args.parallel is not None and args.parallel < 1) or args.ranks < 1:
         parser.error("--parallel and --ranks must be >= 1")
     if bool(args.experiment) == bool(args.algorithms):
         parser.error("give either --experiment FILE or --algorithms A[,A...]")
     if args.experiment:
         return run_experiment(args, extra)
+    try:
+        sbatch_lines = sbatch_options(args)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         points = grid(args.algorithms, args.seeds, args.set)
     except ValueError as e:
@@ -339,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
     if args.slurm:
         (args.out / "logs").mkdir(parents=True, exist_ok=True)
-        args.slurm.write_text(slurm_script(points, args.out, extra, args.ranks, args.time, args.parallel))
+        parallel = args.array_parallel if args.array_parallel is not None else args.parallel
+        args.slurm.write_text(slurm_script(points, args.out, extra, args.ranks, args.time, parallel, sbatch_lines))
         print(f"sweep: wrote {args.slurm} ({len(points)} array tasks); submit with: sbatch {args.slurm}")
         return 0
-    failed = [] if args.table_only else run_local(points, args.out, extra, args.parallel, args.ranks)
+    failed = [] if args.table_only else run_local(points, args.out, extra, args.parallel or 1, args.ranks)
     print_table(args.out)
     if failed:
         print(f"sweep: {len(failed)} run(s) failed; see {args.out / 'logs'}; run the same command again to "

@@ -6,13 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from mpi_afl.launch import world_mismatch
 from mpi_afl.placement import _gpu_slot, _ranges, describe
-from mpi_afl.slurm import fnv1a32, should_requeue, stale_segments, summary_stamp, trainer_args
+from mpi_afl.slurm import (OTHER_JOB_MIN_AGE, fnv1a32, idle_starts, mapped_files, should_requeue, stale_segments,
+                            summary_stamp, trainer_args)
 from mpi_helpers import HANG_GUARD
 
 
@@ -21,13 +24,41 @@ def test_segment_names_follow_mpich():
     assert f"{fnv1a32('2.0'):x}" == "281e0ec3"
 
 
-def test_only_this_jobs_segments_are_stale(tmp_path):
+def test_stale_segments_are_this_jobs_and_old_ones_of_other_jobs(tmp_path):
     mine = [f"mpich_shm_{fnv1a32('42.0'):x}_0", f"mpich_vci_{fnv1a32('42.1'):x}_0", f"mpich_shm_{fnv1a32('42.3'):x}_1"]
-    others = [f"mpich_shm_{fnv1a32('43.0'):x}_0", f"mpich_shm_{fnv1a32('420.0'):x}_0", "mpich_shm_1712_0",
-              "other_file", f"mpich_foo_{fnv1a32('42.0'):x}_0"]
-    for name in mine + others:
+    old = [f"mpich_shm_{fnv1a32('43.0'):x}_0", "mpich_vci_1712_0"]
+    young = [f"mpich_shm_{fnv1a32('420.0'):x}_0"]   # another job's, maybe being set up right now
+    others = ["other_file", f"mpich_foo_{fnv1a32('42.0'):x}_0"]
+    now = time.time()
+    for name in mine + old + young + others:
         (tmp_path / name).write_bytes(b"")
-    assert sorted(p.name for p in stale_segments("42", tmp_path)) == sorted(mine)
+        age = 0 if name in mine + young else OTHER_JOB_MIN_AGE + 1
+        os.utime(tmp_path / name, (now - age, now - age))
+    assert sorted(p.name for p in stale_segments("42", tmp_path, mapped=set(), now=now)) == sorted(mine + old)
+    # a segment that a live process maps is never stale, whatever its name says
+    st = (tmp_path / mine[0]).stat()
+    assert mine[0] not in [p.name for p in stale_segments("42", tmp_path, mapped={(st.st_dev, st.st_ino)}, now=now)]
+
+
+def test_a_mapped_segment_is_seen_in_proc_maps():
+    import mmap
+    path = Path("/dev/shm") / f"mpich_shm_test{os.getpid()}_0"
+    try:
+        path.write_bytes(b"\0" * 4096)
+        st = path.stat()
+        assert (st.st_dev, st.st_ino) not in mapped_files()
+        with path.open("r+b") as f, mmap.mmap(f.fileno(), 4096) as view:
+            assert view[0] == 0 and (st.st_dev, st.st_ino) in mapped_files()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_starts_without_progress_are_counted(tmp_path):
+    out = tmp_path / "run"
+    assert [idle_starts(out, 0, False) for _ in range(2)] == [1, 2]   # no summary at all: signalled at start-up
+    (out / "summary.json").write_text(json.dumps({"versions": 7}))
+    assert idle_starts(out, 0, True) == 0                              # a start that added versions
+    assert idle_starts(out, 7, True) == 1                              # a fresh summary but no new version
 
 
 def test_trainer_args_resume_restart_or_start(tmp_path, capsys):

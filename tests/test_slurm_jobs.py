@@ -330,3 +330,26 @@ def test_srun_without_pmi_is_refused_with_the_cause(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "started 2 tasks" in out.stderr and "world of 1" in out.stderr and "--mpi=pmi2" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_generated_sweep_array_runs_with_its_cluster_options(tmp_path):
+    """`mpi-afl sweep --slurm` with the array's concurrency, partition, CPUs per task and an extra sbatch line:
+    the array SLURM accepts runs every point to its stop rule, under those options."""
+    from mpi_afl.sweep import main as sweep
+    script, out = tmp_path / "sweep.sbatch", tmp_path / "sweep"
+    assert sweep(["--out", str(out), "--algorithms", "fedasync", "--seeds", "0,1", "--ranks", "2",
+                  "--slurm", str(script), "--array-parallel", "1", "--partition", "debug", "--cpus-per-task", "1",
+                  "--sbatch=--time=10", "--", *RUN, "--max-versions", "5"]) == 0
+    job = slurm(["sbatch", "--parsable", script], check=True, cwd=tmp_path, env=_env()).stdout.strip().split(";")[0]
+    info = job_info(job)
+    assert (info.get("Partition"), info.get("ArrayTaskThrottle"), info.get("TimeLimit")) == \
+        ("debug", "1", "00:10:00"), info
+    end = time.monotonic() + CAMPAIGN_GUARD
+    for seed in (0, 1):
+        task = job_info(f"{job}_{seed}")
+        while time.monotonic() < end and task.get("JobState") not in TERMINAL:
+            time.sleep(1)
+            task = job_info(f"{job}_{seed}")
+        assert task.get("JobState") == "COMPLETED", f"task {seed}: {task.get('JobState')}\n" + "\n".join(
+            _tail(p) for p in (out / "logs").glob("*.out"))
+        assert summary(out / "fedasync" / f"s{seed}")["versions"] == 5

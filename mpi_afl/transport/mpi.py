@@ -37,6 +37,7 @@ from ..client.runner import JobOutput, JobSpec
 from ..messages import HEADER_BYTES, TAG_DONE, TAG_JOB, TAG_STOP, TAG_UPDATE, Message, message_bytes
 from .arrival import Arrival
 from .backoff import Backoff
+from .peer_loss import guard
 
 # The requests of one message (or job), its pooled buffer, and an object to keep alive until they complete.
 Sending = tuple[list[MPI.Request], Message, object]
@@ -73,7 +74,13 @@ class ServerMPI:
         self.free_recv: list[Message] = []
         self.status = MPI.Status()
 
+    # The server's MPI calls run under peer_loss.guard(): a dead peer ends this rank with exit code 11 instead
+    # of a segmentation fault (peer_loss.py).
     def send_job(self, worker: int, job: JobSpec, model: torch.Tensor) -> None:
+        with guard():
+            self._send_job(worker, job, model)
+
+    def _send_job(self, worker: int, job: JobSpec, model: torch.Tensor) -> None:
         self._reap()
         head = self.free_send.pop() if self.free_send else Message(0)
         head.set(client_id=job.client_id, job_index=job.job_index, base_version=job.base_version,
@@ -90,6 +97,10 @@ class ServerMPI:
         self.sending, self.free_send = reap(self.sending, self.free_send, 0)
 
     def poll(self) -> list[Arrival]:
+        with guard():
+            return self._poll()
+
+    def _poll(self) -> list[Arrival]:
         arrivals = []
         expected = message_bytes(self.payload_len)
         while True:
@@ -116,6 +127,10 @@ class ServerMPI:
 
     def stop(self) -> None:
         """Tell every worker to stop, discard late updates, wait for every DONE."""
+        with guard():
+            self._stop()
+
+    def _stop(self) -> None:
         counts = {w: np.array([self.sent[w]], dtype=np.float64) for w in self.workers}
         stops = [self.comm.Isend([counts[w], MPI.DOUBLE], dest=w, tag=TAG_STOP) for w in self.workers]
         done, backoff, empty = set(), Backoff(), np.zeros(1, dtype=np.float64)
