@@ -24,7 +24,7 @@ import h5py
 import pytest
 
 from mpi_helpers import HANG_GUARD, MPIEXEC, env as mpi_env
-from test_slurm_jobs import RUN, TERMINAL, assert_complete_log, logged_versions
+from test_slurm_jobs import RUN, TERMINAL, assert_complete_log, handles_usr1, logged_versions
 
 REPO = Path(__file__).resolve().parents[1]
 UP = REPO / ".ci" / "multinode_up.sh"
@@ -156,6 +156,14 @@ def kill_node_after_checkpoint(node: str, versions: int):
     return act
 
 
+def usr1_during_start_up(job: Job) -> None:
+    """USR1 to the ranks on both nodes once all of them handle it, while they still start up (no run.h5)."""
+    pids = rank_pids_on(job.id, "n1") + rank_pids_on(job.id, "n2")
+    if not job.events and len(pids) == 2 and all(handles_usr1(p) for p in pids):
+        slurm(["scancel", "--signal=USR1", job.id], check=True)
+        job.events.append("signalled" if not (job.out / "run.h5").exists() else "signalled too late")
+
+
 def drive(jobs: dict[str, Job]) -> None:
     end = time.monotonic() + 2 * HANG_GUARD
     while time.monotonic() < end and any(not j.done for j in jobs.values()):
@@ -211,6 +219,9 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
     submit("node_killed", ["-N", "2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"],
            [*EXACT, f"--max-versions={VERSIONS_KILL}", "--run.checkpoint_every=10", "--run.log_flush_seconds=0.5"],
            act=kill_node_after_checkpoint("n2", 20))
+    # A start stopped by the time-limit signal before it trained, with MPI_AFL_MAX_IDLE_STARTS=1: no requeue.
+    submit("no_progress", ["-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
+           [*EXACT, "--max-versions", "20"], act=usr1_during_start_up, MPI_AFL_MAX_IDLE_STARTS="1")
     drive(jobs)
     # The references, after the jobs (one run at a time on this machine's cores).
     jobs["sha20"] = one_process(root / "one20", [*EXACT, "--max-versions", "20"])
@@ -266,3 +277,12 @@ def test_node_killed_after_a_checkpoint_resumes_exactly(campaign):
     assert len(removed) == len(set(removed)), f"a segment was removed twice: {removed}"
     assert "resumed from" in text, tail(job.log)
     assert summary(job.out)["model_sha256"] == campaign["sha_kill"]
+
+
+def test_starts_that_add_no_version_stop_the_requeues_naming_the_cause(campaign):
+    job = campaign["no_progress"]
+    assert job.events == ["signalled"], f"{job.events}\n{tail(job.log)}"
+    text = job.log.read_text()
+    assert job.done.get("Restarts") == "0" and "requeueing job" not in text, tail(job.log)
+    assert "1 start in a row added no version" in text and "--signal=USR1@" in text, tail(job.log)
+    assert job.done.get("JobState") == "FAILED", tail(job.log)   # exit 1: the job did not do its work
