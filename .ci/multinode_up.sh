@@ -134,7 +134,8 @@ up() {
     fi
     mkdir -p "$STATE"/{etc,state,log,spool,node,gpu}
     if [ -n "$running" ] && ! cmp -s <(write_conf "$n") "$CONF"; then
-        die "the emulated cluster runs with another configuration ($(grep -c '^NodeName=n' "$CONF") nodes): $0 down first"
+        die "the emulated cluster runs with another configuration ($(grep -c '^NodeName=n' "$CONF") nodes):" \
+            "$0 down first"
     fi
     for i in $(seq 0 $((GPUS - 1))); do touch "$STATE/gpu/nvidia$i"; done
     start_munge
@@ -211,7 +212,8 @@ import numpy as np, socket
 c = MPI.COMM_WORLD
 x = np.full(1 << 20, c.rank, np.float32); y = np.empty_like(x); c.Allreduce(x, y)
 hosts = c.gather(socket.gethostname())
-if c.rank == 0: print("multinode_up: world", c.size, "on", hosts, "allreduce", "ok" if y[0] == sum(range(c.size)) else "WRONG")'
+ok = "ok" if y[0] == sum(range(c.size)) else "WRONG"
+if c.rank == 0: print("multinode_up: world", c.size, "on", hosts, "allreduce", ok)'
     after=$(cat "$stats")
     say "$((after - before)) bytes left n2 over its veth (a 4 MB Allreduce: expect > 4000000)"
     [ $((after - before)) -gt 4000000 ]

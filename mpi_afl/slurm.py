@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     idle = idle_starts(out, versions_before, summary_stamp(out) not in (None, before))
     if idle >= max_idle:
-        print(f"mpi_afl.slurm: {why}; {idle} starts in a row added no version: start-up (importing torch, MPI "
-              f"initialisation, loading data) takes longer than the time-limit signal's lead time, so every start "
-              f"is stopped before it trains. Not requeueing: submit again with a larger --signal=USR1@SECONDS "
-              f"or a longer --time (the run continues from {out}).", flush=True)
+        print(f"mpi_afl.slurm: {why}; {idle} start{'s' * (idle > 1)} in a row added no version: start-up "
+              f"(importing torch, MPI initialisation, loading data) takes longer than the time-limit signal's lead "
+              f"time, so every start is stopped before it trains. Not requeueing: submit again with a larger "
+              f"--signal=USR1@SECONDS or a longer --time (the run continues from {out}).", flush=True)
         return 1
     if restarts >= max_requeues:
         print(f"mpi_afl.slurm: {why}, but the job has restarted {restarts} times (MPI_AFL_MAX_REQUEUES="

@@ -153,3 +153,22 @@ def test_cuda_without_a_gpu_stops_every_rank_naming_them(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "2 of 2 rank(s) see no GPU (rank 0 on" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r" / "run.h5").exists()
+
+
+def test_a_fault_inside_a_guarded_mpi_call_exits_11_and_elsewhere_still_crashes():
+    """peer_loss.guard(): what a send to a dead peer does under MPICH's ch4:ucx (a segmentation fault) ends the
+    process with exit code 11 instead; outside the guard (and after it) a fault is a fault."""
+    from mpi_afl.transport.peer_loss import EXIT_PEER_LOST, _STATE
+    if _STATE is None:
+        pytest.skip("no guard on this platform (needs glibc on x86_64 or aarch64)")
+    code = ("import ctypes, faulthandler, sys\n"
+            "from mpi_afl.transport.peer_loss import guard\n"
+            "faulthandler.enable()\n"
+            "with guard():\n"
+            "    with guard(): pass\n"
+            "    if sys.argv[1] == 'inside': ctypes.string_at(0)\n"
+            "ctypes.string_at(0)\n")
+    inside = subprocess.run([sys.executable, "-c", code, "inside"], capture_output=True, text=True, timeout=HANG_GUARD)
+    after = subprocess.run([sys.executable, "-c", code, "after"], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert (inside.returncode, inside.stderr) == (EXIT_PEER_LOST, "")
+    assert after.returncode == -11 and "Segmentation fault" in after.stderr   # faulthandler's report is back

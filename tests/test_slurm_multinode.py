@@ -24,7 +24,7 @@ import h5py
 import pytest
 
 from mpi_helpers import HANG_GUARD, MPIEXEC, env as mpi_env
-from test_slurm_jobs import RUN, TERMINAL, assert_complete_log, logged_versions
+from test_slurm_jobs import RUN, TERMINAL, assert_complete_log, handles_usr1, logged_versions
 
 REPO = Path(__file__).resolve().parents[1]
 UP = REPO / ".ci" / "multinode_up.sh"
@@ -156,6 +156,14 @@ def kill_node_after_checkpoint(node: str, versions: int):
     return act
 
 
+def usr1_during_start_up(job: Job) -> None:
+    """USR1 to the ranks on both nodes once all of them handle it, while they still start up (no run.h5)."""
+    pids = rank_pids_on(job.id, "n1") + rank_pids_on(job.id, "n2")
+    if not job.events and len(pids) == 2 and all(handles_usr1(p) for p in pids):
+        slurm(["scancel", "--signal=USR1", job.id], check=True)
+        job.events.append("signalled" if not (job.out / "run.h5").exists() else "signalled too late")
+
+
 def drive(jobs: dict[str, Job]) -> None:
     end = time.monotonic() + 2 * HANG_GUARD
     while time.monotonic() < end and any(not j.done for j in jobs.values()):
@@ -198,7 +206,8 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
     # The server alone on n1, two workers on n2 (an arbitrary distribution from a host file; --ntasks-per-node
     # replaces the script's 8, which -n 3 on 2 nodes could not satisfy).
     (root / "hosts").write_text("n1\nn2\nn2\n")
-    submit("two_nodes", ["-N", "2", "-n", "3", "--ntasks-per-node=2", "--cpus-per-task=1", "--distribution=arbitrary", "--time=20"],
+    submit("two_nodes", ["-N", "2", "-n", "3", "--ntasks-per-node=2", "--cpus-per-task=1", "--distribution=arbitrary",
+                         "--time=20"],
            [*EXACT, "--max-versions", "20"], SLURM_HOSTFILE=str(root / "hosts"))
     if NODES >= 4:
         submit("four_nodes", ["-N", "4", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
@@ -210,6 +219,9 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
     submit("node_killed", ["-N", "2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"],
            [*EXACT, f"--max-versions={VERSIONS_KILL}", "--run.checkpoint_every=10", "--run.log_flush_seconds=0.5"],
            act=kill_node_after_checkpoint("n2", 20))
+    # A start stopped by the time-limit signal before it trained, with MPI_AFL_MAX_IDLE_STARTS=1: no requeue.
+    submit("no_progress", ["-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
+           [*EXACT, "--max-versions", "20"], act=usr1_during_start_up, MPI_AFL_MAX_IDLE_STARTS="1")
     drive(jobs)
     # The references, after the jobs (one run at a time on this machine's cores).
     jobs["sha20"] = one_process(root / "one20", [*EXACT, "--max-versions", "20"])
@@ -257,9 +269,20 @@ def test_node_killed_after_a_checkpoint_resumes_exactly(campaign):
     assert job.events and job.events[0].startswith("killed") and job.events[1:] == ["requeued"], \
         f"{job.events}\n{tail(job.log)}"
     text = completed(job, VERSIONS_KILL)
-    assert "Segmentation fault" not in text, tail(job.log)
+    # the server, whose peers died under it, exits 11 instead of segfaulting, and the job log says what is left
+    assert "Segmentation fault" not in text and "task 0: Exited with exit code 11" in text, tail(job.log)
+    assert "checkpoint.h5 (written during this start) is intact" in text, tail(job.log)
     removed = re.findall(r"removed stale MPI shared memory (\S+) on (\S+)", text)
     assert any(node == "n2" for _, node in removed), tail(job.log)
     assert len(removed) == len(set(removed)), f"a segment was removed twice: {removed}"
     assert "resumed from" in text, tail(job.log)
     assert summary(job.out)["model_sha256"] == campaign["sha_kill"]
+
+
+def test_starts_that_add_no_version_stop_the_requeues_naming_the_cause(campaign):
+    job = campaign["no_progress"]
+    assert job.events == ["signalled"], f"{job.events}\n{tail(job.log)}"
+    text = job.log.read_text()
+    assert job.done.get("Restarts") == "0" and "requeueing job" not in text, tail(job.log)
+    assert "1 start in a row added no version" in text and "--signal=USR1@" in text, tail(job.log)
+    assert job.done.get("JobState") == "FAILED", tail(job.log)   # exit 1: the job did not do its work
