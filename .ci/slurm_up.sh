@@ -61,8 +61,10 @@ PartitionName=debug Nodes=$HOST MaxTime=INFINITE State=UP OverSubscribe=FORCE:16
 EOF
 echo "NodeName=$HOST Name=gpu File=$STATE/gpu/nvidia[0-31]" > /etc/slurm/gres.conf
 
-pgrep -x slurmctld >/dev/null || slurmctld -i
-pgrep -x slurmd >/dev/null || slurmd
+# Its own daemons, by their pid files (another cluster's, e.g. .ci/multinode_up.sh's, may run beside them)
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running "$STATE/slurmctld.pid" || slurmctld -i
+running "$STATE/slurmd.pid" || slurmd
 for _ in $(seq 60); do
     sinfo -h -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated)' && { echo "slurm_up: SLURM up on $HOST"; exit 0; }
     sleep 1
