@@ -28,6 +28,8 @@ GPUS=${MN_GPUS:-8}
 PORT=${MN_PORT:-7817}
 SHM=${MN_SHM:-2g}
 BRIDGE=mnbr0
+# shellcheck source=.ci/slurm_common.sh
+. "$(dirname "$0")/slurm_common.sh"
 HOST=$(hostname -s)
 CONF=$STATE/etc/slurm.conf
 
@@ -54,20 +56,7 @@ FirstJobId=${MN_FIRST_JOB_ID:-100001}
 SlurmctldHost=$HOST($NET.1)
 SlurmctldPort=$PORT
 SlurmdPort=$((PORT + 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-ReturnToService=2
-KillWait=30
-JobRequeue=1
-MpiDefault=none
-GresTypes=gpu
+$(slurm_conf_common)
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/slurmctld.pid

@@ -9,6 +9,8 @@
 set -euo pipefail
 STATE=${MPI_AFL_SLURM_STATE:-/var/tmp/mpi_afl-slurm}
 HOST=$(hostname -s)
+# shellcheck source=.ci/slurm_common.sh
+. "$(dirname "$0")/slurm_common.sh"
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
@@ -34,20 +36,7 @@ munge -n | unmunge >/dev/null
 cat > /etc/slurm/slurm.conf <<EOF
 ClusterName=mpi-afl-ci
 SlurmctldHost=$HOST
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-ReturnToService=2
-KillWait=30
-JobRequeue=1
-MpiDefault=none
-GresTypes=gpu
+$(slurm_conf_common)
 StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/slurmctld.pid

@@ -163,14 +163,14 @@ class Bench:
         drain(alg.distill(self.ctx, self.x0, staleness=10.0))
 
 
-def phase_seconds(bench: Bench, alg: FedRevive, calls: int) -> dict[str, float]:
-    """Per-phase CPU seconds of one update under torch.profiler (record_function labels in the code)."""
+def phase_seconds(update, calls: int, device: torch.device) -> dict[str, float]:
+    """Per-phase CPU seconds of one `update()` under torch.profiler (record_function labels in the code)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(calls):
-            bench.fedrevive_update(alg, "batched")
-        sync(bench.device)
+            update()
+        sync(device)
         total = (time.perf_counter() - start) / calls
     sums = {name: 0.0 for name in PHASES}
     for event in prof.key_averages():
@@ -180,6 +180,18 @@ def phase_seconds(bench: Bench, alg: FedRevive, calls: int) -> dict[str, float]:
     sums["other"] = round(max(total - sum(sums.values()), 0.0), 4)
     sums["profiled_total"] = round(total, 4)
     return sums
+
+
+def interleaved_medians(runs: dict, calls: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each of `runs` (name -> function) over `calls` timed calls after one untimed warm-up
+    call, interleaved so that a change in machine load hits every measure alike."""
+    for fn in runs.values():  # warm-up: first-call allocations, the pool gets its first batch
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(calls):
+        for k, fn in runs.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure(name: str, research: bool, calls: int, device: torch.device) -> dict:
@@ -194,13 +206,7 @@ def measure(name: str, research: bool, calls: int, device: torch.device) -> dict
             "fedrevive": lambda: bench.fedrevive_update(revive, "batched"),
             "reference": lambda: bench.fedrevive_update(reference_alg, "reference"),
             "fedecho": lambda: bench.fedecho_update(echo)}
-    for fn in runs.values():  # warm-up: first-call allocations, the pool gets its first batch
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(calls):  # interleaved, so a change in machine load hits every measure alike
-        for k, fn in runs.items():
-            times[k].append(timed(fn, device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(runs, calls, device)
     job = med["client_job"]
     d = cfg.distill
     return {
@@ -215,7 +221,7 @@ def measure(name: str, research: bool, calls: int, device: torch.device) -> dict
         "reference_seconds": round(med["reference"], 4), "reference_jobs": round(med["reference"] / job, 2),
         "speedup": round(med["reference"] / med["fedrevive"], 2),
         "fedecho_seconds": round(med["fedecho"], 4), "fedecho_jobs": round(med["fedecho"] / job, 2),
-        "phases": phase_seconds(bench, revive, max(1, calls // 2)),
+        "phases": phase_seconds(lambda: bench.fedrevive_update(revive, "batched"), max(1, calls // 2), device),
     }
 
 
@@ -251,36 +257,14 @@ def measure_group(name: str, research: bool, calls: int, device: torch.device, c
         ctx.version += 1
         drive(in_group(alg, "distill", ctx, bench.x0, staleness=10.0))
 
-    def side_by_side(runs: dict) -> dict[str, float]:
-        for fn in runs.values():   # warm-up
-            fn()
-        times = {k: [] for k in runs}
-        for _ in range(calls):
-            for k, fn in runs.items():
-                times[k].append(timed(fn, device))
-        return {k: statistics.median(v) for k, v in times.items()}
-
-    def profiled(fn) -> dict[str, float]:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(max(1, calls // 2)):
-                fn()
-            total = (time.perf_counter() - start) / max(1, calls // 2)
-        sums = {n: 0.0 for n in PHASES}
-        for event in prof.key_averages():
-            if event.key in sums:
-                sums[event.key] += event.cpu_time_total / 1e6 / max(1, calls // 2)
-        sums = {k: round(v, 4) for k, v in sums.items()}
-        sums["profiled_total"] = round(total, 4)
-        return sums
-
-    revive = side_by_side({"d0": lambda: revive_update(d0_revive, solo_ctx),
-                           "dD": lambda: revive_update(dd_revive, dd_ctx)})
-    phases = {"d0_phases": profiled(lambda: revive_update(d0_revive, solo_ctx)),
-              "dD_phases": profiled(lambda: revive_update(dd_revive, dd_ctx))}
+    revive = interleaved_medians({"d0": lambda: revive_update(d0_revive, solo_ctx),
+                                  "dD": lambda: revive_update(dd_revive, dd_ctx)}, calls, device)
+    phases = {"d0_phases": phase_seconds(lambda: revive_update(d0_revive, solo_ctx), max(1, calls // 2), device),
+              "dD_phases": phase_seconds(lambda: revive_update(dd_revive, dd_ctx), max(1, calls // 2), device)}
     group.stop()   # the members move on to FedEcho
     share_state(dd_echo, group)
-    echo = side_by_side({"d0": lambda: echo_update(d0_echo, solo_ctx), "dD": lambda: echo_update(dd_echo, dd_ctx)})
+    echo = interleaved_medians({"d0": lambda: echo_update(d0_echo, solo_ctx),
+                                "dD": lambda: echo_update(dd_echo, dd_ctx)}, calls, device)
     group.stop()
     d = cfg.distill
     return {"bench": "distill_cost_group", "preset": name, "device": str(device), "model": cfg.model.name,

@@ -57,18 +57,24 @@ def _kd_checks(out: Path, stats: dict) -> dict:
     return checks
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    """full_run(algorithm, ranks): the output directory of a VERSIONS-long run, launched on first use."""
+def _launched_on_first_use(tmp_path_factory, name: str, extra: list[str]):
+    """get(algorithm, ranks): the output directory of a VERSIONS-long run with `extra` arguments, launched on
+    first use and shared by the module's tests."""
     outs: dict[tuple[str, int], Path] = {}
 
     def get(algorithm: str, ranks: int) -> Path:
         if (algorithm, ranks) not in outs:
-            outs[algorithm, ranks] = _run(tmp_path_factory, f"{algorithm}{ranks}", ranks,
-                                          ["--algorithm", algorithm, "--max-versions", str(VERSIONS)])
+            outs[algorithm, ranks] = _run(tmp_path_factory, f"{name}{algorithm}{ranks}", ranks,
+                                          ["--algorithm", algorithm, *extra, "--max-versions", str(VERSIONS)])
         return outs[algorithm, ranks]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """full_run(algorithm, ranks): a VERSIONS-long run, launched on first use."""
+    return _launched_on_first_use(tmp_path_factory, "", [])
 
 
 def test_fedrevive_learns_and_blends_kd_into_stale_updates(full_run):
@@ -176,16 +182,7 @@ def test_teacher_matched_synthesis_runs_end_to_end(tmp_path):
 @pytest.fixture(scope="module")
 def group_run(tmp_path_factory):
     """group_run(algorithm, ranks): a VERSIONS-long run with distill.ranks = 1, launched on first use."""
-    outs: dict[tuple[str, int], Path] = {}
-
-    def get(algorithm: str, ranks: int) -> Path:
-        if (algorithm, ranks) not in outs:
-            outs[algorithm, ranks] = _run(tmp_path_factory, f"group-{algorithm}{ranks}", ranks,
-                                          ["--algorithm", algorithm, "--distill.ranks=1",
-                                           "--max-versions", str(VERSIONS)])
-        return outs[algorithm, ranks]
-
-    return get
+    return _launched_on_first_use(tmp_path_factory, "group-", ["--distill.ranks=1"])
 
 
 def test_distill_group_gives_one_result_for_any_worker_count(group_run):
