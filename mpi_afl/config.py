@@ -191,6 +191,10 @@ class DistillConfig:
     synth_every: int = opt(1, "synthesise every N versions (the paper's T_gen = 10; its code: every call)", min=1)
     synth_steps: int = opt(2, "generator steps per synthesis", min=1)
     synth_batch: int = opt(64, "synthetic batch size", min=1)
+    pretrain: int = opt(0, "meta-generator pre-training: this many extra syntheses (generator training, no KD) run "
+                        "back to back at the first synthesis, when the run reaches freeze_versions, so the generator "
+                        "and the pool are trained before KD starts; server work only, no virtual time; 0 = off (the "
+                        "research code)", min=0)
     synth_labels: str = opt("mean", "labels of a synthesis batch: 'mean' (the research code: drawn from the "
                             "teachers' mean class mix, every teacher's losses on the whole batch) or 'teacher' "
                             "(one sub-batch per teacher drawn from its own q_k; each teacher's L_oh, L_bn and "

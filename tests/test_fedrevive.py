@@ -152,6 +152,19 @@ def test_synthesis_every_n_versions():
     assert pools == [0, 1, 1, 2, 2, 3]
 
 
+def test_pretraining_adds_syntheses_once_at_the_first_synthesis():
+    """distill.pretrain = P: the first synthesis (at freeze_versions) is preceded by P more, later ones are not."""
+    cfg = make_cfg(synth_every=2, warmup_versions=10, pretrain=3, pool_size=64)
+    server = Server(cfg)
+    alg = FedRevive(cfg, server.ctx)
+    server.arrive(alg, client=0, base=0)
+    pools = []
+    for v in range(1, 7):
+        server.arrive(alg, client=v % CLIENTS, base=v - 1)
+        pools.append(len(alg.synth.pool) // cfg.distill.synth_batch)
+    assert pools == [0, 4, 4, 5, 5, 6]
+
+
 def test_teacher_buffer_holds_the_c_most_recent_client_models():
     cfg = make_cfg(freeze_versions=100, warmup_versions=100)
     server = Server(cfg)

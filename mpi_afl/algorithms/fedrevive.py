@@ -154,6 +154,10 @@ class FedRevive(_TeacherDistillation):
             return None
         teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
+        if self.last_synthesis < 0:
+            # distill.pretrain: the meta-generator's pre-training, before the first regular synthesis.
+            for _ in range(d.pretrain):
+                yield from self.synth.synthesize(teachers, q, self.student, adversarial=False, stats=ctx.stats)
         if self.synthesis_due(version):
             # L_adv only once the KD warm-up is over (§3.3, step 3).
             yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
