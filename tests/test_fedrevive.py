@@ -139,8 +139,12 @@ def test_kd_diagnostics_are_running_means_of_norm_ratio_and_cosine():
     assert stats["kd_norm_ratio"] == pytest.approx(1.5) and stats["kd_cosine"] == pytest.approx(-0.5)
 
 
-def test_synthesis_every_n_versions():
-    cfg = make_cfg(synth_every=2, warmup_versions=10)
+@pytest.mark.parametrize("pretrain, expected", [
+    (0, [0, 1, 1, 2, 2, 3]),   # versions 2, 4 and 6 synthesise; 1 is frozen; 3 and 5 skip
+    (3, [0, 4, 4, 5, 5, 6]),   # distill.pretrain = 3: three more at the first synthesis only
+])
+def test_synthesis_every_n_versions_after_pretraining(pretrain, expected):
+    cfg = make_cfg(synth_every=2, warmup_versions=10, pretrain=pretrain, pool_size=64)
     server = Server(cfg)
     alg = FedRevive(cfg, server.ctx)
     server.arrive(alg, client=0, base=0)
@@ -148,21 +152,7 @@ def test_synthesis_every_n_versions():
     for v in range(1, 7):
         server.arrive(alg, client=v % CLIENTS, base=v - 1)
         pools.append(len(alg.synth.pool) // cfg.distill.synth_batch)
-    # Versions 2, 4 and 6 synthesise; 1 is frozen; 3 and 5 skip.
-    assert pools == [0, 1, 1, 2, 2, 3]
-
-
-def test_pretraining_adds_syntheses_once_at_the_first_synthesis():
-    """distill.pretrain = P: the first synthesis (at freeze_versions) is preceded by P more, later ones are not."""
-    cfg = make_cfg(synth_every=2, warmup_versions=10, pretrain=3, pool_size=64)
-    server = Server(cfg)
-    alg = FedRevive(cfg, server.ctx)
-    server.arrive(alg, client=0, base=0)
-    pools = []
-    for v in range(1, 7):
-        server.arrive(alg, client=v % CLIENTS, base=v - 1)
-        pools.append(len(alg.synth.pool) // cfg.distill.synth_batch)
-    assert pools == [0, 4, 4, 5, 5, 6]
+    assert pools == expected
 
 
 def test_teacher_buffer_holds_the_c_most_recent_client_models():
