@@ -5,7 +5,8 @@
 # 1. bench/gpu_check.py: models on CUDA vs CPU, local training + aggregation on CUDA, FedRevive's KD path on
 #    CUDA, flat-buffer host<->device transfers, FedRevive server seconds/update on paper_cifar10 shapes;
 # 2. a RANKS-rank mpiexec run sharing the node's GPUs (digits, run.device=cuda), then the same with
-#    run.placement=server_gpu; checks every rank's device and peak GPU memory from summary.json's `ranks`.
+#    run.placement=server_gpu; checks every rank's device and peak GPU memory from summary.json's `ranks`;
+# 3. distillation over a group of ranks (distill.ranks = 1 against 0): per update, then a whole FedRevive run.
 # Prints JSON lines; exit 1 if any check failed. Set MPIEXEC to your launcher (default: mpiexec on PATH;
 # under SLURM e.g. MPIEXEC="srun --mpi=pmi2"); results go to $GPU_CHECK_OUT (default a temporary directory).
 # GPU_CHECK_DEVICE=cpu runs the same steps on the CPU with small sizes (how the script is tested without a GPU).
@@ -58,5 +59,19 @@ print(json.dumps({"check": f"mpiexec_{placement}", "ok": ok, "ranks": len(rec), 
 sys.exit(0 if ok else 1)
 EOF
 done
+# 3. Distillation over a group of ranks (distill.ranks, bench/README.md): per FedRevive and FedEcho update,
+#    D = 1 against D = 0 (bench/distill_cost.py --group, JSON lines), then a whole FedRevive run with D = 0
+#    against D = 1 on 3 ranks (bench/distill_group_run.py; its last line has the speedup and idle fractions).
+if [ "$MPIEXEC" = mpiexec ]; then group=(mpiexec -n 2); else read -r -a group <<< "$MPIEXEC -n 2"; fi
+if [ "$DEVICE" = cuda ]; then
+    "${group[@]}" python "$HERE/distill_cost.py" --group --presets paper_cifar10 --calls 3 --device cuda || status=1
+    python "$HERE/distill_group_run.py" --ranks 3 --distill-ranks 1 --max-versions 120 --repeats 1 \
+        -- --run.device=cuda || status=1
+else
+    "${group[@]}" python "$HERE/distill_cost.py" --group --presets fmnist_cpu --calls 1 --settings preset \
+        --device cpu || status=1
+    python "$HERE/distill_group_run.py" --ranks 3 --distill-ranks 1 --max-versions 30 --repeats 1 || status=1
+fi
+
 echo "{\"check\": \"all\", \"ok\": $([ $status = 0 ] && echo true || echo false), \"out\": \"$OUT\"}"
 exit $status
