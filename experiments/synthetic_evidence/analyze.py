@@ -1,11 +1,13 @@
 """Tables of the synthetic-evidence experiment from its committed rows alone (no run directories needed).
 
-    python experiments/synthetic_evidence/analyze.py
+    python experiments/synthetic_evidence/analyze.py [--collect-e3 bench/runs/e3]
 
 E1 (results.jsonl, one experiments/probes/synthetic_images.py line per checkpoint): the held-out KD gain of each input
 source, the ceiling's share of the real split's gain and the label-prior control. E2 (e2-budget*.jsonl and
 control-budget*.jsonl, run rows of the earlier grid front end): teacher-matched FedRevive against AFL-DW and default FedRevive
 of the same seeds: mean ± sample std, paired differences with a paired t-test p value and the seeds ahead.
+E3 (e3.jsonl, rows of `mpi-afl sweep --experiment e3.toml`): FedRevive with the generator budget against the
+same controls.
 """
 
 from __future__ import annotations
@@ -67,15 +69,27 @@ def _key(r: dict) -> str:
     return r["algorithm"]
 
 
-def e2_table(metric: str = "tail_accuracy") -> list[str]:
+def controls() -> dict[tuple[float, str, int], dict]:
+    """(budget, method, seed) -> row: the arm-B runs of E2's rows (teacher-matched, default FedRevive, AFL-DW)."""
     runs = {}
     for r in rows("e2-budget*.jsonl") + rows("control-budget*.jsonl"):
         if r.get("bench") == "accuracy" and r["schedule"] == "high" and r["alpha"] == 0.1:
             runs[(r["budget"], _key(r), r["seed"])] = r
+    return runs
+
+
+def e3_runs() -> dict[tuple[float, str, int], dict]:
+    """(budget, "budget", seed) -> row: E3's runs (e3.jsonl, rows of `mpi-afl sweep --experiment e3.toml`)."""
+    return {(r["budget"], "budget", r["seed"]): r for r in rows("e3.jsonl") if r["method"] == "fedrevive_budget"}
+
+
+def comparison_table(runs: dict, treated: str, metric: str = "tail_accuracy") -> list[str]:
+    """Per budget: mean ± std and diagnostics of `treated`, default FedRevive and AFL-DW, and `treated` minus
+    each of the other two on paired seeds (points, paired t-test, seeds ahead, seeds >= +2)."""
     lines = []
-    for budget in sorted({b for b, _, _ in runs}):
+    for budget in sorted({b for b, k, _ in runs if k == treated}):
         have = {m: {s: r for (b, k, s), r in runs.items() if b == budget and k == m}
-                for m in ("teacher", "fedrevive", "afl_dw")}
+                for m in (treated, "fedrevive", "afl_dw")}
         lines += [f"Budget {budget:g} virtual units ({metric}):", "",
                   "| method | seeds | mean ± std | synth_agreement | kd_loss_change | kd_norm_ratio |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -90,12 +104,12 @@ def e2_table(metric: str = "tail_accuracy") -> list[str]:
                          + " | ".join("-" if d is None else f"{d:.4f}" for d in diag) + " |")
         lines.append("")
         for other in ("afl_dw", "fedrevive"):
-            seeds = sorted(set(have["teacher"]) & set(have[other]))
+            seeds = sorted(set(have[treated]) & set(have[other]))
             if len(seeds) < 2:
                 continue
-            diffs = [100 * (have["teacher"][s][metric] - have[other][s][metric]) for s in seeds]
-            p = stats.ttest_rel([have["teacher"][s][metric] for s in seeds], [have[other][s][metric] for s in seeds]).pvalue
-            lines.append(f"- teacher-matched minus {other}, points, seeds {seeds}: "
+            diffs = [100 * (have[treated][s][metric] - have[other][s][metric]) for s in seeds]
+            p = stats.ttest_rel([have[treated][s][metric] for s in seeds], [have[other][s][metric] for s in seeds]).pvalue
+            lines.append(f"- {treated} minus {other}, points, seeds {seeds}: "
                          f"{', '.join(f'{d:+.1f}' for d in diffs)}; mean {statistics.mean(diffs):+.2f} ± "
                          f"{statistics.stdev(diffs):.2f}, ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}, "
                          f">= +2 on {sum(d >= 2 for d in diffs)}, paired t-test p = {p:.3f}")
@@ -105,9 +119,20 @@ def e2_table(metric: str = "tail_accuracy") -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.parse_args()
+    parser.add_argument("--collect-e3", type=Path, metavar="RUNS_DIR",
+                        help="first write the finished runs of e3.toml under RUNS_DIR into e3.jsonl")
+    args = parser.parse_args()
+    if args.collect_e3:
+        from mpi_afl.experiment import collect, load_experiment, write_rows
+        found, unfinished = collect(load_experiment(HERE / "e3.toml"), args.collect_e3)
+        write_rows(found, HERE / "e3.jsonl")
+        print(f"e3.jsonl: {len(found)} finished runs, {unfinished} not finished")
+    runs = controls()
+    e3 = {**runs, **e3_runs()}
     print("\n".join(["## E1, the ceiling test", "", *e1_table(), "", "## E2, teacher-matched synthesis", "",
-                     *e2_table(), *e2_table("final_accuracy")]))
+                     *comparison_table(runs, "teacher"), *comparison_table(runs, "teacher", "final_accuracy"),
+                     "## E3, the generator's budget", "", *comparison_table(e3, "budget"),
+                     *comparison_table(e3, "budget", "final_accuracy")]))
 
 
 if __name__ == "__main__":
