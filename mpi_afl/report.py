@@ -14,7 +14,9 @@ killed, or stopped by a signal) are listed per run but left out of its mean and 
   staleness_histogram                               staleness of the accepted arrivals (mean per run)
   updates_per_client                                accepted updates per client id (mean per run)
 in each requested format (PNG at 200 dpi; PDF and SVG are vector), and prints one summary row per run,
-then one mean ± std row per setting. Reads runs with mpi_afl.results: no torch.
+then one mean ± std row per setting, each table at most WIDTH (120) characters wide. Curves carry one marker
+and one band hatching per setting; legends name each setting in full (results.setting_label). Reads runs
+with mpi_afl.results: no torch.
 """
 
 import argparse
