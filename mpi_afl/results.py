@@ -263,15 +263,15 @@ def run_metrics(run: Run, target: float | None = None, tail_share: float = 0.25)
     acc, accepted = evals["test_accuracy"], arrivals["accepted"]
     staleness = arrivals["staleness"][accepted]
     n_accepted = int(accepted.sum())
-    reached = target is not None
+    has_target = target is not None
     return {
         "evaluations": len(acc),
         "final_accuracy": float(acc[-1]) if len(acc) else None,
         "best_accuracy": float(np.nanmax(acc)) if len(acc) else None,
         "tail_accuracy": tail_accuracy(evals["virtual_time"], acc, budget(run), tail_share),
         "target": target,
-        "virtual_time_to_target": time_to_target(evals["virtual_time"], acc, target) if reached else None,
-        "wall_time_to_target": time_to_target(evals["wall_time"], acc, target) if reached else None,
+        "virtual_time_to_target": time_to_target(evals["virtual_time"], acc, target) if has_target else None,
+        "wall_time_to_target": time_to_target(evals["wall_time"], acc, target) if has_target else None,
         "updates_received": len(accepted),
         "updates_accepted": n_accepted,
         "updates_rejected": len(accepted) - n_accepted,

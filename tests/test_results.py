@@ -138,6 +138,21 @@ def test_group_by_setting_and_mean_std(run_dir):
     assert mean == pytest.approx(0.6) and std == pytest.approx(np.std([0.5, 0.7], ddof=1))
 
 
+def test_table_rows_of_a_finished_and_a_live_run(run_dir):
+    """A run without summary.json (live or killed) has its run.h5 metrics and None for summary.json's columns."""
+    run, live = results.load(run_dir), results.load(run_dir)
+    live.config = json.loads(json.dumps(run.config))
+    live.config["server"]["lr"] = 0.1
+    live.summary = None
+    done, going = results.table_rows([run, live])
+    assert list(done) == list(going) and (done["server.lr"], going["server.lr"]) == (0.5, 0.1)
+    assert done["finished"] and done["versions"] == 20 and done["stop_reason"] == "max_versions"
+    assert not going["finished"] and going["versions"] is going["stop_reason"] is going["wall_seconds"] is None
+    assert going["final_accuracy"] == done["final_accuracy"] == run.summary["final_accuracy"]
+    assert (done["updates_received"], done["updates_rejected"]) == (run.summary["updates_received"], 1)
+    assert going["setting"] == "fedbuff (server.buffer_size=4, server.lr=0.1, server.staleness=none)"
+
+
 def test_built_in_algorithm_names_match_the_registry():
     from mpi_afl.algorithms import ALGORITHMS
     assert results.BUILT_IN_ALGORITHMS == set(ALGORITHMS) == set(results.DEFINING_KEYS)
