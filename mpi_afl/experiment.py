@@ -287,7 +287,7 @@ def run_row(experiment: Experiment, point: Point, out: Path) -> dict | None:
     run = results.load(directory)
     evals = run.tables["evals"]
     times, accuracy = evals["virtual_time"].tolist(), evals["test_accuracy"].tolist()
-    budget = run.value("run.max_virtual_time") or (times[-1] if times else 0.0)
+    budget = results.budget(run)
     summary = run.summary or {}
     stats = summary.get("algorithm_stats", {})
     usage = usage_path(directory)
@@ -432,21 +432,21 @@ def report_text(experiment: Experiment, rows: list[dict], unfinished: int = 0) -
 
 def plot(experiment: Experiment, rows: list[dict], out: Path, formats: list[str]) -> list[Path]:
     """accuracy_vs_virtual_time-<cell> per cell, from the rows' evaluations: each method's mean ± std band."""
-    from .report import band_of_curves, plt, save, _finish
+    from .report import band_of_curves, draw_band, plt, save, _finish
     written = []
     for cell_name, cell in experiment.cells.items():
         members = [r for r in rows if r["cell"] == cell_name and r.get("evals")]
         if not members:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, method in experiment.methods.items():
+        for index, (name, method) in enumerate(experiment.methods.items()):
             curves = [(r["evals"]["virtual_time"], r["evals"]["test_accuracy"]) for r in members
                       if r["method"] == name]
             if not curves:
                 continue
             times, mean, std = band_of_curves(curves)
-            (line,) = ax.plot(times, mean, label=f"{method['label']} ({len(curves)} seeds)")
-            ax.fill_between(times, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+            draw_band(ax, index, times, mean, std if len(curves) > 1 else None,
+                      f"{method['label']} ({len(curves)} seeds)")
         if experiment.target is not None:
             ax.axhline(experiment.target, color="grey", linestyle="--", linewidth=1,
                        label=f"target {experiment.target:g}")

@@ -14,13 +14,16 @@ killed, or stopped by a signal) are listed per run but left out of its mean and 
   staleness_histogram                               staleness of the accepted arrivals (mean per run)
   updates_per_client                                accepted updates per client id (mean per run)
 in each requested format (PNG at 200 dpi; PDF and SVG are vector), and prints one summary row per run,
-then one mean ± std row per setting. Reads runs with mpi_afl.results: no torch.
+then one mean ± std row per setting, each table at most WIDTH (120) characters wide. Curves carry one marker
+and one band hatching per setting; legends name each setting in full (results.setting_label). Reads runs
+with mpi_afl.results: no torch.
 """
 
 import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -31,37 +34,23 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mpi_afl import experiment  # noqa: E402
-from mpi_afl.results import Group, Run, group_by_setting, load, find_runs, mean_std, run_updates_per_second  # noqa: E402
+from mpi_afl.results import Group, Run, group_by_setting, load, find_runs, mean_std, run_metrics  # noqa: E402
 
 PLOT_NAMES = ("accuracy_vs_virtual_time", "accuracy_vs_wall_time", "staleness_histogram", "updates_per_client")
 PLOT_FILES = tuple(f"{name}.png" for name in PLOT_NAMES)
 FORMATS = ("png", "pdf", "svg")
 PNG_DPI = 200
+WIDTH = 120            # no table line is wider: a terminal, a SLURM log, a results.md code block
+LEGEND_WIDTH = 90      # characters per legend line before it wraps (the 7-inch figure at fontsize "small")
+# One per setting, in order, so curves differ in more than colour (print, colour blindness, ten settings).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+HATCHES = ("//", "\\\\", "||", "--", "xx", "..", "++", "oo")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 def summarize(run: Run, target: float | None) -> dict:
-    """One summary row; values that do not exist (no evals, target not reached) are None."""
-    evals, arrivals = run.tables["evals"], run.tables["arrivals"]
-    acc = evals["test_accuracy"]
-    accepted = arrivals["accepted"]
-    staleness = arrivals["staleness"][accepted]
-    n_accepted = int(accepted.sum())
-    reached = np.flatnonzero(acc >= target) if target is not None else np.array([], dtype=int)
-    first = reached[0] if len(reached) else None
-    return {
-        "run": str(run.directory),
-        "label": run.label,
-        "final_accuracy": float(acc[-1]) if len(acc) else None,
-        "best_accuracy": float(np.nanmax(acc)) if len(acc) else None,
-        "target": target,
-        "virtual_time_to_target": float(evals["virtual_time"][first]) if first is not None else None,
-        "wall_time_to_target": float(evals["wall_time"][first]) if first is not None else None,
-        "updates_accepted": n_accepted,
-        "updates_per_second": run_updates_per_second(run),
-        "mean_staleness": float(staleness.mean()) if n_accepted else None,
-        "max_staleness": int(staleness.max()) if n_accepted else None,
-        "rejected": int(len(accepted) - n_accepted),
-    }
+    """One summary row: the run, its label and results.run_metrics (None where a value does not exist)."""
+    return {"run": str(run.directory), "label": run.label, **run_metrics(run, target)}
 
 
 # (summary key, column header, format); None prints as "-".
@@ -75,9 +64,9 @@ COLUMNS = [
     ("updates_per_second", "updates/s", "{:.1f}"),
     ("mean_staleness", "mean_stale", "{:.2f}"),
     ("max_staleness", "max_stale", "{}"),
-    ("rejected", "rejected", "{}"),
+    ("updates_rejected", "rejected", "{}"),
 ]
-# Columns of the per-setting table: mean ± sample std over the setting's runs.
+# Columns of the per-setting table (headers and formats as COLUMNS): mean ± sample std over the setting's runs.
 GROUP_KEYS = ["final_accuracy", "best_accuracy", "virtual_time_to_target", "wall_time_to_target",
               "updates_per_second", "mean_staleness"]
 
@@ -92,12 +81,36 @@ def summarize_group(group: Group, rows: list[dict]) -> dict:
     return line
 
 
-def _table(header: list[str], cells: list[list[str]]) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned."""
+def _render(header: list[str], cells: list[list[str]]) -> list[str]:
+    """Plain-text table lines: first column left-aligned, the others right-aligned."""
     cells = [header, *cells]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    return "\n".join("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
-                     .rstrip() for line in cells)
+    return ["  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]).rstrip()
+            for line in cells]
+
+
+def _table(header: list[str], cells: list[list[str]], width: int = WIDTH) -> str:
+    """`_render`'s table, or, when a line would be wider than `width`, a numbered key of the first column's
+    names (wrapped) and the table with the numbers in their place, its other columns split into blocks (a
+    blank line between) that fit, each block repeating the numbers."""
+    lines = _render(header, cells)
+    if max(map(len, lines)) <= width:
+        return "\n".join(lines)
+    numbers = [f"[{i}]" for i in range(1, len(cells) + 1)]
+    key = [textwrap.fill(f"{n} {line[0]}", width, subsequent_indent=" " * (len(n) + 1))
+           for n, line in zip(numbers, cells)]
+
+    def block(columns: list[int]) -> list[str]:
+        return _render([header[0]] + [header[c] for c in columns],
+                       [[n] + [line[c] for c in columns] for n, line in zip(numbers, cells)])
+
+    blocks = [[1]]
+    for column in range(2, len(header)):
+        if max(map(len, block(blocks[-1] + [column]))) <= width:
+            blocks[-1].append(column)
+        else:
+            blocks.append([column])
+    return "\n".join(key) + "\n" + "\n\n".join("\n".join(block(columns)) for columns in blocks)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -112,13 +125,13 @@ def _pm(mean: float | None, std: float | None, fmt: str) -> str:
 
 
 def format_group_table(lines: list[dict]) -> str:
-    formats = {"final_accuracy": "{:.4f}", "best_accuracy": "{:.4f}", "virtual_time_to_target": "{:.2f}",
-               "wall_time_to_target": "{:.2f}", "updates_per_second": "{:.1f}", "mean_staleness": "{:.2f}"}
-    header = ["setting", "runs", "reached", *(f"{key} (mean ± std)" for key in GROUP_KEYS)]
+    """The per-setting table: COLUMNS' headers, each cell "mean ± sample std" over the setting's runs."""
+    columns = {key: (header, fmt) for key, header, fmt in COLUMNS}
+    header = ["setting", "runs", "reached", *(columns[key][0] for key in GROUP_KEYS)]
     cells = [[line["setting"],
               str(line["runs"]) + (f" (+{line['unfinished_left_out']} unfinished)" if line["unfinished_left_out"] else ""),
               "-" if line["reached"] is None else str(line["reached"]),
-              *(_pm(line[f"{key}_mean"], line[f"{key}_std"], formats[key]) for key in GROUP_KEYS)]
+              *(_pm(line[f"{key}_mean"], line[f"{key}_std"], columns[key][1]) for key in GROUP_KEYS)]
              for line in lines]
     return _table(header, cells)
 
@@ -142,22 +155,38 @@ def band_of_curves(curves: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return grid, values.mean(axis=0), std
 
 
-def _group_label(group: Group) -> str:
-    return group.runs[0].label if len(group.runs) == 1 else f"{group.label} (mean ± std, {len(group.runs)} runs)"
+def draw_band(ax: plt.Axes, index: int, times: np.ndarray, mean: np.ndarray, std: np.ndarray | None,
+              label: str) -> None:
+    """Curve number `index` of a plot: the mean with the index's marker (about a dozen along it) and, with
+    `std`, the band mean ± std hatched with the index's pattern and outlined in the curve's colour, so that
+    overlapping bands stay apart (translucent fills of several colours blend into one)."""
+    (line,) = ax.plot(times, mean, marker=MARKERS[index % len(MARKERS)], markersize=4,
+                      markevery=max(1, len(times) // 12), label=label)
+    if std is not None:
+        ax.fill_between(times, mean - std, mean + std, facecolor="none", edgecolor=line.get_color(),
+                        hatch=HATCHES[index % len(HATCHES)], linewidth=0.6, alpha=0.5)
+
+
+def legend_label(group: Group, statistic: str = "mean ± std") -> str:
+    """The setting's full label (results.setting_label) and what its curve is: one run's seed, or the
+    `statistic` over several runs."""
+    if len(group.runs) > 1:
+        return f"{group.label}: {statistic} of {len(group.runs)} runs"
+    seed = group.runs[0].value("run.seed")
+    return group.label if seed is None else f"{group.label}, seed {seed}"
 
 
 def plot_accuracy(groups: list[Group], clock: str, target: float | None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group in groups:
+    for index, group in enumerate(groups):
         times, mean, std = band(group.runs, clock)
-        (line,) = ax.plot(times, mean, marker="." if len(group.runs) == 1 else None, label=_group_label(group))
-        if len(group.runs) > 1:
-            ax.fill_between(times, mean - std, mean + std, color=line.get_color(), alpha=0.25, linewidth=0)
+        draw_band(ax, index, times, mean, std if len(group.runs) > 1 else None, legend_label(group))
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_xlabel("wall time (s)" if clock == "wall" else "virtual time (delay-model units)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"Test accuracy vs {clock} time")
+    bands = "; hatched: ± one sample std over a setting's runs" if any(len(g.runs) > 1 for g in groups) else ""
+    ax.set_title(f"Test accuracy vs {clock} time{bands}", fontsize="medium")
     return _finish(fig, ax)
 
 
@@ -166,10 +195,11 @@ def plot_staleness(groups: list[Group]) -> plt.Figure:
     stale = [[r.tables["arrivals"]["staleness"][r.tables["arrivals"]["accepted"]] for r in g.runs] for g in groups]
     top = max((int(s.max()) for runs in stale for s in runs if len(s)), default=0)
     edges = np.arange(-0.5, top + 1.5)  # one bin per integer staleness
-    for group, runs in zip(groups, stale):
+    for index, (group, runs) in enumerate(zip(groups, stale)):
         values = np.concatenate(runs)
         ax.hist(values, bins=edges, weights=np.full(len(values), 1.0 / len(runs)), histtype="step", linewidth=1.5,
-                label=f"{_group_label(group)} ({len(values) / len(runs):g} accepted)")
+                linestyle=LINESTYLES[index % len(LINESTYLES)],
+                label=f"{legend_label(group, 'mean')} ({len(values) / len(runs):g} accepted)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("staleness (versions)")
     ax.set_ylabel("accepted updates (mean per run)")
@@ -181,12 +211,13 @@ def plot_participation(groups: list[Group]) -> plt.Figure:
     """Accepted updates per client id, averaged over a setting's runs; clients that never got through
     show as zeros (the number of clients comes from the config's data.num_clients when present)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group in groups:
+    for index, group in enumerate(groups):
         clients = [r.tables["arrivals"]["client"][r.tables["arrivals"]["accepted"]] for r in group.runs]
         n = max([r.config.get("data", {}).get("num_clients", 0) for r in group.runs]
                 + [int(c.max()) + 1 for c in clients if len(c)])
         counts = np.mean([np.bincount(c, minlength=n) for c in clients], axis=0)
-        ax.step(np.arange(n), counts, where="mid", linewidth=1.5, label=_group_label(group))
+        ax.step(np.arange(n), counts, where="mid", linewidth=1.5, marker=MARKERS[index % len(MARKERS)],
+                markersize=4, markevery=max(1, n // 12), label=legend_label(group, "mean"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)  # counts compare from zero
     ax.set_xlabel("client id")
@@ -196,8 +227,14 @@ def plot_participation(groups: list[Group]) -> plt.Figure:
 
 
 def _finish(fig: plt.Figure, ax: plt.Axes) -> plt.Figure:
+    """Grid, and the legend below the axes (full setting labels are long; inside they would hide the curves),
+    its entries wrapped at LEGEND_WIDTH characters; the figure grows by the legend's lines."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    labels = [textwrap.fill(label, LEGEND_WIDTH, break_long_words=False) for label in labels]
+    ax.legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig.set_size_inches(7, 4.5 + 0.17 * lines)
     fig.tight_layout()
     return fig
 
@@ -206,7 +243,7 @@ def save(fig: plt.Figure, out: Path, name: str, formats: list[str]) -> list[Path
     paths = []
     for fmt in formats:
         path = out / f"{name}.{fmt}"
-        fig.savefig(path, dpi=PNG_DPI if fmt == "png" else None)
+        fig.savefig(path, dpi=PNG_DPI if fmt == "png" else None, bbox_inches="tight")   # the legend below
         paths.append(path)
     plt.close(fig)
     return paths

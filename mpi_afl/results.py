@@ -9,11 +9,13 @@ numpy, so notebooks and plotting scripts start in about a second.
     run.units["arrivals"]["virtual_time"]                      # "vt" (see docs/design.md "Output")
     run.frame("arrivals")                                      # a DataFrame, when pandas is installed
     runs = results.load_many(["sweep/"])                       # every run below a directory
+    results.runs_table("sweep/")          # DataFrame, one row per run: algorithm, seed, the settings that differ, metrics
+    results.evals_table("sweep/")         # DataFrame, one row per (run, evaluation): the curves in long form
 
-Coded columns (`arrivals.reason`, `timings.phase`) come back as their names.
-From the command line:
+Coded columns (`arrivals.reason`, `timings.phase`) come back as their names. The two tables' columns are listed
+in docs/design.md "Output" (Reading results). From the command line:
 
-    python -m mpi_afl.results export RUN_DIR [RUN_DIR ...] --out DIR [--format csv|tensorboard]
+    python -m mpi_afl.results export RUN_DIR [RUN_DIR ...] --out DIR [--format csv|tensorboard] [--target ACC]
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.devic
 # such a section changed stay one setting). A plug-in may read any section, so for it every key counts.
 BUILT_IN_ALGORITHMS = {"fedavg", "fedasync", "fedbuff", "afl_dw", "ca2fl", "fedrevive", "dd_fedrevive", "fedecho"}
 SECTION_READERS = {"distill": {"fedrevive", "dd_fedrevive", "fedecho"}, "echo": {"fedecho"}}
+# The keys of a built-in algorithm's update rule (README "Algorithms", docs/algorithms.md), named in every label of
+# its settings even when all runs share them: a legend entry "fedbuff" alone does not say which FedBuff it is.
+DEFINING_KEYS = {
+    "fedavg": ("server.concurrency", "server.lr"),
+    "fedasync": ("server.mixing", "server.staleness"),
+    "fedbuff": ("server.buffer_size", "server.lr", "server.staleness"),
+    "afl_dw": ("server.lr", "server.s_max"),
+    "ca2fl": ("server.buffer_size", "server.lr"),
+    "fedrevive": ("server.lr", "server.s_max"),
+    "dd_fedrevive": ("server.lr", "server.s_max", "data.kd_fraction"),
+    "fedecho": ("server.buffer_size", "server.lr", "echo.kd_step", "echo.weighting"),
+}
 
 
 @dataclass
@@ -58,12 +72,7 @@ class Run:
 
     def frame(self, table: str):
         """The table as a pandas DataFrame (units and descriptions in `df.attrs`)."""
-        try:
-            import pandas
-        except ImportError:
-            raise ImportError("Run.frame needs pandas (pip install pandas); run.tables has the same "
-                              "columns as numpy arrays") from None
-        df = pandas.DataFrame(self.tables[table])
+        df = _pandas().DataFrame(self.tables[table])
         df.attrs.update(units=self.units[table], descriptions=self.descriptions[table])
         return df
 
@@ -191,27 +200,33 @@ class Group:
     left_out: list[Run] = field(default_factory=list)
 
 
+def differing_keys(settings: list[dict[str, object]]) -> set[str]:
+    """Keys with different values in two settings that both have them (a section the algorithm does not read
+    is absent, not different)."""
+    return {k for values in settings for k, v in values.items()
+            if any(k in other and other[k] != v for other in settings)}
+
+
+def setting_label(values: dict[str, object], differing: set[str], fallback: str) -> str:
+    """The algorithm (`fallback` without one) and, with full dotted names, its DEFINING_KEYS and the `differing`
+    keys: "fedbuff (server.buffer_size=4, server.lr=0.5, server.staleness=none)"."""
+    name = values.get("server.algorithm") or fallback
+    keys = sorted((set(DEFINING_KEYS.get(name, ())) | differing) & values.keys() - {"server.algorithm"})
+    return f"{name} ({', '.join(f'{k}={_short(values[k])}' for k in keys)})" if keys else name
+
+
 def group_by_setting(runs: list[Run]) -> list[Group]:
-    """Groups in first-seen order; a group's label is its algorithm plus the keys that tell settings apart."""
+    """Groups in first-seen order, each labelled by `setting_label`."""
     settings: dict[tuple, list[Run]] = {}
     for run in runs:
         key = tuple(sorted(_setting(run).items()))
         settings.setdefault(key, []).append(run)
-    keys = list(settings)
-    # Keys with different values in two settings that both have them (a section the algorithm does not read
-    # is absent, not different).
-    values_of = [dict(key) for key in keys]
-    differing = sorted({k for values in values_of for k, v in values.items()
-                        if any(k in other and other[k] != v for other in values_of)} - {"server.algorithm"})
+    differing = differing_keys([dict(key) for key in settings])
     groups = []
-    for key in keys:
-        values = dict(key)
-        members = settings[key]
-        name = values.get("server.algorithm") or members[0].label
-        extra = " ".join(f"{k.split('.', 1)[1]}={_short(values[k])}" for k in differing if k in values)
+    for key, members in settings.items():
         finished = [run for run in members if run.finished]
         left_out = [run for run in members if not run.finished] if finished else []
-        groups.append(Group(f"{name} {extra}".strip(), finished or members, left_out))
+        groups.append(Group(setting_label(dict(key), differing, members[0].label), finished or members, left_out))
     return groups
 
 
@@ -227,6 +242,116 @@ def mean_std(values: list) -> tuple[float | None, float | None]:
     if not present:
         return None, None
     return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
+
+
+# ------------------------------------------------------------------ one table of many runs
+# summary.json keys copied into a row of runs_table (None for a run without summary.json: live or killed).
+SUMMARY_COLUMNS = ("versions", "virtual_time", "wall_seconds", "server_busy_fraction",
+                   "worker_idle_fraction", "model_sha256")
+
+
+def budget(run: Run) -> float:
+    """The virtual-time budget tail_accuracy's share is of: run.max_virtual_time, else the last evaluation's time."""
+    times = run.tables["evals"]["virtual_time"]
+    return run.value("run.max_virtual_time") or (float(times[-1]) if len(times) else 0.0)
+
+
+def run_metrics(run: Run, target: float | None = None, tail_share: float = 0.25) -> dict:
+    """A run's metrics from its run.h5 tables (a live run has them too); None where a value does not exist (no
+    evaluation, no accepted update, no `target` or not reached)."""
+    evals, arrivals = run.tables["evals"], run.tables["arrivals"]
+    acc, accepted = evals["test_accuracy"], arrivals["accepted"]
+    staleness = arrivals["staleness"][accepted]
+    n_accepted = int(accepted.sum())
+    has_target = target is not None
+    return {
+        "evaluations": len(acc),
+        "final_accuracy": float(acc[-1]) if len(acc) else None,
+        "best_accuracy": float(np.nanmax(acc)) if len(acc) else None,
+        "tail_accuracy": tail_accuracy(evals["virtual_time"], acc, budget(run), tail_share),
+        "target": target,
+        "virtual_time_to_target": time_to_target(evals["virtual_time"], acc, target) if has_target else None,
+        "wall_time_to_target": time_to_target(evals["wall_time"], acc, target) if has_target else None,
+        "updates_received": len(accepted),
+        "updates_accepted": n_accepted,
+        "updates_rejected": len(accepted) - n_accepted,
+        "updates_per_second": run_updates_per_second(run),
+        "mean_staleness": float(staleness.mean()) if n_accepted else None,
+        "max_staleness": int(staleness.max()) if n_accepted else None,
+    }
+
+
+def _runs(source) -> list[Run]:
+    """Runs from a path (run directory, run.h5, directory of runs), a list of paths, or a list of Runs."""
+    items = [source] if isinstance(source, (str, Path)) else list(source)
+    return items if all(isinstance(item, Run) for item in items) else load_many(items)
+
+
+def _identities(runs: list[Run]) -> list[dict]:
+    """Per run: its directory, setting label (group_by_setting's), algorithm, seed and one entry per config key
+    (dotted) whose value differs across `runs` (None where the run's algorithm does not read the key's section)."""
+    settings = [_setting(run) for run in runs]
+    keys = sorted(differing_keys(settings) - {"server.algorithm"})
+    label = {id(run): group.label for group in group_by_setting(runs) for run in group.runs + group.left_out}
+    return [{"run": str(run.directory), "setting": label[id(run)], "algorithm": run.value("server.algorithm"),
+             "seed": run.value("run.seed"), **{k: setting.get(k) for k in keys}}
+            for run, setting in zip(runs, settings)]
+
+
+def table_rows(runs: list[Run], target: float | None = None) -> list[dict]:
+    """runs_table's rows as dicts, every row with the same keys (no pandas needed)."""
+    stats = sorted({k for run in runs for k in (run.summary or {}).get("algorithm_stats", {})})
+    rows = []
+    for run, identity in zip(runs, _identities(runs)):
+        summary = run.summary or {}
+        rows.append({**identity, "finished": run.finished, "stop_reason": summary.get("stop_reason"),
+                     **run_metrics(run, target),
+                     **{k: summary.get(k) for k in SUMMARY_COLUMNS},
+                     **{f"algorithm_stats.{k}": summary.get("algorithm_stats", {}).get(k) for k in stats}})
+    return rows
+
+
+def eval_rows(runs: list[Run]) -> list[dict]:
+    """evals_table's rows as dicts: each run's identity, then one evaluation (the evals table's columns)."""
+    rows = []
+    for run, identity in zip(runs, _identities(runs)):
+        evals = run.tables["evals"]
+        rows += [{**identity, **dict(zip(evals, values))} for values in zip(*(v.tolist() for v in evals.values()))]
+    return rows
+
+
+def runs_table(source, target: float | None = None):
+    """One row per run of `source` (a sweep directory, run directories or run.h5 files, or loaded Runs):
+    `run`, `setting`, `algorithm`, `seed`, one column per differing config key (dotted, e.g. `server.lr`),
+    `finished`, `stop_reason`, the run_metrics (`target`: for the time-to-target columns), SUMMARY_COLUMNS and
+    `algorithm_stats.<key>` for every key any run reports. A pandas DataFrame."""
+    return _pandas().DataFrame.from_records(table_rows(_runs(source), target))
+
+
+def evals_table(source):
+    """One row per (run, evaluation), for curves: runs_table's identity columns, then the evals table's
+    (`version`, `wall_time`, `virtual_time`, test/val loss and accuracy). A pandas DataFrame."""
+    return _pandas().DataFrame.from_records(eval_rows(_runs(source)))
+
+
+def _pandas():
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("DataFrames need pandas (pip install pandas); run.tables, table_rows and eval_rows hold "
+                          "the same values without it") from None
+    return pandas
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """`rows` as CSV with a header of their keys: None is an empty cell, a list value its items joined by
+    commas, a float its repr (an exact round trip)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(list(rows[0]) if rows else [])
+        writer.writerows([["" if v is None else _short(v) if isinstance(v, tuple) else v for v in row.values()]
+                          for row in rows])
+    return path
 
 
 # ------------------------------------------------------------------ paired comparisons
@@ -364,13 +489,18 @@ def main(argv: list[str] | None = None) -> int:
         "export", help="write CSV (default) or TensorBoard event files per run",
         description="Write each run's tables (arrivals, evals, timings, kd_checks) into OUT/<run>/: one CSV per "
                     "table plus columns.csv (every column's unit and description), or TensorBoard event files "
-                    "(scalars by version; needs the tensorboard extra).",
-        epilog="example: mpi-afl export runs/a runs/b --out csv")
+                    "(scalars by version; needs the tensorboard extra). CSV also writes the tables of all the "
+                    "runs together: OUT/runs.csv, one row per run (algorithm, seed, the config keys that differ "
+                    "between the runs, metrics), and OUT/runs_evals.csv, one row per (run, evaluation).",
+        epilog="example: mpi-afl export sweep/ --out csv --target 0.8   (then pandas.read_csv('csv/runs.csv'))")
     export.add_argument("runs", nargs="+", metavar="RUN", help="run directories, run.h5 files or directories of runs")
     export.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="one subdirectory per run is written here")
+                        help="one subdirectory per run is written here (and, for csv, runs.csv and runs_evals.csv)")
     export.add_argument("--format", choices=["csv", "tensorboard"], default="csv",
                         help="csv: one file per table and columns.csv (default); tensorboard: event files")
+    export.add_argument("--target", type=float, metavar="ACC",
+                        help="test accuracy whose first crossing gives runs.csv's virtual_time_to_target and "
+                             "wall_time_to_target (empty without it)")
     args = parser.parse_args(argv)
     try:
         runs = load_many(args.runs)
@@ -381,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 paths = [export_tensorboard(run, target)]
             print(f"{run.directory} -> {', '.join(str(p) for p in paths)}")
+        if args.format == "csv":
+            tables = (write_rows(table_rows(runs, args.target), args.out / "runs.csv"),
+                      write_rows(eval_rows(runs), args.out / "runs_evals.csv"))
+            print(f"{len(runs)} run(s) -> {', '.join(map(str, tables))}")
     except (OSError, ValueError, ImportError) as e:
         print(f"mpi_afl.results: error: {e}", file=sys.stderr)
         return 2

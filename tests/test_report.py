@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import matplotlib
 import pytest
 
 from mpi_afl.report import PLOT_FILES, main
@@ -70,7 +71,7 @@ def test_report_cli_writes_plots_and_summary(tmp_path, two_runs):
     assert [r["label"] for r in rows] == ["runA", "fedasync s7"]
     assert rows[0]["virtual_time_to_target"] == 10.0 and rows[0]["updates_per_second"] == 2.0
     assert rows[1]["wall_time_to_target"] is None and rows[1]["target"] == 0.5
-    assert rows[1]["max_staleness"] == 5 and rows[1]["rejected"] == 0
+    assert rows[1]["max_staleness"] == 5 and rows[1]["updates_rejected"] == 0
 
 
 def test_default_out_dir_and_no_target(two_runs, capsys):
@@ -129,14 +130,20 @@ def test_seeds_of_a_setting_become_mean_std_bands(tmp_path, capsys):
     from mpi_afl.results import group_by_setting, load_many
     _seed_runs(tmp_path / "sweep")
     groups = group_by_setting(load_many([tmp_path / "sweep"]))   # a directory of runs
-    assert [(g.label, len(g.runs)) for g in groups] == [("afl_dw", 3), ("fedbuff", 3)]
+    # every label names the algorithm's defining keys in full, here server.lr (afl_dw's s_max is not in the files)
+    assert [(g.label, len(g.runs)) for g in groups] == [("afl_dw (server.lr=0.5)", 3), ("fedbuff (server.lr=0.5)", 3)]
     times, mean, std = band(groups[1].runs, "virtual")
     assert times.tolist() == [0.0, 10.0, 20.0]
     assert mean.tolist() == pytest.approx([0.3, 0.5, 0.6]) and std.tolist() == pytest.approx([0.1] * 3)
-    fig = plot_accuracy(groups, "virtual", None)
-    assert len(fig.axes[0].collections) == 2   # one filled band per setting
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
-        "afl_dw (mean ± std, 3 runs)", "fedbuff (mean ± std, 3 runs)"]
+    ax = plot_accuracy(groups, "virtual", None).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "afl_dw (server.lr=0.5): mean ± std of 3 runs", "fedbuff (server.lr=0.5): mean ± std of 3 runs"]
+    # one band per setting, told apart by its hatch and outlined in its curve's colour, not filled
+    bands, lines = ax.collections, ax.get_lines()
+    assert len(bands) == 2 and len({b.get_hatch() for b in bands}) == 2 and all(b.get_hatch() for b in bands)
+    assert all(b.get_facecolor().size == 0 for b in bands)   # facecolor "none"
+    assert [tuple(b.get_edgecolor()[0][:3]) for b in bands] == [matplotlib.colors.to_rgb(l.get_color()) for l in lines]
+    assert len({l.get_marker() for l in lines}) == 2 and "None" not in {l.get_marker() for l in lines}
 
     out = tmp_path / "plots"
     assert main([*map(str, sorted((tmp_path / "sweep").iterdir())), "--out", str(out), "--format", "png,pdf,svg",
@@ -147,14 +154,65 @@ def test_seeds_of_a_setting_become_mean_std_bands(tmp_path, capsys):
         assert b"<svg" in (out / f"{stem}.svg").read_bytes()[:1000]
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
     settings = {r["setting"]: r for r in map(json.loads, capsys.readouterr().out.splitlines()[-2:])}
-    fedbuff = settings["fedbuff"]
+    fedbuff = settings["fedbuff (server.lr=0.5)"]
     assert fedbuff["runs"] == 3 and fedbuff["final_accuracy_mean"] == pytest.approx(0.6)
     assert fedbuff["final_accuracy_std"] == pytest.approx(0.1)
     assert fedbuff["reached"] == 1 and fedbuff["virtual_time_to_target_mean"] == 20.0   # only seed 2 got there
-    assert settings["afl_dw"]["reached"] == 2   # 0.6 (seed 0) stays below 0.65
+    assert settings["afl_dw (server.lr=0.5)"]["reached"] == 2   # 0.6 (seed 0) stays below 0.65
 
 
 def test_bad_format_is_refused(two_runs, capsys):
     with pytest.raises(SystemExit) as stop:
         main([str(two_runs[0]), "--format", "jpg"])
     assert stop.value.code == 2 and "unknown format(s) ['jpg']" in capsys.readouterr().err
+
+
+def test_legends_name_the_algorithm_and_its_settings_in_full(tmp_path):
+    """A FedBuff beside an AFL-DW of the same server.lr: each entry still says which FedBuff it is (its
+    defining keys), and a key that differs (client.lr) is named with its section."""
+    from mpi_afl.report import plot_accuracy, plot_participation, plot_staleness
+    from mpi_afl.results import group_by_setting, load_many
+    server = {"buffer_size": 4, "lr": 0.5, "staleness": "sqrt", "s_max": 75.0}
+    for algorithm, client_lr in (("fedbuff", 0.01), ("afl_dw", 0.05)):
+        (tmp_path / algorithm).mkdir()
+        write_run(tmp_path / algorithm / "run.h5",
+                  {"config": {"server": {"algorithm": algorithm, **server}, "client": {"lr": client_lr},
+                              "run": {"seed": 3}}},
+                  [(1.0, 0, 1, True)], [(0, 0.0, 0.0, 0.1), (5, 1.0, 10.0, 0.5)])
+    groups = group_by_setting(load_many([tmp_path]))
+    wanted = ["afl_dw (client.lr=0.05, server.lr=0.5, server.s_max=75), seed 3",
+              "fedbuff (client.lr=0.01, server.buffer_size=4, server.lr=0.5, server.staleness=sqrt), seed 3"]
+    for fig in (plot_accuracy(groups, "virtual", None), plot_participation(groups)):
+        ax = fig.axes[0]
+        assert [t.get_text().replace("\n", " ") for t in ax.get_legend().get_texts()] == wanted   # wrapped
+        assert [line.get_marker() for line in ax.get_lines()] == ["o", "s"]   # one marker per setting
+        assert not ax.collections   # single runs: no band
+    texts = [t.get_text().replace("\n", " ") for t in plot_staleness(groups).axes[0].get_legend().get_texts()]
+    assert texts == [f"{w} (1 accepted)" for w in wanted]
+
+
+def test_tables_fit_120_columns():
+    """Long setting names move into a numbered key (wrapped), and columns that still do not fit are split
+    into blocks that repeat the numbers; a table that fits is printed as it is."""
+    from mpi_afl.report import WIDTH, _table, format_group_table
+    long = "fedrevive (" + ", ".join(f"distill.key_{i}={i}" for i in range(12)) + ")"
+    line = {"setting": long, "runs": 3, "unfinished_left_out": 2, "reached": 3,
+            **{f"{key}_{stat}": 123.456 for key in ("final_accuracy", "best_accuracy", "virtual_time_to_target",
+                                                    "wall_time_to_target", "updates_per_second", "mean_staleness")
+               for stat in ("mean", "std")}}
+    text = format_group_table([line, {**line, "setting": "fedbuff"}])
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= WIDTH
+    key = text[:text.index("\nsetting")]
+    assert key.startswith("[1] fedrevive (") and "\n[2] fedbuff" in key
+    assert " ".join(key.split()).startswith(f"[1] {long} [2]")   # the whole name, wrapped
+    rows = [row for row in lines[key.count(chr(10)) + 1:] if row.startswith("[")]
+    assert [row.split()[0] for row in rows] == ["[1]", "[2]"] * (len(rows) // 2)
+    assert "3 (+2 unfinished)" in text and text.count("123.4560 ± 123.4560") == 4
+
+    header = ["run", *(f"column_{i}" for i in range(20))]
+    cells = [["a", *(f"{i}.000" for i in range(20))]]
+    split = _table(header, cells)
+    assert max(map(len, split.splitlines())) <= WIDTH and "\n\n" in split
+    assert all(name in split for name in header) and split.count("[1]") >= 3   # key and every block
+    assert _table(["run", "x"], [["a", "1"]]) == "run  x\na    1"

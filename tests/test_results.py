@@ -121,7 +121,8 @@ def test_group_by_setting_and_mean_std(run_dir):
     third.config["server"]["lr"] = 0.1
     groups = results.group_by_setting([run, other, third])
     assert [len(g.runs) for g in groups] == [2, 1]
-    assert [g.label for g in groups] == ["fedbuff lr=0.5", "fedbuff lr=0.1"]
+    assert [g.label for g in groups] == [f"fedbuff (server.buffer_size=4, server.lr={lr}, server.staleness=none)"
+                                         for lr in (0.5, 0.1)]
     # FedBuff reads no echo key, so an echo default that changed between runs keeps them one setting ...
     other.config["echo"]["kd_step"] = 0.3
     assert [len(g.runs) for g in results.group_by_setting([run, other])] == [2]
@@ -137,10 +138,31 @@ def test_group_by_setting_and_mean_std(run_dir):
     assert mean == pytest.approx(0.6) and std == pytest.approx(np.std([0.5, 0.7], ddof=1))
 
 
+def test_table_rows_of_a_finished_and_a_live_run(run_dir):
+    """A run without summary.json (live or killed) has its run.h5 metrics and None for summary.json's columns."""
+    run, live = results.load(run_dir), results.load(run_dir)
+    live.config = json.loads(json.dumps(run.config))
+    live.config["server"]["lr"] = 0.1
+    live.summary = None
+    done, going = results.table_rows([run, live])
+    assert list(done) == list(going) and (done["server.lr"], going["server.lr"]) == (0.5, 0.1)
+    assert done["finished"] and done["versions"] == 20 and done["stop_reason"] == "max_versions"
+    assert not going["finished"] and going["versions"] is going["stop_reason"] is going["wall_seconds"] is None
+    assert going["final_accuracy"] == done["final_accuracy"] == run.summary["final_accuracy"]
+    assert (done["updates_received"], done["updates_rejected"]) == (run.summary["updates_received"], 1)
+    assert going["setting"] == "fedbuff (server.buffer_size=4, server.lr=0.1, server.staleness=none)"
+
+
 def test_built_in_algorithm_names_match_the_registry():
     from mpi_afl.algorithms import ALGORITHMS
-    assert results.BUILT_IN_ALGORITHMS == set(ALGORITHMS)
+    assert results.BUILT_IN_ALGORITHMS == set(ALGORITHMS) == set(results.DEFINING_KEYS)
     assert all(readers <= results.BUILT_IN_ALGORITHMS for readers in results.SECTION_READERS.values())
+    config = parse_args([])[0].to_dict()
+    for algorithm, keys in results.DEFINING_KEYS.items():
+        for key in keys:   # a config key, in a section the algorithm reads
+            section, name = key.split(".")
+            assert name in config[section], (algorithm, key)
+            assert algorithm in results.SECTION_READERS.get(section, {algorithm}), (algorithm, key)
 
 
 def test_missing_or_foreign_paths_are_clear_errors(tmp_path):

@@ -21,8 +21,10 @@ def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "4 runs, 0 already done, 4 to run" in out
-    table = out[out.index("setting"):].splitlines()
-    assert sorted(line.split()[:3] for line in table[1:]) == [["fedasync", "2", "-"], ["fedbuff", "2", "-"]]
+    # the full setting names are too wide for a row of the table: a numbered key above it (runs found in name order)
+    assert "[1] fedasync (server.mixing=0.6, server.staleness=none)\n[2] fedbuff (server.buffer_size=4, " in out
+    table = out[out.index("setting  runs"):].splitlines()
+    assert [line.split()[:3] for line in table[1:]] == [["[1]", "2", "-"], ["[2]", "2", "-"]]
     assert "±" in table[1]
     summaries = {p: json.loads((p / "summary.json").read_text()) for p in tmp_path.glob("*/s?")}
     assert len(summaries) == 4 and {s["versions"] for s in summaries.values()} == {4}
