@@ -146,7 +146,9 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
     import numpy as np
 
     from mpi_afl.models import flat
+    from mpi_afl.run.finish import stop_server
     from mpi_afl.server.loop import Server
+    from mpi_afl.storage.final_writes import FinalWrites
     from mpi_afl.storage.runlog import RunLog
 
     class TimedServerMPI(ServerMPI):
@@ -196,15 +198,21 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
                              device=torch.device("cpu"), flat=flat, out_dir=Path(out), world_size=size,
                              log=RunLog(Path(out) / "run.h5", {"bench": "server_throughput"},
                                         flush_seconds=cfg.run.log_flush_seconds))
+
+        def serve() -> dict:
+            """The loop, then the end of a run up to its summary (run/finish.py): final checkpoint and evaluation."""
+            server.run()
+            return stop_server(server, FinalWrites(Path(out)))
+
         c0 = time.process_time()
         if profile:
             import cProfile
             import pstats
             prof = cProfile.Profile()
-            summary = prof.runcall(server.run)
+            summary = prof.runcall(serve)
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         else:
-            summary = server.run()
+            summary = serve()
         server_cpu = time.process_time() - c0
     worker_cpu = sum(comm.gather(0.0, root=0)[1:])
     n = max(server.accepted, 1)
