@@ -19,7 +19,8 @@ Rank 0 prints one JSON line (times in seconds, "per update" = per accepted updat
   dispatch_seconds_per_update    `send_job` (header + Isend of the snapshot), apart: it is the next job's cost
   server_cpu_seconds_per_update  the same sections as server_seconds_per_update in thread CPU time, so
                                  time the server spent preempted by other processes is left out
-  server_total_cpu_seconds_per_update  all CPU time of rank 0 during `Server.run` (job creation included)
+  server_total_cpu_seconds_per_update  all CPU time of rank 0 during `Server.run` and its stop (job creation,
+                                 the final checkpoint and evaluation included)
   worker_cpu_seconds_per_update  CPU time of all workers together (they share the cores with the server)
   copy_seconds                   median time of one in-process `dst.copy_(src)` of P float32 (the same
                                  pair every time: from the caches while 2 x 4P bytes fit in them)
