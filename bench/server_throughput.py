@@ -19,7 +19,8 @@ Rank 0 prints one JSON line (times in seconds, "per update" = per accepted updat
   dispatch_seconds_per_update    `send_job` (header + Isend of the snapshot), apart: it is the next job's cost
   server_cpu_seconds_per_update  the same sections as server_seconds_per_update in thread CPU time, so
                                  time the server spent preempted by other processes is left out
-  server_total_cpu_seconds_per_update  all CPU time of rank 0 during `Server.run` (job creation included)
+  server_total_cpu_seconds_per_update  all CPU time of rank 0 during `Server.run` and its stop (job creation,
+                                 the final checkpoint and evaluation included)
   worker_cpu_seconds_per_update  CPU time of all workers together (they share the cores with the server)
   copy_seconds                   median time of one in-process `dst.copy_(src)` of P float32 (the same
                                  pair every time: from the caches while 2 x 4P bytes fit in them)
@@ -146,7 +147,9 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
     import numpy as np
 
     from mpi_afl.models import flat
+    from mpi_afl.run.finish import stop_server
     from mpi_afl.server.loop import Server
+    from mpi_afl.storage.final_writes import FinalWrites
     from mpi_afl.storage.runlog import RunLog
 
     class TimedServerMPI(ServerMPI):
@@ -196,15 +199,21 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
                              device=torch.device("cpu"), flat=flat, out_dir=Path(out), world_size=size,
                              log=RunLog(Path(out) / "run.h5", {"bench": "server_throughput"},
                                         flush_seconds=cfg.run.log_flush_seconds))
+
+        def serve() -> dict:
+            """The loop, then the end of a run up to its summary (run/finish.py): final checkpoint and evaluation."""
+            server.run()
+            return stop_server(server, FinalWrites(Path(out)))
+
         c0 = time.process_time()
         if profile:
             import cProfile
             import pstats
             prof = cProfile.Profile()
-            summary = prof.runcall(server.run)
+            summary = prof.runcall(serve)
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         else:
-            summary = server.run()
+            summary = serve()
         server_cpu = time.process_time() - c0
     worker_cpu = sum(comm.gather(0.0, root=0)[1:])
     n = max(server.accepted, 1)

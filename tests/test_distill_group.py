@@ -14,7 +14,7 @@ from mpi_afl.distill.group import Group, Solo, drive
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.teachers import TeacherBuffer
 from mpi_afl.models.flat import flat_size
-from mpi_afl.train import _check_group
+from mpi_afl.run.group import check_group
 from mpi_helpers import HANG_GUARD, MPIEXEC, env
 
 HERE = Path(__file__).parent
@@ -115,13 +115,13 @@ def config(*args: str):
 ])
 def test_launch_checks_name_distill_ranks(args, size, words):
     with pytest.raises(ConfigError) as e:
-        _check_group(config(*args), size)
+        check_group(config(*args), size)
     assert "config key 'distill.ranks'" in str(e.value) and words in str(e.value)
 
 
 def test_launch_checks_accept_a_sensible_group():
-    _check_group(config("--algorithm", "fedrevive", "--distill.ranks=3"), 17)
-    _check_group(config("--algorithm", "fedbuff"), 1)
+    check_group(config("--algorithm", "fedrevive", "--distill.ranks=3"), 17)
+    check_group(config("--algorithm", "fedbuff"), 1)
 
 
 def test_batchnorm_students_are_refused_for_fedrevive():

@@ -1,7 +1,7 @@
 """What a user sees when a run meets a fault: a full disk or a read-only directory at the end, two Ctrl-C,
 bad values, odd paths, files in the way, leftovers of a killed run. Each ends with a clear outcome: exit 1
 or 2 with one line naming what was not written or which key is wrong, and a directory that the messages
-agree on how to continue. Refusals are checked in process (`_rank0_setup`, the start-up's checks); what
+agree on how to continue. Refusals are checked in process (`rank0_setup`, the start-up's checks); what
 involves the file system, signals or MPI runs for real (a small tmpfs for the full disk, `mpiexec`)."""
 
 import contextlib
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from mpi_afl.config import from_dict, parse_args
+from mpi_afl.run.build import check_split_sizes
+from mpi_afl.run.startup import rank0_setup
 from mpi_afl.storage.checkpoint import load_checkpoint
-from mpi_afl.train import _check_split_sizes, _rank0_setup
 from mpi_helpers import FAST, HANG_GUARD, command, env, launch, start, summary, wait_until
 
 ARGS = [*FAST, "--clock", "virtual", "--seed", "4", "--run.eval_every=5"]
@@ -40,7 +41,7 @@ def _one_error(proc, code: int, *words) -> str:
 
 def _refusal(argv: list[str], capsys) -> str:
     """Rank 0's start-up checks in process: exit 2 and the one error line."""
-    setup = _rank0_setup(argv)
+    setup = rank0_setup(argv)
     assert setup.result == ("exit", 2)
     (line,) = _errors(capsys.readouterr().err)
     return line
@@ -99,12 +100,12 @@ def test_split_size_checks_name_the_keys():
     cfg = from_dict({})
     cfg.data.num_clients = 2000
     with pytest.raises(ValueError, match="'data.num_clients': 2,000 clients"):
-        _check_split_sizes(cfg, 1259)
+        check_split_sizes(cfg, 1259)
     cfg.data.num_clients, cfg.data.samples_per_client = 20, 5000
     with pytest.raises(ValueError, match="'data.samples_per_client': 5,000 is more than"):
-        _check_split_sizes(cfg, 1259)
+        check_split_sizes(cfg, 1259)
     cfg.data.samples_per_client = 350
-    _check_split_sizes(cfg, 1259)
+    check_split_sizes(cfg, 1259)
 
 
 def test_too_many_clients_is_exit_2_and_leaves_no_directory(tmp_path):

@@ -379,7 +379,7 @@ def inspect(run_dir: Path, out: Path, per_class: int, probe_steps: list[int], kd
     labels_np = splits.train_y.numpy()
     parts = partition(labels_np, d.num_clients, d.partition, seed=cfg.run.seed, num_classes=info.num_classes,
                       alpha=d.alpha, shards_per_client=d.shards_per_client, samples_per_client=d.samples_per_client)
-    histograms = class_histograms(parts, labels_np, info.num_classes)  # the run's clients, as train.py builds them
+    histograms = class_histograms(parts, labels_np, info.num_classes)  # the run's clients, as run/build.py builds them
 
     def make_model() -> torch.nn.Module:
         return build_model(cfg.model.name, in_channels=info.channels, image_size=info.image_size,

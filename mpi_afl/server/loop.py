@@ -42,7 +42,6 @@ from ..distill.group import WAIT, Solo, share_state
 from ..results import updates_per_second
 from ..storage.atomic import write_atomic
 from ..storage.checkpoint import CheckpointError, save_checkpoint
-from ..storage.final_writes import FinalWrites
 from ..storage.runlog import RunLog
 from ..transport.arrival import Arrival
 from ..transport.backoff import Backoff
@@ -161,7 +160,6 @@ class Server:
         self.run_id = run_id          # storage/rundir.py: written into checkpoint.h5 and summary.json
         self.nonfinite_streak = 0     # consecutive updates rejected as non-finite (run.diverged_after)
         self.diverged = ""            # why the run diverged, when it did
-        self.final_writes = FinalWrites(out_dir)   # the stop's writes, checkpoint.h5 first (storage/final_writes.py)
         self.checkpoint_version: int | None = None   # version of OUT/checkpoint.h5 (None: none written yet)
         self.log_flush_failed = False   # said once: run.h5 rows wait in memory for room on the disk
         self.next_eval_time = cfg.run.eval_every_time   # the next grid time of run.eval_every_time
@@ -427,7 +425,9 @@ class Server:
         """Virtual time of the next result to process (the head job; `now` in wall mode)."""
         return self.schedule[0][0] if self.virtual and self.schedule else self.now
 
-    def run(self) -> dict:
+    def run(self) -> None:
+        """Serve until a stop rule fires. What follows the stop (the final checkpoint, stopping the workers,
+        the final evaluation and the run's files) is run/finish.py's, in one place and order."""
         share_state(self.algorithm, self.group)   # a distillation group starts from the server's state (also on resume)
         self.refill()
         self.dispatch()
@@ -456,20 +456,6 @@ class Server:
                 self._eval_step()
             if every and self.version != version and self.version % every == 0:
                 self.checkpoint()
-        # The final checkpoint first (also after a normal stop, so `--resume` can extend the run): after a
-        # signal the job may be killed any moment now. It is taken between two updates, as every checkpoint,
-        # and before the off-schedule final evaluation (a resumed run drops that row, as an uninterrupted run
-        # never had it); jobs still in flight are in it and run again on resume.
-        self.stopped = True   # from here on nothing is received or sent (the evaluations below would pump)
-        if self.final_writes.attempt("checkpoint.h5", lambda path: save_checkpoint(path, self._checkpoint_state())):
-            self.checkpoint_version = self.version
-        self.transport.stop()
-        self.group.stop()
-        if not self.evals or self.evals[-1].version != self.version:
-            self.evaluate()
-            self.finish_evaluations()
-        self.final_writes.attempt("run.h5", lambda _: self.log.close())
-        return self.summary()
 
     def _maybe_flush_log(self) -> None:
         """The periodic run.h5 flush; on a full disk the rows stay buffered and the next flush tries again."""
@@ -487,7 +473,7 @@ class Server:
         """Write OUT/checkpoint.h5 atomically; only ever called between two updates."""
         t0 = time.perf_counter()
         try:
-            save_checkpoint(self.out_dir / "checkpoint.h5", self._checkpoint_state())
+            save_checkpoint(self.out_dir / "checkpoint.h5", self.checkpoint_state())
         except OSError as e:   # a full disk may clear; the run goes on, and says which checkpoint it has
             kept = f"version {self.checkpoint_version}" if self.checkpoint_version is not None else "none"
             print(f"[server] warning: the checkpoint of version {self.version} was not written "
@@ -497,7 +483,7 @@ class Server:
         self.log.timing(version=self.version, wall_time=self.wall(), phase="checkpoint",
                         seconds=time.perf_counter() - t0)
 
-    def _checkpoint_state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         self.finish_evaluations()   # a checkpoint covers every evaluation of the versions before it
         self.log.flush()   # the checkpoint must never count rows that only lived in memory
         return self.state_dict()
