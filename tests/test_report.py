@@ -64,7 +64,7 @@ def test_report_cli_writes_plots_and_summary(tmp_path, two_runs):
     assert table[0] == ["run", "final_acc", "best_acc", "virt_to_target", "wall_to_target", "accepted",
                         "updates/s", "mean_stale", "max_stale", "rejected"]
     assert table[1] == ["runA", "0.5500", "0.6000", "10.00", "2.00", "8", "2.0", "1.50", "3", "2"]
-    # "fedasync s7" (algorithm and seed, as train.py labels runs): 3 accepted over 5 s, staleness 0, 5, 1.
+    # "fedasync s7" (algorithm and seed, as run/provenance.py labels runs): 3 accepted over 5 s, staleness 0, 5, 1.
     assert table[2] == ["fedasync", "s7", "0.4500", "0.4500", "-", "-", "3", "0.6", "2.00", "5", "0"]
     assert len({len(line) for line in runs_table}) == 1  # aligned columns
     rows = [json.loads(line) for line in lines if line.startswith('{"run"')]
