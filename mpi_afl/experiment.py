@@ -53,7 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import results
-from .config import ConfigError, _flatten_toml, _toml_value, parse_args, tomllib
+from .config import ConfigError, parse_args
+from .config.parsing import flatten_toml, tomllib
+from .config.schema import toml_value
 
 # Row fields the tables can show; differences of the accuracies are in points (x 100).
 METRICS = ("final_accuracy", "best_accuracy", "tail_accuracy", "time_to_target")
@@ -120,7 +122,7 @@ def _cli_value(value) -> str:
         return ",".join(_cli_value(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
-    return value if isinstance(value, str) else _toml_value(value)
+    return value if isinstance(value, str) else toml_value(value)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def _entries(data: dict, kind: str, source: str) -> dict[str, dict]:
             raise ExperimentError(f"{where} must be a table")
         reserved = {k: v for k, v in body.items() if k in RESERVED[kind]}
         try:
-            keys = _flatten_toml({k: v for k, v in body.items() if k not in RESERVED[kind]}, where)
+            keys = flatten_toml({k: v for k, v in body.items() if k not in RESERVED[kind]}, where)
         except ConfigError as e:
             raise ExperimentError(str(e)) from None
         if kind == "methods":
@@ -211,7 +213,7 @@ def load_experiment(path: str | Path, check_configs: bool = True) -> Experiment:
     if not seeds:
         raise ExperimentError(f"{source}: [experiment] needs seeds = [S, ...]")
     try:
-        settings = _flatten_toml(_table(data, "settings", source), f"{source}: [settings]")
+        settings = flatten_toml(_table(data, "settings", source), f"{source}: [settings]")
     except ConfigError as e:
         raise ExperimentError(str(e)) from None
     cells, methods = _entries(data, "cells", source), _entries(data, "methods", source)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torchvision.datasets
 
-from mpi_afl.data.datasets import DATASETS, DataNotFoundError, locate, load_splits, prepare
+from mpi_afl.data.datasets import DataNotFoundError, locate, load_splits, prepare
+from mpi_afl.names import DATASETS
 
 torch.set_num_threads(1)
 

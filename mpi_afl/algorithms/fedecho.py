@@ -138,6 +138,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
+from mpi_afl.config import ConfigError
 from mpi_afl.distill.group import in_group, sum_gradients
 from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
@@ -272,6 +273,12 @@ class FedEcho(Algorithm):
     name = "fedecho"
     # `distill` runs on every rank of a distillation group (distill.ranks, distill/group.py).
     group_methods = frozenset({"distill"})
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.echo.inputs == "proxy" and cfg.data.kd_fraction <= 0:
+            raise ConfigError("config key 'data.kd_fraction': fedecho with echo.inputs = 'proxy' distils on the "
+                              "held-out split, so it must be > 0")
 
     def __init__(self, cfg, ctx: ServerContext):
         super().__init__(cfg, ctx)
