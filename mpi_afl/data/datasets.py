@@ -33,6 +33,7 @@ import torch
 from ..config import ConfigError
 from ..names import DATASETS, DatasetInfo
 from ..plugins import call, callable_object, is_import_path, short_name
+from ..storage.atomic import atomic_write
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -203,15 +204,14 @@ def prepare(name: str, root: str | None = None, download: bool = False, *,
 def _unpack(sources: list[pathlib.Path], targets: list[pathlib.Path]) -> None:
     """Decompress (or copy) each source to its target, atomically so a reader never sees half a file.
 
-    The partial file is private to this process: two runs started together on one machine (a sweep) unpack
-    concurrently, and with a shared name the first rename left the second without its file."""
+    The temporary file is private to this process (storage/atomic.py): two runs started together on one
+    machine (a sweep) unpack concurrently, and with a shared name the first rename left the second without its
+    file."""
     for source, target in zip(sources, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         opener = gzip.open if source.suffix == ".gz" else open
-        with opener(source, "rb") as src, open(partial, "wb") as dst:
+        with atomic_write(target) as tmp, opener(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        os.replace(partial, target)
 
 
 @dataclass

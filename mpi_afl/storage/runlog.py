@@ -54,7 +54,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpi_afl.storage.atomic import allocate, atomic_replace, temp_path
+from mpi_afl.storage.atomic import allocate, atomic_write
 from mpi_afl.storage.h5open import open_readonly
 
 FORMAT = "mpi_afl-run"
@@ -449,23 +449,17 @@ def _create(path: Path, attrs: dict, tables: dict[str, np.ndarray]) -> h5py.File
     Written to a temporary file and renamed, so a resume never leaves a half-copied log. A
     fresh file is needed on resume anyway: HDF5 refuses to reopen for writing a file whose
     SWMR writer crashed ("file is already open for write")."""
-    tmp = temp_path(path)
-    try:
-        with h5py.File(tmp, "w-", libver="latest") as f:
-            f.attrs.update(attrs)
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            for name, rows in tables.items():
-                ds = f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNK_ROWS,), fletcher32=True)
-                for column, codes in CODED_COLUMNS.get(name, {}).items():
-                    ds.attrs[f"{column}_codes"] = json.dumps(codes)
-                for column, (unit, description) in COLUMN_DOCS[name].items():
-                    ds.attrs[f"{column}_unit"] = unit
-                    ds.attrs[f"{column}_description"] = description
-        atomic_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, h5py.File(tmp, "w-", libver="latest") as f:
+        f.attrs.update(attrs)
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        for name, rows in tables.items():
+            ds = f.create_dataset(name, data=rows, maxshape=(None,), chunks=(_CHUNK_ROWS,), fletcher32=True)
+            for column, codes in CODED_COLUMNS.get(name, {}).items():
+                ds.attrs[f"{column}_codes"] = json.dumps(codes)
+            for column, (unit, description) in COLUMN_DOCS[name].items():
+                ds.attrs[f"{column}_unit"] = unit
+                ds.attrs[f"{column}_description"] = description
     f = h5py.File(path, "r+", libver="latest")
     f.swmr_mode = True
     return f
