@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from mpi_afl.names import ALGORITHMS
-from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES, read_run
+from mpi_afl.storage.runlog import read_run
+from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
 
 RUN_FILE = "run.h5"
 # Config keys that do not change what a run computes; runs that differ only in these (and the seed) are

@@ -13,7 +13,7 @@ import pytest
 
 from mpi_afl import results
 from mpi_afl.config import parse_args
-from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES
+from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
 from mpi_helpers import HANG_GUARD, FAST, env, launch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -94,7 +94,7 @@ class Algorithm:
         self.cfg = cfg
         #: the aggregation weight (or beta) applied to the last update, for the run log
         self.last_weight = float("nan")
-        #: a distilling algorithm's kd_checks row (runlog.KD_CHECK_FIELDS but virtual_time) for the update
+        #: a distilling algorithm's kd_checks row (runlog.schema.KD_CHECK_FIELDS but virtual_time) for the update
         #: just processed; the server logs it and sets it back to None
         self.kd_check: dict | None = None
 

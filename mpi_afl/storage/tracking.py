@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from mpi_afl.config import Config, ConfigError
-from mpi_afl.storage.runlog import PHASES
+from mpi_afl.storage.runlog.schema import PHASES
 
 PHASE_NAMES = {code: name for name, code in PHASES.items()}   # timings.phase is recorded as its code
 TB_DIR = "tensorboard"
