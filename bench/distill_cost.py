@@ -67,7 +67,7 @@ from mpi_afl.algorithms.fedecho import FedEcho  # noqa: E402
 from mpi_afl.algorithms.fedrevive import FedRevive  # noqa: E402
 from mpi_afl.client.local_train import train_job  # noqa: E402
 from mpi_afl.config import Config, parse_args  # noqa: E402
-from mpi_afl.data.datasets import DATASETS  # noqa: E402
+from mpi_afl.names import DATASETS  # noqa: E402
 from mpi_afl.models import build_model  # noqa: E402
 from mpi_afl.models.flat import flatten, load_flat, param_mask  # noqa: E402
 from mpi_afl.slices import drain  # noqa: E402

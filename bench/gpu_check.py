@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpi_afl.algorithms import ALGORITHMS
+from mpi_afl.algorithms.fedrevive import FedRevive
 from mpi_afl.algorithms.base import ServerContext, Update
 from mpi_afl.config import parse_args
 from mpi_afl.models import build_model
@@ -137,7 +137,7 @@ def check_fedrevive_speed(device: torch.device, small: bool) -> None:
                         make_model=make_model, param_mask=param_mask(make_model()).to(device), num_classes=classes,
                         image_shape=shape, data_mean=(0.49, 0.48, 0.45), data_std=(0.25, 0.24, 0.26),
                         client_histograms=hist, kd_x=None, kd_y=None)
-    alg = ALGORITHMS["fedrevive"](cfg, ctx)
+    alg = FedRevive(cfg, ctx)
     rng = np.random.default_rng(1)
     updates = 4 if small else 30
     seconds, kd = [], 0

@@ -120,7 +120,8 @@ def config(seconds: float):
 
 
 def fake_splits(num_classes: int):
-    from mpi_afl.data.datasets import DatasetInfo, Splits
+    from mpi_afl.data.datasets import Splits
+    from mpi_afl.names import DatasetInfo
     info = DatasetInfo("bench", num_classes, 1, 1, (0.0,), (1.0,))
     x, y = torch.zeros(4, 1, 1, 1), torch.zeros(4, dtype=torch.long)
     empty_x, empty_y = torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long)

@@ -35,7 +35,8 @@ import tempfile
 from pathlib import Path
 
 from mpi_afl.launch import mpiexec_path
-from mpi_afl.storage.runlog import PHASES, read_run
+from mpi_afl.storage.runlog import read_run
+from mpi_afl.storage.runlog.schema import PHASES
 
 
 def run_once(workers: int, max_versions: int, extra: list[str]) -> dict:

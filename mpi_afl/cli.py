@@ -6,7 +6,8 @@
     mpi-afl sweep --algorithms fedbuff,afl_dw --seeds 0,1,2 --out sweep   (= python -m mpi_afl.sweep ...)
     mpi-afl --version
 
-Each command's module is imported only when it runs, so `report`, `export` and `sweep` never load torch.
+Each command's module is imported only when it runs, so `report` and `export` never load torch (`sweep` checks
+every run's config as `train` does, with the algorithm's own rules, so it imports the algorithm).
 """
 
 from __future__ import annotations

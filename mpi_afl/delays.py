@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DelayConfig
+from .config.schema import DelayConfig
 
 _STREAM = 0xDE1A  # separates the delay stream from other uses of the run seed
 

@@ -4,7 +4,7 @@
 
 RUN is a run directory, its run.h5, or a directory holding runs below it (a sweep). An experiment's sweep
 directory (it holds experiment.toml) or its results.jsonl gets the experiment's tables instead
-(mpi_afl/experiment.py: mean ± std per cell and method, the registered paired comparisons). Runs whose
+(mpi_afl/experiment/: mean ± std per cell and method, the registered paired comparisons). Runs whose
 configs differ only in the seed (and in keys that do not change results: results.NOT_SETTING, and
 the distill/echo sections for built-in algorithms that do not read them) form one setting; a
 setting with several runs is drawn as its mean with a band of one standard deviation across the
@@ -283,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if len(args.runs) == 1 and (experiment.is_experiment(args.runs[0]) or args.experiment):
-        try:   # an experiment (mpi_afl/experiment.py): its tables, paired comparisons, rows and plots
+        try:   # an experiment (mpi_afl/experiment/): its tables, paired comparisons, rows and plots
             return experiment.report(args.runs[0], args.out, args.format, args.experiment)
         except (OSError, ValueError) as e:
             print(f"mpi_afl.report: error: {e}", file=sys.stderr)

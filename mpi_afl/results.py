@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES, read_run
+from mpi_afl.names import ALGORITHMS
+from mpi_afl.storage.runlog import read_run
+from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
 
 RUN_FILE = "run.h5"
 # Config keys that do not change what a run computes; runs that differ only in these (and the seed) are
@@ -43,7 +45,6 @@ NOT_SETTING = {"run.seed", "run.out", "run.overwrite", "run.threads", "run.devic
 # Config sections that only some built-in algorithms read (mpi_afl/algorithms): for a run of another built-in
 # algorithm their keys change nothing, so they do not tell its settings apart (runs made before a default of
 # such a section changed stay one setting). A plug-in may read any section, so for it every key counts.
-BUILT_IN_ALGORITHMS = {"fedavg", "fedasync", "fedbuff", "afl_dw", "ca2fl", "fedrevive", "dd_fedrevive", "fedecho"}
 SECTION_READERS = {"distill": {"fedrevive", "dd_fedrevive", "fedecho"}, "echo": {"fedecho"}}
 # The keys of a built-in algorithm's update rule (README "Algorithms", docs/algorithms.md), named in every label of
 # its settings even when all runs share them: a legend entry "fedbuff" alone does not say which FedBuff it is.
@@ -183,7 +184,7 @@ def _setting(run: Run) -> dict[str, object]:
     """The run's config keys that can change what it computes (NOT_SETTING and SECTION_READERS)."""
     algorithm = run.value("server.algorithm")
     ignored = {section for section, readers in SECTION_READERS.items()
-               if algorithm in BUILT_IN_ALGORITHMS and algorithm not in readers}
+               if algorithm in ALGORITHMS and algorithm not in readers}
     return {f"{section}.{key}": (tuple(v) if isinstance(v, list) else v)
             for section, body in run.config.items() if section not in ignored
             for key, v in body.items() if f"{section}.{key}" not in NOT_SETTING}

@@ -24,7 +24,7 @@ mpi_afl/slurm.py) on the same directories, so the local and SLURM sweeps are int
 `--account`, `--gpus-per-task`, `--cpus-per-task` and `--sbatch=OPTION` (repeatable) add `#SBATCH` lines.
 
 `--experiment FILE` runs an experiment.toml (cells x methods x seeds, each method's full settings;
-mpi_afl/experiment.py) into DIR/<cell>/<method>/s<seed> the same way, locally or with --slurm, and ends with
+mpi_afl/experiment/) into DIR/<cell>/<method>/s<seed> the same way, locally or with --slurm, and ends with
 its tables (`mpi-afl report DIR`). `run_local` takes any grid points that name their directory, their
 fresh-run options and their log.
 """
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="sweep directory (one subdirectory per setting)")
     parser.add_argument("--experiment", type=Path, metavar="FILE",
                         help="run the experiment FILE describes (experiment.toml: cells x methods x seeds; "
-                             "mpi_afl/experiment.py) instead of --algorithms/--set/--seeds")
+                             "mpi_afl/experiment/) instead of --algorithms/--set/--seeds")
     parser.add_argument("--algorithms", type=_csv, help="comma-separated algorithms (or plug-ins)")
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0], help="comma-separated seeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V[,V...]",

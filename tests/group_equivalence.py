@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mpi4py import MPI  # noqa: E402
 
 from mpi_afl.algorithms.fedecho import all_teacher_logits  # noqa: E402
-from mpi_afl.config import DistillConfig  # noqa: E402
+from mpi_afl.config.schema import DistillConfig  # noqa: E402
 from mpi_afl.distill import kd  # noqa: E402
 from mpi_afl.distill.group import Group, drive  # noqa: E402
 from mpi_afl.distill.proxy import ProbeProxy  # noqa: E402

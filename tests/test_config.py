@@ -16,8 +16,10 @@ try:
 except ModuleNotFoundError:   # Python 3.10
     import tomli as tomllib
 
-from mpi_afl.config import (ALGORITHM_NAMES, DATASET_NAMES, MODEL_NAMES, SHORTCUTS, Config, ConfigError,
-                            all_keys, from_dict, parse_args)
+from mpi_afl.config import Config, ConfigError, from_dict, parse_args
+from mpi_afl.config.command_line import SHORTCUTS
+from mpi_afl.config.schema import all_keys
+from mpi_afl.names import ALGORITHMS, DATASETS, MODELS
 from mpi_helpers import HANG_GUARD
 
 
@@ -78,10 +80,10 @@ def test_command_line_errors_name_key_and_value(argv, expected):
 
 
 @pytest.mark.parametrize("argv, key, bad, allowed", [
-    (["--algorithm=fedbuf"], "server.algorithm", "fedbuf", ALGORITHM_NAMES),
-    (["--server.algorithm", "fedprox"], "server.algorithm", "fedprox", ALGORITHM_NAMES),
-    (["--dataset=imagenet"], "data.dataset", "imagenet", DATASET_NAMES),
-    (["--model.name=vgg16"], "model.name", "vgg16", MODEL_NAMES),
+    (["--algorithm=fedbuf"], "server.algorithm", "fedbuf", list(ALGORITHMS)),
+    (["--server.algorithm", "fedprox"], "server.algorithm", "fedprox", list(ALGORITHMS)),
+    (["--dataset=imagenet"], "data.dataset", "imagenet", list(DATASETS)),
+    (["--model.name=vgg16"], "model.name", "vgg16", list(MODELS)),
     (["--clock=cpu"], "run.clock", "cpu", ["virtual", "wall"]),
 ])
 def test_unknown_choice_lists_allowed_values(argv, key, bad, allowed):

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torchvision.datasets
 
-from mpi_afl.data.datasets import DATASETS, DataNotFoundError, locate, load_splits, prepare
+from mpi_afl.data.datasets import DataNotFoundError, locate, load_splits, prepare
+from mpi_afl.names import DATASETS
 
 torch.set_num_threads(1)
 
@@ -249,7 +250,7 @@ def _unpack_together(barrier, sources, targets, failures):
 
 def test_concurrent_unpacks_of_the_same_files_all_succeed(tmp_path):
     """Runs started together (a sweep) unpack Debian's recompressed files at the same time; each writes its own
-    partial file, so no rename can take another's (with one shared '.partial' name, a run failed with
+    temporary file, so no rename can take another's (with one shared '.partial' name, a run failed with
     FileNotFoundError: its partial file had been renamed away by the other)."""
     import gzip
     import multiprocessing
@@ -271,4 +272,4 @@ def test_concurrent_unpacks_of_the_same_files_all_succeed(tmp_path):
     errors = [failures.get() for _ in range(failures.qsize())]
     assert not errors and all(p.exitcode == 0 for p in procs)
     assert all(t.read_bytes() == payload for t in targets)
-    assert not list((tmp_path / "raw").glob("*.partial"))
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["f0", "f1", "f2"]   # no temporary file left

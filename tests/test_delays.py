@@ -4,7 +4,7 @@ depend only on (seed, client, job); every shape keeps its configured mean; the n
 import numpy as np
 import pytest
 
-from mpi_afl.config import DelayConfig
+from mpi_afl.config.schema import DelayConfig
 from mpi_afl.delays import SCHEDULES, DelayModel, Schedule, mean_job_time, sample_train_time, schedule_from
 
 

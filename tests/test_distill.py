@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_afl.config import DistillConfig
+from mpi_afl.config.schema import DistillConfig
 from mpi_afl.distill import kd
 from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.distill.generator import Generator

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mpi_afl.storage.runlog import COLUMN_DOCS, TABLES
+from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

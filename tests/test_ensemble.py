@@ -177,7 +177,7 @@ def test_synthesis_with_the_batched_teachers_matches_the_per_teacher_path():
     and images. One generator step: later steps and the Reptile step go through Adam, which divides near-zero
     gradients by their own size, so summation-order differences become lr-sized steps and no float tolerance
     holds there (the gradients themselves are compared in the first test of this file)."""
-    from mpi_afl.config import DistillConfig
+    from mpi_afl.config.schema import DistillConfig
     from mpi_afl.distill.synthesizer import Synthesizer
 
     make_model = make("stat")

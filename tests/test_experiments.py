@@ -1,4 +1,4 @@
-"""Experiments as data (mpi_afl/experiment.py): experiments/smoke end to end with real runs (sweep --experiment,
+"""Experiments as data (mpi_afl/experiment/): experiments/smoke end to end with real runs (sweep --experiment,
 then report on the sweep directory and on its results.jsonl alone), and one clear line for bad input."""
 
 import hashlib

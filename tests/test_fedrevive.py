@@ -7,7 +7,8 @@ import torch
 
 from mpi_afl.algorithms.fedrevive import DDFedRevive, FedRevive
 from mpi_afl.algorithms.staleness import beta, cosine_beta, step_beta
-from mpi_afl.config import Config, DistillConfig
+from mpi_afl.config import Config
+from mpi_afl.config.schema import DistillConfig
 from mpi_afl.distill.kd import record_kd
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics

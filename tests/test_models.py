@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from mpi_afl.models import MODELS, build_model
+from mpi_afl.models import build_model
 from mpi_afl.models.flat import flat_size, flatten, load_flat, param_mask, variance_mask
 from mpi_afl.models.layers import StatTracker
+from mpi_afl.names import MODELS
 
 torch.set_num_threads(1)
 

@@ -232,6 +232,34 @@ def test_a_bad_section_declaration_is_a_config_error_naming_the_plugin_key(name,
     assert message in str(e.value)
 
 
+CHECKED_ALGORITHMS = """
+from mpi_afl.algorithms.fedasync import FedAsync
+from mpi_afl.algorithms.fedrevive import FedRevive
+from mpi_afl.config import ConfigError
+
+class OddConcurrency(FedAsync):
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.server.concurrency % 2 == 0:
+            raise ConfigError(f"config key 'server.concurrency': {cfg.server.concurrency} is even")
+
+class Revived(FedRevive):
+    pass
+"""
+
+
+def test_a_plugin_algorithm_checks_its_config_as_a_built_in_does(tmp_path, monkeypatch):
+    (tmp_path / "checked_plugins.py").write_text(CHECKED_ALGORITHMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="config key 'server.concurrency': 8 is even"):
+        parse_args(["--server.algorithm=checked_plugins:OddConcurrency"])
+    parse_args(["--server.algorithm=checked_plugins:OddConcurrency", "--server.concurrency=7"])
+    batchnorm_group = ["--distill.ranks=1", "--model.norm=batchnorm"]
+    with pytest.raises(ConfigError, match="config key 'distill.ranks': with model.norm = 'batchnorm'"):
+        parse_args(["--server.algorithm=checked_plugins:Revived", *batchnorm_group])   # FedRevive's rule, inherited
+    parse_args(["--server.algorithm=fedbuff", *batchnorm_group])   # a rule of the algorithm, not of the keys
+
+
 def test_plugin_section_under_mpiexec(tmp_path):
     """A short run of the FedProx trainer with its own key under mpiexec -n 3; a bad value is exit 2 with one line."""
     out = tmp_path / "prox"

@@ -11,7 +11,8 @@ import matplotlib
 import pytest
 
 from mpi_afl.report import PLOT_FILES, main
-from mpi_afl.storage.runlog import REJECT_REASONS, RunLog
+from mpi_afl.storage.runlog import RunLog
+from mpi_afl.storage.runlog.schema import REJECT_REASONS
 from mpi_helpers import HANG_GUARD
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mpi_afl.storage.runlog import (ARRIVAL_FIELDS, EVAL_FIELDS, PHASES, REJECT_REASONS, TIMING_FIELDS, RunLog,
-                                    RunLogError, check_resumable, read_run)
+from mpi_afl.storage.runlog import RunLog, RunLogError, read_run
+from mpi_afl.storage.runlog.reader import check_resumable
+from mpi_afl.storage.runlog.schema import ARRIVAL_FIELDS, EVAL_FIELDS, PHASES, REJECT_REASONS, TIMING_FIELDS
 from mpi_helpers import HANG_GUARD
 
 REPO = Path(__file__).resolve().parents[1]

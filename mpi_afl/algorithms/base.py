@@ -19,6 +19,11 @@ without a copy): never modify it afterwards.
 
 Everything an algorithm keeps between calls is in `state_dict()`, so a
 checkpoint covers it and a resumed run continues bit-identically.
+
+Config rules: `check_config(cfg)` (a classmethod) refuses a config the
+algorithm cannot run with, raising ConfigError with one line that names the
+key. Config validation calls it for the selected algorithm, built-in or
+plug-in, after the rules that hold for every algorithm, on every parse.
 """
 
 from __future__ import annotations
@@ -89,9 +94,13 @@ class Algorithm:
         self.cfg = cfg
         #: the aggregation weight (or beta) applied to the last update, for the run log
         self.last_weight = float("nan")
-        #: a distilling algorithm's kd_checks row (runlog.KD_CHECK_FIELDS but virtual_time) for the update
+        #: a distilling algorithm's kd_checks row (runlog.schema.KD_CHECK_FIELDS but virtual_time) for the update
         #: just processed; the server logs it and sets it back to None
         self.kd_check: dict | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ConfigError for a config this algorithm cannot run with (none by default)."""
 
     def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         raise NotImplementedError

@@ -1,135 +1,58 @@
-"""FedEcho: uncertainty-aware distillation for asynchronous FL — a reconstruction.
+"""FedEcho (arXiv 2511.19966): uncertainty-aware distillation for asynchronous FL, as reconstructed in
+docs/algorithms.md §4 from the paper's abstract (the derivation of each step, why it is chosen and what it
+measures are there). Every choice below is a config key.
 
-**What the paper's abstract states** (it is all we have, docs/algorithms.md §4):
-the server distils from client models, stragglers included; it estimates the
-uncertainty of each client's predictions and weights them by it, prioritising
-confident predictions while still using every client, to improve "the
-reliability of predictions made by straggler clients"; it needs no private
-data; it targets both stale updates and the bias toward fast clients under
-non-IID data; it comes with convergence guarantees. Its authors also wrote
-CA2FL.
+On every arrival (docs/algorithms.md §4, steps 1-8):
 
-**Everything below is our reconstruction** (every choice configurable). The
-defaults are the second reconstruction with class-expert teacher
-weights (step 4) and η_kd = 0.3: in the 5-seed grid of experiments/fedecho_grid it
-matches CA2FL in all four cells and beats it at alpha 0.1 with the paper
-schedule (+1.7 points final), where "relative" weights only matched it. The
-first reconstruction is `echo.backbone=fedbuff echo.weighting=entropy
-echo.staleness_factor=none echo.kd_step=1 echo.kd_share=constant` and runs
-exactly as before (torch.lerp is exact at step 1). Why the defaults changed:
-that reconstruction lost to CA2FL in every cell of the grid; its undiscounted
-FedBuff step alone cost 7 points, entropy weights leaned on class-skewed
-clients (confident on any input), and on a CA2FL backbone the student, which
-replaced the stepped model, undid part of CA2FL's step.
-
-1. Parameter step (ours, from the authorship): CA2FL's cached aggregation of
-   M = `server.buffer_size` updates, x' = x_t + η v_t (`echo.backbone =
-   "ca2fl"`), or FedBuff's buffer with s = 1 ("fedbuff"; its optional server
-   momentum still applies). Neither is discounted, whatever
-   `server.staleness` says. The backbone object is reused as is;
-   `last_weight` is its weight.
-2. Teachers: the latest model w_k = x_{v_k} + Δ_k of each of the C =
-   `echo.teachers` most recently heard-from distinct clients, with staleness
-   τ_k = t − v_k at distillation time.
-3. Inputs: synthetic images from the shared meta-generator (distill/
-   synthesizer.py, exactly FedRevive's synthesis with the teachers' class
-   proportions q_k from the probe proxy or, as ablation, the true histograms),
-   or the unlabeled proxy split `ctx.kd_x` (`echo.inputs = "proxy"`; labels
-   unused). Each KD iteration uses one shared batch that every teacher labels:
-   with synthetic inputs the union of `distill.kd_batch` pool images drawn
-   per teacher from its q_k (the batches FedRevive would use), with proxy
-   inputs K · kd_batch uniform draws.
-4. Teacher weights a_k(x) (`echo.weighting`), from the teachers' predictive
-   distributions p_k(x) (softmax at temperature 1) and a staleness prior
-   s_k = s(τ_k) in [0, 1] (`echo.staleness_factor`, staleness.discount).
-   "relative" (the default before the class-expert weights; the one for
-   proxy inputs):
-       reference   p̂(x) = Σ_k s_k p_k(x) / Σ_k s_k   (fresh teachers dominate;
-                   the plain mean when every s_k is 0)
-       score       c_k(x) = Σ_c p_k^c log p̂^c = −H(p_k) − KL(p_k ‖ p̂)
-       reliability ρ_k = s_k + (1 − s_k) κ_k,  κ_k = batch mean of
-                   Σ_c min(p_k^c, p̂^c)  (1 − total variation, in [0, 1])
+1. Parameter step: `echo.backbone` "ca2fl" (CA2FL's cached aggregation of M = `server.buffer_size`
+   updates, x' = x_t + η v_t) or "fedbuff" (its buffer, its optional server momentum); neither discounts
+   staleness, whatever `server.staleness` says. The backbone object is used as is; `last_weight` is its
+   weight.
+2. Teachers: the latest model w_k = x_{v_k} + Δ_k of each of the C = `echo.teachers` most recently
+   heard-from distinct clients, with staleness τ_k = t − v_k at distillation time.
+3. Inputs (`echo.inputs`): "synthetic", the shared meta-generator's images (distill/synthesizer.py, as
+   FedRevive, with the teachers' class proportions q_k from `distill.proxy`), or "proxy", the unlabeled KD
+   split `ctx.kd_x`. Each KD iteration uses one batch that every teacher labels: the union of
+   `distill.kd_batch` pool images drawn per teacher from its q_k, or K · kd_batch uniform proxy draws.
+4. Teacher weights a_k(x) (`echo.weighting`), from the teachers' softmax outputs p_k(x) and a staleness
+   prior s_k = s(τ_k) in [0, 1] (`echo.staleness_factor`, staleness.discount):
+       reference   p̂(x) = Σ_k s_k p_k(x) / Σ_k s_k   (the plain mean when every s_k is 0)
+       reliability ρ_k = s_k + (1 − s_k) κ_k,  κ_k = batch mean of Σ_c min(p_k^c, p̂^c)
+   "expert" (default; synthetic inputs only): a_k(x) = ρ_k q_k(y_x) / Σ_j ρ_j q_j(y_x), y_x the class
+   image x was generated for; a class no teacher has gets ρ_k / Σ_j ρ_j.
+   "relative": c_k(x) = Σ_c p_k^c log p̂^c = −H(p_k) − KL(p_k ‖ p̂) and
        a_k(x) = ρ_k exp(c_k(x)/γ) / Σ_j ρ_j exp(c_j(x)/γ),  γ = `echo.gamma`.
-   The score keeps the abstract's certainty (−H) and compares it with the
-   ensemble: confidence in classes the reference does not share counts
-   against a teacher (KL), so a class-skewed client that is sure of its class
-   on any input no longer outweighs the others. (Comparing scalar
-   confidences, e.g. −H_k + H(p̂), would cancel in the per-sample
-   normalisation; the comparison has to be between distributions.) A stale
-   teacher is not dropped: its reliability is estimated from how well it
-   agrees with the reference on the batch, from 1 (agrees fully, e.g. a
-   straggler that is still right) down to its prior s_k (> 0 for sqrt and
-   polynomial); a fresh teacher (s = 1) has ρ = 1. γ → ∞ gives the
-   reliability-weighted mean. "expert" (default; synthetic inputs only;
-   the third variant, experiments/fedecho_grid): the teachers as class experts,
-       a_k(x) = ρ_k q_k(y_x) / Σ_j ρ_j q_j(y_x),
-   y_x the class the generator made image x for and q_k the teacher's class
-   proportions that steer the synthesis (step 3), ρ_k as in "relative"; a
-   class no teacher has (Σ_j ρ_j q_j(y_x) = 0) gets ρ_k / Σ_j ρ_j.
-   Why: on real test images the final teachers of alpha 0.1 / high delay
-   weighted by q_k of the true class are right 94% of the time, against 66%
-   for "relative" and 74% for the global model (experiments/probes/synthetic_images.py);
-   a synthetic image carries its class, so the weights can use it without
-   labels from any client. The abstract's uncertainty weighting lives on in
-   ρ_k (a stale teacher's estimated reliability); per-sample certainty alone
-   cannot tell an expert from a confident one-class client. "entropy"
-   (first reconstruction): a_k(x) = softmax_k(−H(p_k(x))/γ), times s_k and
-   renormalised (all s_k = 0: the entropy weights alone).
-5. Target p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T); the student starts at x' and
-   takes `distill.kd_steps` Adam steps (`kd_lr`, `kd_weight_decay`, a fresh
-   optimizer per call, as FedRevive) on the batch mean of
+   "entropy": a_k(x) = softmax_k(−H(p_k(x))/γ), times s_k and renormalised (all s_k = 0: the entropy
+   weights alone).
+5. Target p̄(x) = Σ_k a_k(x) softmax(z_k(x)/T); the student starts at x' and takes `distill.kd_steps` Adam
+   steps (`kd_lr`, `kd_weight_decay`, a fresh optimizer per call) on the batch mean of
    T² KL(p̄ ‖ softmax(z_S/T)).
-6. Bounded correction (ours, from "convergence guarantees": a distillation
-   term with its own step size, not a replacement of the model): the new
-   parameters are x' + η_kd · b · (x_S − x'), η_kd = `echo.kd_step` in
-   [0, 1] (0.3, tuned for "expert" on held-out seeds; 0.1 for "relative" on
-   proxy inputs), b the share (`echo.kd_share`): "staleness" (default) b =
-   beta(M · τ̄) with FedRevive's beta function (`distill.beta`,
-   `server.s_max`, staleness.beta) and τ̄ the mean staleness of the M
-   buffered updates that made x' — in versions, so M · τ̄ is about the number
-   of updates between their base and x', the scale s_max is set on for
-   FedRevive's one-update versions. As FedRevive's beta, the KD share grows
-   when the step is built from stale updates and is 0 for a fresh buffer;
-   "constant" b = 1. η_kd = 0 with norm_stats "keep" is the backbone
+6. Bounded correction: new parameters x' + η_kd · b · (x_S − x'), η_kd = `echo.kd_step` in [0, 1], b the
+   share (`echo.kd_share`): "staleness" b = beta(M · τ̄) with FedRevive's beta (`distill.beta`,
+   `server.s_max`, staleness.beta) and τ̄ the mean staleness of the M buffered updates that made x';
+   "constant" b = 1. KD runs only when η_kd · b > 0; η_kd = 0 with norm_stats "keep" is the backbone
    exactly (no synthesis, no KD).
-   KD runs only when η_kd · b > 0.
-7. Gates as FedRevive (§3.1): with synthetic inputs nothing runs below
-   `distill.freeze_versions`, the generator trains up to
-   `distill.warmup_versions` (L_adv only beyond it) and KD runs beyond it;
-   with proxy inputs KD runs beyond `warmup_versions`. Distillation happens
-   only when the backbone produces a new model.
-8. Normalisation statistics (`echo.norm_stats`): "keep" (default) takes the
-   running statistics of x', i.e. the aggregate of the clients' statistics on
-   real data, and only the *parameters* from the corrected model: the KD
-   batches are synthetic or proxy images, so the statistics the student's
-   norm layers collect while distilling in train mode describe the wrong
-   distribution, and FedRevive's reset of its stat trackers to mean 0 /
-   var 1 would throw real information away. "reset" applies FedRevive's
-   step 5 (models/layers.reset_norm_statistics: stat trackers only) to every
-   new model, for ablations.
+7. Gates as FedRevive (§3.1): with synthetic inputs nothing runs below `distill.freeze_versions`, the
+   generator trains up to `distill.warmup_versions` (L_adv only beyond it) and KD runs beyond it; with proxy
+   inputs KD runs beyond `warmup_versions`. Distillation happens only when the backbone makes a new model.
+8. Normalisation statistics (`echo.norm_stats`): "keep" takes the running statistics of x' and only the
+   parameters from the corrected model; "reset" applies FedRevive's step 5
+   (models/layers.reset_norm_statistics: stat trackers only) to every new model.
 
-Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied
-correction η_kd · b · (x_S − x') against the backbone's step; FedRevive's
-held-out check (distill.kd.loss_check, `distill.kd_check_images`):
-`kd_loss_change` = L(new model) − L(the same step without the correction)
-per correction, logged in run.h5 kd_checks with share η_kd · b and the
-buffered updates' mean staleness, rounded; the running
-mean of the share b over the `echo_distillations` new models beyond warm-up
-(`echo_kd_share`), and of the teachers' mean reliability ρ over the
-`echo_corrections` that ran KD ("relative" and "expert"; `echo_reliability`),
-and with synthetic inputs the running mean of the fraction of KD images
-whose target p̄(x) has its argmax at the class the image was made for
-(`echo_target_agreement`: how much of the intended class the weighted
-teachers see in the images; FedRevive's `synth_agreement` is the same with
-the plain mean of logits, on the freshly synthesised batch).
+Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied correction against the backbone's
+step; `kd_loss_change` = L(new model) − L(the same step without the correction) on FedRevive's held-out
+check images (distill.kd.loss_check, `distill.kd_check_images`), logged in run.h5 kd_checks with share
+η_kd · b and the buffered updates' mean staleness, rounded; running means of b over the
+`echo_distillations` new models beyond warm-up (`echo_kd_share`), of the teachers' mean ρ over the
+`echo_corrections` that ran KD ("relative" and "expert"; `echo_reliability`) and, with synthetic inputs, of
+the share of KD images whose target p̄(x) has its argmax at the class the image was made for
+(`echo_target_agreement`).
 
-`on_update` returns the backbone's result directly while it only buffers or
-while the gates keep distillation off, and otherwise a generator that yields
-after every generator step and KD iteration (base.py). Randomness comes only
-from torch.Generator objects seeded from `run.seed`; all state is in
+`on_update` returns the backbone's result directly while it only buffers or while the gates keep
+distillation off, and otherwise a generator that yields after every generator step and KD iteration
+(base.py). Randomness comes only from torch.Generator objects seeded from `run.seed`; all state is in
 `state_dict()`.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -138,6 +61,7 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 
+from mpi_afl.config import ConfigError
 from mpi_afl.distill.group import in_group, sum_gradients
 from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
 from mpi_afl.distill.proxy import ProbeProxy
@@ -272,6 +196,12 @@ class FedEcho(Algorithm):
     name = "fedecho"
     # `distill` runs on every rank of a distillation group (distill.ranks, distill/group.py).
     group_methods = frozenset({"distill"})
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.echo.inputs == "proxy" and cfg.data.kd_fraction <= 0:
+            raise ConfigError("config key 'data.kd_fraction': fedecho with echo.inputs = 'proxy' distils on the "
+                              "held-out split, so it must be > 0")
 
     def __init__(self, cfg, ctx: ServerContext):
         super().__init__(cfg, ctx)

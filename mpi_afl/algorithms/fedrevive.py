@@ -29,6 +29,7 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
+from mpi_afl.config import ConfigError
 from mpi_afl.distill import kd
 from mpi_afl.distill.group import in_group
 from mpi_afl.distill.pool import sample_by_class
@@ -61,6 +62,13 @@ class _TeacherDistillation(Algorithm):
 
     # `knowledge` runs on every rank of a distillation group (distill.ranks, distill/group.py).
     group_methods = frozenset({"knowledge"})
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.distill.ranks and cfg.model.norm == "batchnorm":
+            raise ConfigError("config key 'distill.ranks': with model.norm = 'batchnorm' the KD student's running "
+                              "statistics depend on the order of all teachers' batches, which a group does not "
+                              "keep; use distill.ranks = 0 or model.norm = 'stat' (the default)")
 
     def __init__(self, cfg, ctx: ServerContext, proportions: str):
         super().__init__(cfg, ctx)
@@ -197,6 +205,13 @@ class DDFedRevive(_TeacherDistillation):
     so it is an upper reference, not a privacy-preserving method."""
 
     name = "dd_fedrevive"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.data.kd_fraction <= 0:
+            raise ConfigError("config key 'data.kd_fraction': dd_fedrevive distils on the real KD split, "
+                              "so it must be > 0 (the paper uses 0.1)")
+        super().check_config(cfg)
 
     def __init__(self, cfg, ctx: ServerContext):
         super().__init__(cfg, ctx, proportions="histogram")  # batches match the true label histograms

@@ -7,7 +7,7 @@ Every function maps a staleness tau >= 0 (in server versions) to a float.
 
 import math
 
-from ..config import DistillConfig, ServerConfig
+from ..config.schema import DistillConfig, ServerConfig
 
 
 def cosine_beta(tau: float, s_max: float) -> float:

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..names import DATASETS, DatasetInfo
 from ..plugins import call, callable_object, is_import_path, short_name
+from ..storage.atomic import atomic_write
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -41,39 +43,6 @@ class DataNotFoundError(FileNotFoundError):
 class DataError(ValueError):
     """A data set's files are there but cannot be read (garbage, truncated); the message names the file."""
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What models and the distillation generator need to know about a data set.
-
-    ``mean``/``std`` are per channel, for pixels scaled to [0, 1]. ``torchvision_class`` names the
-    loader in ``torchvision.datasets`` (None: bundled with scikit-learn); ``debian_package`` is the
-    Debian package that installs the files under ``/usr/share/datasets/<name>``, if any.
-    """
-
-    name: str
-    num_classes: int
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    torchvision_class: str | None = None
-    debian_package: str | None = None
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    # Pixel statistics of load_digits() scaled by 1/16, computed over all 1797 images.
-    "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,), (0.3760,)),
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,),
-                                 torchvision_class="FashionMNIST", debian_package="dataset-fashion-mnist"),
-    "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), torchvision_class="MNIST"),
-    # CIFAR statistics as in the FedRevive reference code (utils/data_utils.py DATASET_SPECS), so
-    # that synthetic images live in the same normalised space as in the paper's experiments.
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
-                           torchvision_class="CIFAR10"),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.507, 0.487, 0.441), (0.268, 0.257, 0.276),
-                            torchvision_class="CIFAR100"),
-}
 
 DEFAULT_SYSTEM_DIR = "/usr/share/datasets"
 
@@ -235,15 +204,14 @@ def prepare(name: str, root: str | None = None, download: bool = False, *,
 def _unpack(sources: list[pathlib.Path], targets: list[pathlib.Path]) -> None:
     """Decompress (or copy) each source to its target, atomically so a reader never sees half a file.
 
-    The partial file is private to this process: two runs started together on one machine (a sweep) unpack
-    concurrently, and with a shared name the first rename left the second without its file."""
+    The temporary file is private to this process (storage/atomic.py): two runs started together on one
+    machine (a sweep) unpack concurrently, and with a shared name the first rename left the second without its
+    file."""
     for source, target in zip(sources, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         opener = gzip.open if source.suffix == ".gz" else open
-        with opener(source, "rb") as src, open(partial, "wb") as dst:
+        with atomic_write(target) as tmp, opener(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        os.replace(partial, target)
 
 
 @dataclass

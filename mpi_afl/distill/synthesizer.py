@@ -37,7 +37,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from mpi_afl.augment import random_crop_flip
-from mpi_afl.config import DistillConfig
+from mpi_afl.config.schema import DistillConfig
 from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.distill.generator import Generator
 from mpi_afl.distill.group import sum_gradients

@@ -1,20 +1,11 @@
-"""Model registry: `build_model(name, ...)` for every model a config can name."""
-
-from typing import Callable
+"""`build_model(name, ...)` for every model a config can name: the built-in names are mpi_afl/names.py's
+MODELS, plug-ins are named by import path."""
 
 from torch import nn
 
 from mpi_afl.config import ConfigError
-from mpi_afl.models.cnn import CNN
-from mpi_afl.models.convnet import ConvNet
-from mpi_afl.models.resnet import ResNet18
+from mpi_afl.names import MODELS, builtin
 from mpi_afl.plugins import call, callable_object, is_import_path
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "cnn": CNN,
-    "convnet": ConvNet,
-    "resnet18": ResNet18,
-}
 
 
 def build_model(name: str, *, in_channels: int, image_size: int, num_classes: int, norm: str) -> nn.Module:
@@ -29,4 +20,4 @@ def build_model(name: str, *, in_channels: int, image_size: int, num_classes: in
         return model
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+    return builtin(MODELS[name])(**kwargs)

@@ -9,7 +9,7 @@ the run; with only `run.target_accuracy` there is no ETA ("ETA ?").
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config.schema import RunConfig
 
 
 def fraction_done(cfg: RunConfig, version: int, virtual: float, wall: float) -> float | None:

@@ -1,9 +1,16 @@
-"""Atomic file replacement and space allocation, shared by checkpoints and run logs (no torch: the results
-reader imports it)."""
+"""Atomic file replacement and space allocation, shared by checkpoints, run logs, summaries and unpacked data
+sets (no torch: the results reader imports it).
 
+`atomic_write(path)` is the one way a file is replaced: write the temporary path it yields, and on leaving
+the block the file is fsync'ed and renamed over `path`; on any exception the temporary file is removed and
+`path` is left as it was. `write_atomic(path, data)` does it for data in memory.
+"""
+
+import contextlib
 import errno
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -13,15 +20,22 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """fsync `tmp`, rename it over `path` and fsync the directory.
-
-    The directory fsync makes the rename itself durable: without it a crash
-    right after `os.replace` can leave the old directory entry on disk."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(Path(path).resolve().parent, os.O_RDONLY)
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path` to write; then fsync it, rename it over `path` and fsync the
+    directory. The directory fsync makes the rename itself durable: without it a crash right after
+    `os.replace` can leave the old directory entry on disk."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.resolve().parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -29,17 +43,9 @@ def atomic_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> None:
-    """Write `data` (text as UTF-8) to `path` atomically: a temporary file, then `atomic_replace`. On any
-    failure (an OSError such as a full disk) the old file is left as it was and the temporary file is gone."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        atomic_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `data` (text as UTF-8) to `path` with `atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def allocate(fd: int, offset: int, nbytes: int) -> None:

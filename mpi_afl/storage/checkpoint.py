@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 
-from mpi_afl.storage.atomic import allocate, atomic_replace, temp_path
+from mpi_afl.storage.atomic import allocate, atomic_write
 
 FORMAT = "mpi_afl-checkpoint"
 FORMAT_VERSION = 1
@@ -57,22 +57,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     path = Path(path)
-    tmp = temp_path(path)
     state = _on_host(state)   # device copies first: an error there is not a storage error
     try:
-        _reserve(tmp, stored_bytes(state))
-        # libver="latest": checksummed metadata, so damage is reported instead of misread.
-        with h5py.File(tmp, "w", libver="latest") as f:
-            _put_str(f, "format", FORMAT)
-            f.attrs["format_version"] = FORMAT_VERSION
-            _write_container(f, state, "state")
-        atomic_replace(tmp, path)
+        with atomic_write(path) as tmp:
+            _reserve(tmp, stored_bytes(state))
+            # libver="latest": checksummed metadata, so damage is reported instead of misread.
+            with h5py.File(tmp, "w", libver="latest") as f:
+                _put_str(f, "format", FORMAT)
+                f.attrs["format_version"] = FORMAT_VERSION
+                _write_container(f, state, "state")
     except RuntimeError as e:   # HDF5 reports a failed write as RuntimeError; callers handle storage errors
-        tmp.unlink(missing_ok=True)
         raise OSError(f"HDF5 could not write {path}: {str(e).splitlines()[0]}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # HDF5 bytes per stored object beyond its data (object header, chunk index, Fletcher-32 sums) and per file

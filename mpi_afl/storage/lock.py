@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import sys
 from pathlib import Path
+
+from .atomic import temp_path
 
 LOCK_FILE = "run.lock"
 
@@ -73,7 +74,7 @@ class RunLock:
         raise LockError(self._in_use(self._holder() or None))
 
     def _try_create(self) -> bool:
-        tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = temp_path(self.path)
         try:
             tmp.write_text(json.dumps(_owner()) + "\n")
             os.link(tmp, self.path)   # atomic, and fails if the lock exists: no half-written lock is ever seen

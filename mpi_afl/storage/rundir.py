@@ -16,7 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .runlog import RunLogError, check_resumable
+from .runlog import RunLogError
+from .runlog.reader import check_resumable
 
 RUN_FILES = ("summary.json", "run.h5", "checkpoint.h5")   # a directory holding any of these holds a run
 # Every file a run writes into its directory (all regular files).

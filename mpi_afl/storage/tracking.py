@@ -7,7 +7,7 @@ while the run goes on.
 
 How they are fed: `open_trackers` connects them before the run log is created (a store that cannot be
 reached is one config error, exit 2, and leaves no run behind), and `attach` hands them to the run log
-(`RunLog.attach`, storage/runlog.py), which gives a tracker every row it records, in order. A tracker turns
+(`RunLog.attach`, storage/runlog/writer.py), which gives a tracker every row it records, in order. A tracker turns
 them into one **point** per evaluation, written (and flushed) as soon as the evaluation's rows are complete:
 
 - `test/accuracy`, `test/loss`, `val/accuracy`, `val/loss` (the evals row; a NaN validation value is left out);
@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from mpi_afl.config import Config, ConfigError
-from mpi_afl.storage.runlog import PHASES
+from mpi_afl.storage.runlog.schema import PHASES
 
 PHASE_NAMES = {code: name for name, code in PHASES.items()}   # timings.phase is recorded as its code
 TB_DIR = "tensorboard"
