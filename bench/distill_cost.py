@@ -66,6 +66,7 @@ from mpi_afl.algorithms.base import ServerContext  # noqa: E402
 from mpi_afl.algorithms.fedecho import FedEcho  # noqa: E402
 from mpi_afl.algorithms.fedrevive import FedRevive  # noqa: E402
 from mpi_afl.client.local_train import train_job  # noqa: E402
+from mpi_afl.transport.messages import JobSpec  # noqa: E402
 from mpi_afl.config import Config, parse_args  # noqa: E402
 from mpi_afl.data.datasets import DATASETS  # noqa: E402
 from mpi_afl.models import build_model  # noqa: E402
@@ -129,8 +130,8 @@ class Bench:
         c = self.cfg.client
         return train_job(self.model, self.x0, self.x, self.y, torch.arange(len(self.x), device=self.device),
                          iterations=c.iterations, batch_size=c.batch_size, optimizer=c.optimizer, lr=c.lr,
-                         momentum=c.momentum, weight_decay=c.weight_decay, augment=c.augment, seed=0, client_id=0,
-                         job_index=job).delta
+                         momentum=c.momentum, weight_decay=c.weight_decay, augment=c.augment, seed=0,
+                         job=JobSpec(job, 0, 0, 0.0)).delta
 
     def fedrevive(self) -> FedRevive:
         alg = FedRevive(self.cfg, self.ctx)

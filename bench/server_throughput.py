@@ -79,8 +79,8 @@ class ConstantRunner:
         self.delta = torch.full((params,), 1e-4)
 
     def run(self, job, base: torch.Tensor):
-        from mpi_afl.client.runner import JobOutput
-        return JobOutput(job.job_index, job.client_id, job.base_version, 100, 1.0, 0.0, self.delta)
+        from mpi_afl.transport.messages import ClientUpdate
+        return ClientUpdate(job.job_index, job.client_id, job.base_version, 100, 1.0, 0.0, self.delta)
 
 
 def copy_seconds(params: int, cold: bool = False, budget: float = 1.0) -> float:

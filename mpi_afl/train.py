@@ -344,7 +344,7 @@ def _run(comm, setup: _Setup) -> int:
     console = open(out / "server.log", "a", buffering=1)   # appended to on resume
     sys.stdout, sys.stderr = _Tee(sys.stdout, console), _Tee(sys.stderr, console)
     transport = (ServerMPI(comm, runner.size, cfg.server.queue_depth, first_worker=distilling + 1) if size > 1
-                 else LocalTransport(runner))
+                 else LocalTransport(runner.run))
     sizes = [len(p) for p in parts]
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
           f"{runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "

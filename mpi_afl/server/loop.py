@@ -34,18 +34,16 @@ import torch
 
 from ..algorithms import algorithm_class
 from ..algorithms.base import ServerContext, Update
-from ..client.local_train import evaluate_slices
-from ..client.runner import JobSpec
 from ..config import Config
 from ..delays import DelayModel
 from ..distill.group import WAIT, Solo, share_state
-from ..results import updates_per_second
+from ..models.evaluate import evaluate_slices
 from ..storage.atomic import write_atomic
 from ..storage.checkpoint import CheckpointError, save_checkpoint
 from ..storage.final_writes import FinalWrites
-from ..storage.runlog import RunLog
-from ..transport.arrival import Arrival
+from ..storage.runlog import RunLog, updates_per_second
 from ..transport.backoff import Backoff
+from ..transport.messages import Arrival, JobSpec
 from . import progress
 from .versions import VersionStore
 
@@ -209,13 +207,14 @@ class Server:
         for a in arrivals:
             self.received += 1
             self.outstanding[a.rank] -= 1
-            job = self.in_flight.get(a.job_index)
-            if job is None or a.job_index in self.arrived or job.worker != a.rank:
+            index = a.update.job_index
+            job = self.in_flight.get(index)
+            if job is None or index in self.arrived or job.worker != a.rank:
                 self._reject(a, "job")  # unknown, duplicate or from the wrong rank
                 self._log_arrival(a, None, "job", 0.0)
                 continue
-            self.arrived[a.job_index] = a
-            self.arrival_order.append(a.job_index)
+            self.arrived[index] = a
+            self.arrival_order.append(index)
         return bool(arrivals)
 
     def next_ready(self) -> tuple[Job, Arrival] | None:
@@ -231,14 +230,15 @@ class Server:
 
     # ----------------------------------------------------------- processing
     def validate(self, a: Arrival, job: Job) -> str:
-        if not a.size_ok or a.payload is None:
+        u = a.update
+        if u.delta is None or u.delta.numel() != self.x.numel():
             return "size"
-        if a.client_id != job.client_id or not 0 <= a.client_id < self.cfg.data.num_clients:
+        if u.client_id != job.client_id or not 0 <= u.client_id < self.cfg.data.num_clients:
             return "client"
-        if a.base_version != job.base_version or a.base_version > self.version:
+        if u.base_version != job.base_version or u.base_version > self.version:
             return "version"
         # One reduction finds NaN/inf anywhere (they propagate through the sum).
-        if not math.isfinite(a.loss) or not torch.isfinite(a.payload.sum()):
+        if not math.isfinite(u.loss) or not torch.isfinite(u.delta.sum()):
             return "nonfinite"
         return ""
 
@@ -262,7 +262,7 @@ class Server:
         else:
             self.accepted += 1
             update = Update(job.client_id, job.index, job.base_version, staleness,
-                            a.payload.to(self.device), a.num_samples, a.loss)
+                            a.update.delta.to(self.device), a.update.num_samples, a.update.loss)
             self.ctx.global_model, self.ctx.version = self.x, self.version
             outcome = self.algorithm.on_update(update, self.ctx)
             if inspect.isgenerator(outcome):
@@ -281,16 +281,18 @@ class Server:
 
     def _log_arrival(self, a: Arrival, job: Job | None, reason: str, seconds: float, staleness: int = -1) -> None:
         self.last_arrival_wall = self.wall()
+        u = a.update
         self.log.arrival(
-            wall_time=self.last_arrival_wall, virtual_time=job.finish_time if job else math.nan, client=a.client_id,
-            rank=a.rank, job=a.job_index, base_version=a.base_version, version=self.version, staleness=staleness,
-            weight=self.algorithm.last_weight if not reason else math.nan, loss=a.loss, samples=a.num_samples,
-            bytes=a.nbytes, server_seconds=seconds, accepted=not reason, reason=reason or "none")
+            wall_time=self.last_arrival_wall, virtual_time=job.finish_time if job else math.nan, client=u.client_id,
+            rank=a.rank, job=u.job_index, base_version=u.base_version, version=self.version, staleness=staleness,
+            weight=self.algorithm.last_weight if not reason else math.nan, loss=u.loss, samples=u.num_samples,
+            bytes=a.nbytes, server_seconds=seconds, compute_seconds=u.compute_seconds, accepted=not reason,
+            reason=reason or "none")
 
     def _reject(self, a: Arrival, reason: str) -> None:
         self.rejected += 1
         a.release()
-        where = f"job {a.job_index} from rank {a.rank} (client {a.client_id})"
+        where = f"job {a.update.job_index} from rank {a.rank} (client {a.update.client_id})"
         print(f"[server] rejected update: {where}: {reason}", flush=True)
 
     def _drive(self, work):

@@ -31,8 +31,9 @@ hangs on a damaged file (storage/h5open.py); a missing, foreign, damaged or
 truncated file is a RunLogError naming the file.
 
 Format versions: 1 had no checksums on the tables; 2 added them and the
-`run_id` attribute that resume checks against the checkpoint. `read_run`
-reads both; a run can only be resumed with a version-2 log.
+`run_id` attribute that resume checks against the checkpoint; 3 added the
+arrivals column `compute_seconds`. `read_run` reads all three; a run can only
+be resumed with a version-3 log.
 
 Observers (`attach`: the live TensorBoard and MLflow trackers of storage/tracking.py) get every row as it
 is recorded, every flush and the close; on resume they first get the rows the log kept, so that they can
@@ -58,8 +59,8 @@ from mpi_afl.storage.atomic import allocate, atomic_replace, temp_path
 from mpi_afl.storage.h5open import open_readonly
 
 FORMAT = "mpi_afl-run"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class RunLogError(ValueError):
@@ -79,6 +80,7 @@ ARRIVAL_FIELDS = [
     ("samples", "i8"),
     ("bytes", "i8"),           # update payload size
     ("server_seconds", "f8"),  # server time spent on this arrival
+    ("compute_seconds", "f8"), # the worker's training time for the job (stragglers)
     ("accepted", "?"),
     ("reason", "i1"),          # REJECT_REASONS code
 ]
@@ -144,6 +146,8 @@ COLUMN_DOCS = {
         "samples": ("samples", "training samples the client holds"),
         "bytes": ("bytes", "update payload size (the float32 model delta; the message header is not counted)"),
         "server_seconds": ("s", "server time spent on this arrival, including any distillation it triggered"),
+        "compute_seconds": ("s", "wall time of the job's local training on its worker, as the worker measured it "
+                                 "(injected straggling excluded)"),
         "accepted": ("", "True when the update was passed to the algorithm"),
         "reason": ("", "why it was rejected: code of the reason_codes attribute (0 = none, accepted)"),
     },
@@ -354,6 +358,14 @@ class RunLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def updates_per_second(accepted: int, last_arrival_wall: float) -> float | None:
+    """THE definition of a run's throughput, used by summary.json and the report alike: accepted updates
+    divided by the wall time (since the start) at which the server finished processing the last arrival
+    (the arrivals column `wall_time`). Start-up before the first job, the final checkpoint and the final
+    evaluation are not counted."""
+    return accepted / last_arrival_wall if last_arrival_wall > 0 else None
 
 
 def read_run(path: str | os.PathLike) -> dict:
