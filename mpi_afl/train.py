@@ -368,7 +368,7 @@ def _run(comm, setup: _Setup) -> int:
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
-    tracking.attach(log, trackers, server.ctx.stats)   # run.tensorboard, run.mlflow
+    tracking.attach(log, trackers, server.stats)   # run.tensorboard, run.mlflow
 
     def request_stop(signum: int) -> None:
         server.stop_requested = True

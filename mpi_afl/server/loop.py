@@ -26,14 +26,14 @@ import io
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..algorithms import algorithm_class
-from ..algorithms.base import ServerContext, Update
+from ..algorithms.base import ServerContext, Update, add_notes
 from ..config import Config
 from ..delays import DelayModel
 from ..distill.group import WAIT, Solo, share_state
@@ -130,6 +130,7 @@ class Server:
                                      snapshot=self.versions.get,
                                      **check_images(splits, cfg.distill.kd_check_images, device))
         self.algorithm = algorithm_class(cfg.server.algorithm)(cfg, self.ctx)
+        self.stats: dict = {}   # summary.json's algorithm_stats: the algorithm's notes, distill_seconds
         self.delays = DelayModel(cfg.delays, cfg.data.num_clients, cfg.run.seed)
         self.rng = np.random.default_rng([cfg.run.seed, _CLIENT_STREAM])
         self.virtual = cfg.run.clock == "virtual"
@@ -255,6 +256,7 @@ class Server:
         limit = self.cfg.run.diverged_after
         if limit and self.nonfinite_streak >= limit:
             self.diverged = f"{limit} consecutive updates were non-finite (run.diverged_after = {limit})"
+        weight = math.nan   # what the algorithm gave the update (NaN when rejected)
         if reason:
             self._reject(a, reason)
             if self.algorithm.synchronous:   # a round needs all K results: retry the client from the same base
@@ -263,29 +265,31 @@ class Server:
             self.accepted += 1
             update = Update(job.client_id, job.index, job.base_version, staleness,
                             a.update.delta.to(self.device), a.update.num_samples, a.update.loss)
-            self.ctx.global_model, self.ctx.version = self.x, self.version
-            outcome = self.algorithm.on_update(update, self.ctx)
+            ctx = replace(self.ctx, global_model=self.x, version=self.version, snapshot=self.versions.get)
+            outcome = self.algorithm.on_update(update, ctx)
             if inspect.isgenerator(outcome):
                 outcome = self._drive(outcome)
             a.release()
-            if outcome is not None:
-                self._new_version(outcome)
-            if self.algorithm.kd_check is not None:
-                self.log.kd_check(virtual_time=job.finish_time, **self.algorithm.kd_check)
-                self.algorithm.kd_check = None
+            add_notes(self.stats, outcome.notes)
+            if outcome.model is not None:
+                self._new_version(outcome.model)
+            if outcome.kd_check is not None:
+                self.log.kd_check(virtual_time=job.finish_time, **outcome.kd_check)
+            weight = outcome.weight
         self.versions.release(job.base_version)
         seconds = time.perf_counter() - t0
         self.busy_seconds += seconds
         self.interval["busy"] += seconds
-        self._log_arrival(a, job, reason, seconds, staleness)
+        self._log_arrival(a, job, reason, seconds, staleness, weight)
 
-    def _log_arrival(self, a: Arrival, job: Job | None, reason: str, seconds: float, staleness: int = -1) -> None:
+    def _log_arrival(self, a: Arrival, job: Job | None, reason: str, seconds: float, staleness: int = -1,
+                     weight: float = math.nan) -> None:
         self.last_arrival_wall = self.wall()
         u = a.update
         self.log.arrival(
             wall_time=self.last_arrival_wall, virtual_time=job.finish_time if job else math.nan, client=u.client_id,
             rank=a.rank, job=u.job_index, base_version=u.base_version, version=self.version, staleness=staleness,
-            weight=self.algorithm.last_weight if not reason else math.nan, loss=u.loss, samples=u.num_samples,
+            weight=weight, loss=u.loss, samples=u.num_samples,
             bytes=a.nbytes, server_seconds=seconds, compute_seconds=u.compute_seconds, accepted=not reason,
             reason=reason or "none")
 
@@ -321,7 +325,7 @@ class Server:
         finally:
             work.close()   # a no-op once it returned; after an exception it lets the slices clean up
             spent = time.perf_counter() - start - between
-            self.ctx.stats["distill_seconds"] = self.ctx.stats.get("distill_seconds", 0.0) + spent
+            self.stats["distill_seconds"] = self.stats.get("distill_seconds", 0.0) + spent
 
     def _new_version(self, model: torch.Tensor) -> None:
         # One reduction finds NaN/inf anywhere: a non-finite model is never made a version, so the run
@@ -383,7 +387,7 @@ class Server:
         point = EvalPoint(version, wall, now, test_loss, test_acc, val_loss, val_acc)
         self.evals.append(point)
         self.log.eval(**asdict(point))
-        distill_total = self.ctx.stats.get("distill_seconds", 0.0)
+        distill_total = self.stats.get("distill_seconds", 0.0)
         busy = self.interval["busy"] - (distill_total - self.interval["distill"])
         for phase, seconds in (("aggregate", busy), ("distill", distill_total - self.interval["distill"]),
                                ("idle", self.interval["idle"]), ("eval", self.interval["eval"])):
@@ -534,7 +538,7 @@ class Server:
             "counters": {"received": self.received, "accepted": self.accepted, "rejected": self.rejected,
                          "busy_seconds": self.busy_seconds, "last_arrival_wall": self.last_arrival_wall},
             "evals": [asdict(e) for e in self.evals],
-            "stats": dict(self.ctx.stats),
+            "stats": dict(self.stats),
             "algorithm": self.algorithm.state_dict(),
             "log_counts": self.log.counts(),
             "run_id": self.run_id,
@@ -552,7 +556,6 @@ class Server:
         models[self.version] = self.x
         self.versions = VersionStore()
         self.versions.models, self.versions.current = models, self.version
-        self.ctx.snapshot = self.versions.get
         self.rng.bit_generator.state = state["rng"]
         self.busy = state["busy"].numpy().astype(bool)
         for row in state["in_flight"]:
@@ -568,9 +571,8 @@ class Server:
         self.busy_seconds = float(c["busy_seconds"])
         self.last_arrival_wall = float(c.get("last_arrival_wall", 0.0))   # absent before 0.1.0's results API
         self.evals = [EvalPoint(**e) for e in state["evals"]]
-        self.ctx.stats.update(state["stats"])
-        self.interval["distill"] = self.ctx.stats.get("distill_seconds", 0.0)
-        self.ctx.global_model, self.ctx.version = self.x, self.version
+        self.stats.update(state["stats"])
+        self.interval["distill"] = self.stats.get("distill_seconds", 0.0)
         self.checkpoint_version = self.version
         self.algorithm.load_state_dict(state["algorithm"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
@@ -597,7 +599,7 @@ class Server:
             "stop_reason": self.stop_reason,
             "model_sha256": self.model_sha256(),
             "run_id": self.run_id,
-            "algorithm_stats": dict(self.ctx.stats),
+            "algorithm_stats": dict(self.stats),
             "evals": [asdict(e) for e in self.evals],
         }
         return summary
