@@ -145,8 +145,7 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
 
     import numpy as np
 
-    from mpi_afl.models import flat
-    from mpi_afl.server.loop import Server
+    from mpi_afl.server.loop import Server, ServerSetup
     from mpi_afl.storage.runlog import RunLog
 
     class TimedServerMPI(ServerMPI):
@@ -190,12 +189,11 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
     model = FlatModel(params, num_classes)
     transport = TimedServerMPI(comm, params, cfg.server.queue_depth)
     with tempfile.TemporaryDirectory() as out:
-        server = TimedServer(cfg, transport, model=model, make_model=lambda: FlatModel(params, num_classes),
-                             splits=fake_splits(num_classes),
-                             histograms=np.zeros((cfg.data.num_clients, num_classes), dtype=np.int64),
-                             device=torch.device("cpu"), flat=flat, out_dir=Path(out), world_size=size,
-                             log=RunLog(Path(out) / "run.h5", {"bench": "server_throughput"},
-                                        flush_seconds=cfg.run.log_flush_seconds))
+        log = RunLog(Path(out) / "run.h5", {"bench": "server_throughput"}, flush_seconds=cfg.run.log_flush_seconds)
+        server = TimedServer(cfg, transport, log, ServerSetup(
+            model=model, make_model=lambda: FlatModel(params, num_classes), splits=fake_splits(num_classes),
+            histograms=np.zeros((cfg.data.num_clients, num_classes), dtype=np.int64), device=torch.device("cpu"),
+            out_dir=Path(out), world_size=size))
         c0 = time.process_time()
         if profile:
             import cProfile

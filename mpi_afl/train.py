@@ -68,7 +68,7 @@ def _rank0_setup(argv) -> _Setup:
     Nothing is written into the directory before every check has passed: a refused run or
     resume leaves it as it was."""
     from .storage.checkpoint import CheckpointError, load_checkpoint
-    from .server.loop import check_server_format
+    from .server.state import check_server_format
     from .storage.rundir import (RunDirError, check_resume, check_run_files, holds_a_run, new_run_id,
                                  no_checkpoint_advice)
     checkpoint = {}
@@ -266,7 +266,6 @@ def _run(comm, setup: _Setup) -> int:
     from .data.datasets import DataError, DataNotFoundError, load_splits, prepare
     from .data.partition import class_histograms, partition, summary_lines
     from .models import build_model
-    from .models import flat
     from .placement import describe, pick_device, rank_record, record_ranks
     from .storage.atomic import write_atomic
     from .storage.runlog import RunLog
@@ -337,7 +336,7 @@ def _run(comm, setup: _Setup) -> int:
         comm.gather((stats, rank_record(rank, device, role)), root=0)
         return 0
 
-    from .server.loop import Server
+    from .server.loop import Server, ServerSetup
     from .transport.local import LocalTransport
     from .transport.mpi import ServerMPI
 
@@ -362,9 +361,9 @@ def _run(comm, setup: _Setup) -> int:
     log = RunLog(out / "run.h5", {**_run_attrs(cfg, size, placements), "run_id": setup.run_id},
                  flush_seconds=cfg.run.log_flush_seconds, overwrite=cfg.run.overwrite,
                  resume_counts=resume_state["log_counts"] if resume_state and not setup.new_log else None)
-    server = Server(cfg, transport, model=model, make_model=make_model, splits=splits,
-                    histograms=class_histograms(parts, labels, info.num_classes), device=device, flat=flat,
-                    out_dir=out, world_size=size, log=log, run_id=setup.run_id, group=group)
+    server = Server(cfg, transport, log, ServerSetup(
+        model=model, make_model=make_model, splits=splits, histograms=class_histograms(parts, labels, info.num_classes),
+        device=device, out_dir=out, world_size=size, run_id=setup.run_id, group=group))
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
@@ -450,9 +449,9 @@ def _serve_group(cfg: Config, group, device, model, make_model, splits, parts, l
     from .data.partition import class_histograms
     from .distill.group import serve
     from .models import flat
-    from .server.loop import algorithm_context, check_images
+    from .server.context import algorithm_context, check_images
     ctx = algorithm_context(cfg, device, flat.flatten(model).to(device), model, make_model, splits,
-                            class_histograms(parts, labels, splits.info.num_classes), flat, group,
+                            class_histograms(parts, labels, splits.info.num_classes), group,
                             **check_images(splits, cfg.distill.kd_check_images, device))   # a share of the KD check
     return serve(group, algorithm_class(cfg.server.algorithm)(cfg, ctx), ctx)
 
