@@ -66,6 +66,7 @@ from mpi_afl.algorithms.base import ServerContext  # noqa: E402
 from mpi_afl.algorithms.fedecho import FedEcho  # noqa: E402
 from mpi_afl.algorithms.fedrevive import FedRevive  # noqa: E402
 from mpi_afl.client.local_train import train_job  # noqa: E402
+from mpi_afl.transport.messages import JobSpec  # noqa: E402
 from mpi_afl.config import Config, parse_args  # noqa: E402
 from mpi_afl.names import DATASETS  # noqa: E402
 from mpi_afl.models import build_model  # noqa: E402
@@ -129,8 +130,8 @@ class Bench:
         c = self.cfg.client
         return train_job(self.model, self.x0, self.x, self.y, torch.arange(len(self.x), device=self.device),
                          iterations=c.iterations, batch_size=c.batch_size, optimizer=c.optimizer, lr=c.lr,
-                         momentum=c.momentum, weight_decay=c.weight_decay, augment=c.augment, seed=0, client_id=0,
-                         job_index=job).delta
+                         momentum=c.momentum, weight_decay=c.weight_decay, augment=c.augment, seed=0,
+                         job=JobSpec(job, 0, 0, 0.0)).delta
 
     def fedrevive(self) -> FedRevive:
         alg = FedRevive(self.cfg, self.ctx)
@@ -140,8 +141,9 @@ class Bench:
 
     def fedrevive_update(self, alg: FedRevive, path: str) -> None:
         """One FedRevive KD call as the algorithm runs it (synthesis, Reptile, KD), plus the KD diagnostic."""
-        d, ctx = self.cfg.distill, self.ctx
-        ctx.version += 1  # a new version per call, so synthesis runs whenever synth_every says (every call: 1)
+        # a new version per call, so synthesis runs whenever synth_every says (every call: 1)
+        self.ctx = ctx = dataclasses.replace(self.ctx, version=self.ctx.version + 1)
+        d = self.cfg.distill
         q = alg.teachers.proportions()
         if path == "batched":
             drain(alg.knowledge(ctx, self.x0, share=0.5))   # the KD diagnostic is its last part
@@ -156,10 +158,10 @@ class Bench:
         optimizer = torch.optim.Adam(alg.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         reference.distill(alg.student, teachers.modules, lambda k: alg.synth.sample(q[k], d.kd_batch)[0],
                           optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature)
-        drain(alg.distilled(ctx, self.x0, 0.5))
+        drain(alg.distilled(ctx, self.x0, 0.5, []))
 
     def fedecho_update(self, alg: FedEcho) -> None:
-        self.ctx.version += 1
+        self.ctx = dataclasses.replace(self.ctx, version=self.ctx.version + 1)
         drain(alg.distill(self.ctx, self.x0, staleness=10.0))
 
 
@@ -233,7 +235,7 @@ def measure_group(name: str, research: bool, calls: int, device: torch.device, c
     echo_cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, algorithm="fedecho"))
     bench, group = Bench(cfg, device), Group(comm)
     solo_ctx = bench.ctx
-    group_ctx = dataclasses.replace(solo_ctx, group=group, stats={})
+    group_ctx = dataclasses.replace(solo_ctx, group=group)
     if group.rank:   # a member: serve FedRevive's calls, then FedEcho's (each loop ends at rank 0's stop)
         for algorithm in (FedRevive(cfg, group_ctx), FedEcho(echo_cfg, group_ctx)):
             serve(group, algorithm, group_ctx)
@@ -246,25 +248,29 @@ def measure_group(name: str, research: bool, calls: int, device: torch.device, c
             echo.teachers.push(k, 0, model)
         algs[label] = (revive, echo, ctx)
     d0_revive, d0_echo, _ = algs["d0"]
-    dd_revive, dd_echo, dd_ctx = algs["dD"]
+    dd_revive, dd_echo, _ = algs["dD"]
     share_state(dd_revive, group)
+    ctxs = {label: ctx for label, (_, _, ctx) in algs.items()}
 
-    def revive_update(alg: FedRevive, ctx: ServerContext) -> None:
-        ctx.version += 1   # a new version per call, so synthesis runs whenever synth_every says
-        drive(in_group(alg, "knowledge", ctx, bench.x0, share=0.5))   # with the KD diagnostic, as the server
+    def next_version(label: str) -> ServerContext:
+        """A new version per call, so synthesis runs whenever synth_every says."""
+        ctxs[label] = dataclasses.replace(ctxs[label], version=ctxs[label].version + 1)
+        return ctxs[label]
 
-    def echo_update(alg: FedEcho, ctx: ServerContext) -> None:
-        ctx.version += 1
-        drive(in_group(alg, "distill", ctx, bench.x0, staleness=10.0))
+    def revive_update(alg: FedRevive, label: str) -> None:
+        drive(in_group(alg, "knowledge", next_version(label), bench.x0, share=0.5))   # with the KD diagnostic
 
-    revive = interleaved_medians({"d0": lambda: revive_update(d0_revive, solo_ctx),
-                                  "dD": lambda: revive_update(dd_revive, dd_ctx)}, calls, device)
-    phases = {"d0_phases": phase_seconds(lambda: revive_update(d0_revive, solo_ctx), max(1, calls // 2), device),
-              "dD_phases": phase_seconds(lambda: revive_update(dd_revive, dd_ctx), max(1, calls // 2), device)}
+    def echo_update(alg: FedEcho, label: str) -> None:
+        drive(in_group(alg, "distill", next_version(label), bench.x0, staleness=10.0))
+
+    revive = interleaved_medians({"d0": lambda: revive_update(d0_revive, "d0"),
+                                  "dD": lambda: revive_update(dd_revive, "dD")}, calls, device)
+    phases = {"d0_phases": phase_seconds(lambda: revive_update(d0_revive, "d0"), max(1, calls // 2), device),
+              "dD_phases": phase_seconds(lambda: revive_update(dd_revive, "dD"), max(1, calls // 2), device)}
     group.stop()   # the members move on to FedEcho
     share_state(dd_echo, group)
-    echo = interleaved_medians({"d0": lambda: echo_update(d0_echo, solo_ctx),
-                                "dD": lambda: echo_update(dd_echo, dd_ctx)}, calls, device)
+    echo = interleaved_medians({"d0": lambda: echo_update(d0_echo, "d0"),
+                                "dD": lambda: echo_update(dd_echo, "dD")}, calls, device)
     group.stop()
     d = cfg.distill
     return {"bench": "distill_cost_group", "preset": name, "device": str(device), "model": cfg.model.name,

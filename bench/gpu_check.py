@@ -9,6 +9,7 @@ without a GPU).
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -149,15 +150,14 @@ def check_fedrevive_speed(device: torch.device, small: bool) -> None:
         sync(device)
         t0 = time.perf_counter()
         outcome = alg.on_update(update, ctx)
-        new = drain(outcome) if hasattr(outcome, "__next__") else outcome
+        outcome = drain(outcome) if hasattr(outcome, "__next__") else outcome
         sync(device)
         if i >= 2:                       # the first two build the generator and the pool
             seconds.append(time.perf_counter() - t0)
-        if new is not None:
-            ctx.version += 1
-            ctx.global_model = new
-            snapshots[ctx.version] = new
-    kd = ctx.stats.get("kd_applied", 0)
+        kd += sum(count == "kd_applied" for count, _ in outcome.notes)
+        if outcome.model is not None:
+            ctx = dataclasses.replace(ctx, version=ctx.version + 1, global_model=outcome.model)
+            snapshots[ctx.version] = outcome.model
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     report("fedrevive_server_speed", kd > 0 and all(np.isfinite(seconds)), model=cfg.model.name,
            params=len(x0), updates=len(seconds), seconds_per_update_median=round(float(np.median(seconds)), 4),

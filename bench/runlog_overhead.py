@@ -27,7 +27,8 @@ def main() -> None:
         for i in range(args.rows):
             log.arrival(wall_time=i * 1e-3, virtual_time=i * 2e-3, client=i % 100, rank=1 + i % 16, job=i,
                         base_version=i // 2, version=i // 2 + 1, staleness=i % 7, weight=0.5, loss=1.25,
-                        samples=350, bytes=4_000_000, server_seconds=1e-4, accepted=True, reason="none")
+                        samples=350, bytes=4_000_000, server_seconds=1e-4, compute_seconds=0.01, accepted=True,
+                        reason="none")
             log.maybe_flush()
         log.close()
         seconds = time.perf_counter() - start

@@ -80,8 +80,8 @@ class ConstantRunner:
         self.delta = torch.full((params,), 1e-4)
 
     def run(self, job, base: torch.Tensor):
-        from mpi_afl.client.runner import JobOutput
-        return JobOutput(job.job_index, job.client_id, job.base_version, 100, 1.0, 0.0, self.delta)
+        from mpi_afl.transport.messages import ClientUpdate
+        return ClientUpdate(job.job_index, job.client_id, job.base_version, 100, 1.0, 0.0, self.delta)
 
 
 def copy_seconds(params: int, cold: bool = False, budget: float = 1.0) -> float:
@@ -147,9 +147,8 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
 
     import numpy as np
 
-    from mpi_afl.models import flat
     from mpi_afl.run.finish import stop_server
-    from mpi_afl.server.loop import Server
+    from mpi_afl.server.loop import Server, ServerSetup
     from mpi_afl.storage.final_writes import FinalWrites
     from mpi_afl.storage.runlog import RunLog
 
@@ -194,12 +193,11 @@ def run_mpi(params: int, seconds: float, profile: bool) -> None:
     model = FlatModel(params, num_classes)
     transport = TimedServerMPI(comm, params, cfg.server.queue_depth)
     with tempfile.TemporaryDirectory() as out:
-        server = TimedServer(cfg, transport, model=model, make_model=lambda: FlatModel(params, num_classes),
-                             splits=fake_splits(num_classes),
-                             histograms=np.zeros((cfg.data.num_clients, num_classes), dtype=np.int64),
-                             device=torch.device("cpu"), flat=flat, out_dir=Path(out), world_size=size,
-                             log=RunLog(Path(out) / "run.h5", {"bench": "server_throughput"},
-                                        flush_seconds=cfg.run.log_flush_seconds))
+        log = RunLog(Path(out) / "run.h5", {"bench": "server_throughput"}, flush_seconds=cfg.run.log_flush_seconds)
+        server = TimedServer(cfg, transport, log, ServerSetup(
+            model=model, make_model=lambda: FlatModel(params, num_classes), splits=fake_splits(num_classes),
+            histograms=np.zeros((cfg.data.num_clients, num_classes), dtype=np.int64), device=torch.device("cpu"),
+            out_dir=Path(out), world_size=size))
 
         def serve() -> dict:
             """The loop, then the end of a run up to its summary (run/finish.py): final checkpoint and evaluation."""

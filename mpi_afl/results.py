@@ -34,7 +34,7 @@ import numpy as np
 
 from mpi_afl.names import ALGORITHMS
 from mpi_afl.storage.runlog import read_run
-from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
+from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES, updates_per_second
 
 RUN_FILE = "run.h5"
 # Config keys that do not change what a run computes; runs that differ only in these (and the seed) are
@@ -163,13 +163,6 @@ def time_to_target(virtual_time, accuracy, target: float) -> float | None:
     t, a = np.asarray(virtual_time, dtype=float), np.asarray(accuracy, dtype=float)
     reached = np.flatnonzero(a >= target)
     return float(t[reached[0]]) if len(reached) else None
-
-
-def updates_per_second(accepted: int, last_arrival_wall: float) -> float | None:
-    """THE definition of a run's throughput, used by summary.json and the report alike: accepted updates
-    divided by the wall time (since the start) at which the server finished processing the last arrival.
-    Start-up before the first job, the final checkpoint and the final evaluation are not counted."""
-    return accepted / last_arrival_wall if last_arrival_wall > 0 else None
 
 
 def run_updates_per_second(run: Run) -> float | None:

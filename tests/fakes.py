@@ -1,9 +1,10 @@
-"""A fake of the server loop for algorithm tests: versions, snapshots and the ServerContext.
+"""A fake of the server loop for algorithm tests: versions, snapshots, the ServerContext and algorithm_stats.
 
 Imported as a plain module (pytest puts tests/ on sys.path, as for mpi_helpers).
 """
 
 from collections.abc import Callable
+from dataclasses import replace
 from types import GeneratorType
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_afl.algorithms.base import ServerContext, Update
+from mpi_afl.algorithms.base import ServerContext, Update, add_notes
 from mpi_afl.config import Config
 from mpi_afl.models.flat import flatten, load_flat, param_mask
 from mpi_afl.models.layers import make_norm
@@ -69,6 +70,8 @@ class FakeServer:
             data_mean=(0.5,), data_std=(0.25,), client_histograms=hist,
             kd_x=torch.randn(40, *SHAPE, generator=g) if kd_data else None,
             kd_y=torch.arange(40) % num_classes if kd_data else None)
+        self.stats: dict = {}   # algorithm_stats, from the outcomes' notes
+        self.last = None        # the last arrival's Outcome (weight, kd_check)
 
     def client_delta(self, client: int, base: int) -> torch.Tensor:
         """A client job's Delta: running stats of client-specific noise batches and perturbed weights."""
@@ -84,7 +87,7 @@ class FakeServer:
         return flatten(model) - self.snapshots[base]
 
     def arrive(self, alg, client: int, base: int) -> tuple[str, torch.Tensor | None, int, torch.Tensor]:
-        """One arrival as the server loop processes it: returns (outcome kind, new model or None, slices, delta).
+        """One arrival as the server loop processes it: returns (reply kind, new model or None, slices, delta).
 
         The kind is "generator" when on_update returned a generator (which is
         run to the end, counting its slices) and "direct" otherwise."""
@@ -101,8 +104,9 @@ class FakeServer:
                 except StopIteration as stop:
                     outcome = stop.value
                     break
-        if outcome is not None:
-            self.ctx.version += 1
-            self.ctx.global_model = outcome
-            self.snapshots[self.ctx.version] = outcome
-        return kind, outcome, slices, delta
+        self.last = outcome
+        add_notes(self.stats, outcome.notes)
+        if outcome.model is not None:
+            self.ctx = replace(self.ctx, version=self.ctx.version + 1, global_model=outcome.model)
+            self.snapshots[self.ctx.version] = outcome.model
+        return kind, outcome.model, slices, delta

@@ -2,6 +2,7 @@
 their equivalences, and state-dict round trips."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,11 +43,11 @@ class FakeServer:
         before = self.ctx.global_model.clone()
         update = Update(client_id=client, job_index=0, base_version=base, staleness=self.ctx.version - base,
                         delta=torch.as_tensor(delta, dtype=torch.float32), num_samples=num_samples, loss=0.0)
-        new = algo.on_update(update, self.ctx)
+        self.last = algo.on_update(update, self.ctx)   # the Outcome: the new model and the update's weight
         assert torch.equal(self.ctx.global_model, before), "an algorithm must not modify x_t in place"
+        new = self.last.model
         if new is not None:
-            self.ctx.version += 1
-            self.ctx.global_model = new
+            self.ctx = replace(self.ctx, version=self.ctx.version + 1, global_model=new)
             self.versions[self.ctx.version] = new
         return new
 
@@ -54,13 +55,13 @@ class FakeServer:
         """A second server at the same point (the same versions), for a resumed algorithm to continue on."""
         other = FakeServer(self.ctx.cfg)
         other.versions = dict(self.versions)
-        other.ctx.version, other.ctx.global_model = self.ctx.version, self.ctx.global_model
+        other.ctx = replace(other.ctx, version=self.ctx.version, global_model=self.ctx.global_model)
         return other
 
     def jump_to(self, version: int, x):
         """Pretend the run already reached `version` with model x (to make stale arrivals)."""
-        self.ctx.version = version
-        self.ctx.global_model = self.versions[version] = vec(*x)
+        self.versions[version] = vec(*x)
+        self.ctx = replace(self.ctx, version=version, global_model=self.versions[version])
 
 
 def config(**server) -> Config:
@@ -90,7 +91,7 @@ def test_fedavg_plain_mean_after_k():
     new = server.feed(algo, [3.0, 0.0, 3.0], num_samples=2)
     # mean = [2, 2, 1]; x + 0.5 * mean
     torch.testing.assert_close(new, vec(2.0, 3.0, 3.5))
-    assert algo.last_weight == 1.0
+    assert server.last.weight == 1.0
     # the next round starts from an empty sum
     assert server.feed(algo, [2.0, 2.0, 2.0]) is None
     assert server.feed(algo, [2.0, 2.0, 2.0]) is None
@@ -105,7 +106,7 @@ def test_fedavg_sample_weighted():
     new = server.feed(algo, [0.0, 4.0, 2.0], num_samples=3)
     # (1 * [2, 0, -2] + 3 * [0, 4, 2]) / 4 = [0.5, 3, 1]; x + 0.5 * that
     torch.testing.assert_close(new, vec(1.25, 3.5, 3.5))
-    assert algo.last_weight == 3.0
+    assert server.last.weight == 3.0
 
 
 # --- FedAsync --------------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_fedasync_stale_base(staleness, mixing, tau, weight, expected):
     algo = FedAsync(cfg, server.ctx)
     new = server.feed(algo, [2.0, 2.0, 2.0], base=0)
     torch.testing.assert_close(new, vec(*expected))
-    assert algo.last_weight == pytest.approx(weight)
+    assert server.last.weight == pytest.approx(weight)
 
 
 def test_fedasync_uses_the_base_snapshot():
@@ -145,9 +146,9 @@ def test_fedbuff_sqrt_discount_b2():
     server.jump_to(3, X0)
     algo = FedBuff(cfg, server.ctx)
     assert server.feed(algo, [2.0, 4.0, 6.0]) is None            # tau = 0: s = 1
-    assert algo.last_weight == 1.0
+    assert server.last.weight == 1.0
     new = server.feed(algo, [4.0, 0.0, -8.0], base=0)           # tau = 3: s = 1/2
-    assert algo.last_weight == 0.5
+    assert server.last.weight == 0.5
     # ([2, 4, 6] + [2, 0, -4]) / 2 = [2, 2, 1];  x + 0.5 * that
     torch.testing.assert_close(new, vec(2.0, 3.0, 3.5))
 
@@ -189,7 +190,7 @@ def test_afl_dw_cosine_weight(tau, expected):
     algo = AFLDW(cfg, server.ctx)
     new = server.feed(algo, [2.0, -2.0, 2.0], base=0)
     torch.testing.assert_close(new, vec(*expected))
-    assert algo.last_weight == pytest.approx(1.0 - cosine_beta(tau, 75.0))
+    assert server.last.weight == pytest.approx(1.0 - cosine_beta(tau, 75.0))
     assert server.ctx.version == tau + 1
 
 
@@ -208,7 +209,7 @@ def test_fedbuff_b1_equals_fedasync_on_fresh_updates():
         a = buff_server.feed(buff, delta)
         b = async_server.feed(fedasync, delta)
         torch.testing.assert_close(a, b)
-        assert buff.last_weight == 1.0 and fedasync.last_weight == pytest.approx(0.7)
+        assert buff_server.last.weight == 1.0 and async_server.last.weight == pytest.approx(0.7)
     assert buff_server.ctx.version == async_server.ctx.version == len(DELTAS)
     assert not torch.allclose(buff_server.ctx.global_model, vec(*X0))
 

@@ -1,5 +1,8 @@
 """CA2FL (docs/algorithms.md §2) on hand-computed 3-element vectors."""
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +27,7 @@ def make(num_clients=3, buffer_size=2, lr=0.5, x0=(1.0, 2.0, 3.0), out="/nonexis
                         snapshot=lambda v: x, make_model=lambda: nn.Linear(1, 1),
                         param_mask=torch.ones(3, dtype=torch.bool), num_classes=2, image_shape=(1, 1, 1),
                         data_mean=(0.0,), data_std=(1.0,), client_histograms=np.ones((num_clients, 2)))
-    return CA2FL(cfg, ctx), ctx
+    return CA2FL(cfg, ctx), SimpleNamespace(ctx=ctx, last=None)   # the server's side: its context, the last Outcome
 
 
 def upd(client, delta):
@@ -32,12 +35,12 @@ def upd(client, delta):
                   delta=torch.tensor(delta, dtype=torch.float32), num_samples=1, loss=0.0)
 
 
-def step(algo, ctx, client, delta):
+def step(algo, server, client, delta):
     """Feed one update; adopt the new global model as the server would."""
-    new = algo.on_update(upd(client, delta), ctx)
+    server.last = algo.on_update(upd(client, delta), server.ctx)
+    new = server.last.model
     if new is not None:
-        ctx.global_model = new
-        ctx.version += 1
+        server.ctx = replace(server.ctx, global_model=new, version=server.ctx.version + 1)
     return new
 
 
@@ -46,13 +49,13 @@ def test_buffer_one_with_empty_cache_is_plain_step():
     new = step(algo, ctx, 1, [2.0, -4.0, 6.0])
     # h = 0, h̄ = 0: x + eta * Delta
     torch.testing.assert_close(new, torch.tensor([2.0, 0.0, 6.0]))
-    assert algo.last_weight == 0.5
+    assert ctx.last.weight == 0.5
 
 
 def test_two_buffers_hand_computed():
     algo, ctx = make(buffer_size=2, lr=0.5)
-    assert algo.last_weight == 0.25  # eta / M
     assert step(algo, ctx, 0, [1.0, 0.0, 0.0]) is None
+    assert ctx.last.weight == 0.25  # eta / M
     x1 = step(algo, ctx, 1, [0.0, 2.0, 0.0])
     # v = 0 + ([1,0,0] + [0,2,0]) / 2 = [0.5, 1, 0]
     torch.testing.assert_close(x1, torch.tensor([1.25, 2.5, 3.0]))
@@ -108,7 +111,7 @@ def test_state_dict_round_trip_mid_buffer():
     saved = _checkpoint(a.state_dict())
     b, ctx_b = make(buffer_size=3)
     b.load_state_dict(saved)
-    ctx_b.global_model = ctx_a.global_model.clone()
+    ctx_b.ctx = replace(ctx_b.ctx, global_model=ctx_a.ctx.global_model.clone())
     for client, d in [(1, [2.0, 0, 0]), (2, [0.0, 3, 1])]:
         ra, rb = step(a, ctx_a, client, d), step(b, ctx_b, client, d)
     assert ra is not None
@@ -144,12 +147,12 @@ def test_memmap_cache_survives_an_hdf5_checkpoint(monkeypatch, tmp_path):
     for client, d in [(0, [1.0, 0, 0]), (1, [0.0, 2, 0]), (2, [0.5, 0.5, 0.5])]:
         step(a, ctx_a, client, d)
     save_checkpoint(tmp_path / "ckpt.h5", {"algorithm": a.state_dict()})
-    x1 = ctx_a.global_model
+    x1 = ctx_a.ctx.global_model
     new_a = step(a, ctx_a, 1, [9.0, 9, 9])  # the saved file must not follow the live cache
     b, ctx_b = make(buffer_size=2, out=str(tmp_path))
     b.load_state_dict(load_checkpoint(tmp_path / "ckpt.h5")["algorithm"])
     assert b.aggregator.cache.memmapped and b.aggregator.count == 1
-    ctx_b.global_model = x1
+    ctx_b.ctx = replace(ctx_b.ctx, global_model=x1)
     new_b = step(b, ctx_b, 1, [9.0, 9, 9])
     assert torch.equal(new_a, new_b)
     # h̄_t = ([1,0,0] + [0,2,0]) / 3; corrections [0.5,0.5,0.5] (client 2) and [9,7,9] (client 1)

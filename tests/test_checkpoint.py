@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpi_afl.server.loop import CHECKPOINT_FORMAT, check_server_format
+from mpi_afl.server.state import CHECKPOINT_FORMAT, check_server_format
 from mpi_afl.storage import checkpoint
 from mpi_afl.storage.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint, stored_bytes
 

@@ -250,10 +250,10 @@ def test_synthesis_records_teacher_agreement_of_the_kept_batch(label, expected):
     synth = make_synth(tiny_cfg(bn=0.0))
     q = torch.zeros(1, CLASSES)
     q[0, 0] = 1.0  # every synthetic label is class 0
-    stats = {}
-    drain(synth.synthesize(ensemble_of(Constant(label)), q, stats=stats))
-    drain(synth.synthesize(ensemble_of(Constant(label)), q, stats=stats))
-    assert stats == {"syntheses": 2, "synth_agreement": expected}
+    notes = []
+    drain(synth.synthesize(ensemble_of(Constant(label)), q, notes=notes))
+    drain(synth.synthesize(ensemble_of(Constant(label)), q, notes=notes))
+    assert notes == [("syntheses", {"synth_agreement": expected})] * 2
 
 
 def test_fomaml_meta_update_changes_meta_generator():
@@ -292,10 +292,11 @@ def test_teacher_matched_labels_give_each_teacher_its_own_sub_batch_and_losses()
     teachers, _ = teachers_and_q()
     q = torch.zeros(2, CLASSES)
     q[0, 2], q[1, 7] = 1.0, 1.0
-    stats = {}
-    images, labels = drain(synth.synthesize(teachers, q, Tiny(seed=5), adversarial=True, stats=stats))
+    notes = []
+    images, labels = drain(synth.synthesize(teachers, q, Tiny(seed=5), adversarial=True, notes=notes))
     assert labels.tolist() == [2] * 32 + [7] * 32 and images.shape[0] == 64
-    assert stats["syntheses"] == 1 and 0.0 <= stats["synth_agreement"] <= 1.0
+    [(count, values)] = notes
+    assert count == "syntheses" and 0.0 <= values["synth_agreement"] <= 1.0
     logits = torch.randn(2, 3, CLASSES)
     labels = torch.tensor([1, 2, 3, 4, 5, 6])
     from mpi_afl.distill.synthesizer import own_adversarial_loss, own_one_hot_loss

@@ -187,9 +187,9 @@ def test_synthesis_with_the_batched_teachers_matches_the_per_teacher_path():
     results = []
     for teachers in (TeacherEnsemble(make_model()).load(stacked), reference.LoopEnsemble(make_model, stacked)):
         synth = Synthesizer(cfg, (1, 28, 28), 10, (0.5,), (0.25,), "cpu", 11)
-        stats = {}
-        images, labels = drain(synth.synthesize(teachers, q, make_model(), adversarial=True, stats=stats))
-        results.append((images, labels, stats["synth_agreement"]))
+        notes = []
+        images, labels = drain(synth.synthesize(teachers, q, make_model(), adversarial=True, notes=notes))
+        results.append((images, labels, notes[0][1]["synth_agreement"]))
     (a_img, a_lab, a_agree), (b_img, b_lab, b_agree) = results
     assert torch.equal(a_lab, b_lab) and a_agree == b_agree
     assert torch.allclose(a_img, b_img, atol=1e-6)

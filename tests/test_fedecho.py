@@ -4,6 +4,7 @@ Tests of the first reconstruction's behaviour (entropy weights, the student repl
 FIRST, the configuration that keeps it reachable."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -251,7 +252,7 @@ def test_before_freeze_fedecho_is_its_backbone_without_discount(backbone, refere
         if new is not None:
             assert torch.equal(new, expected)
     assert echo_server.ctx.version == 3
-    assert alg.last_weight == (0.25 if backbone == "ca2fl" else 1.0)
+    assert echo_server.last.weight == (0.25 if backbone == "ca2fl" else 1.0)
 
 
 def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
@@ -266,7 +267,7 @@ def test_kd_moves_the_student_towards_the_target_and_keeps_statistics():
     x_t = server.ctx.global_model
     kind, new, slices, delta = server.arrive(alg, 2, 1)  # version 2 > warm-up: KD
     assert kind == "generator" and slices == cfg.distill.kd_steps
-    assert server.ctx.stats["kd_applied"] == 1
+    assert server.stats["kd_applied"] == 1
     x_prime = x_t + cfg.server.lr * delta  # FedBuff with B = 1
     mask = server.ctx.param_mask
     assert not torch.allclose(new[mask], x_prime[mask])
@@ -298,17 +299,16 @@ def new_models(echo: dict, lags=(0, 1, 1, 2), checks: list | None = None
     cfg.server.s_max = 2.0
     server = Server(cfg, kd_data=True)
     if checks is not None:
-        server.ctx.check_x, server.ctx.check_y = server.ctx.kd_x, server.ctx.kd_y
+        server.ctx = replace(server.ctx, check_x=server.ctx.kd_x, check_y=server.ctx.kd_y)
     alg = FedEcho(cfg, server.ctx)
     models = []
     for client, lag in enumerate(lags):
         _, new, _, _ = server.arrive(alg, client, max(0, server.ctx.version - lag))
         if new is not None:
             models.append(new)
-        if alg.kd_check is not None:
-            checks.append(alg.kd_check)
-            alg.kd_check = None  # as the server loop does once it has logged the row
-    return models, server.ctx.stats, server.ctx.param_mask
+        if server.last.kd_check is not None:
+            checks.append(server.last.kd_check)
+    return models, server.stats, server.ctx.param_mask
 
 
 def test_kd_correction_is_a_bounded_step_from_x_prime_towards_the_student():
@@ -377,7 +377,7 @@ def test_kd_step_zero_is_ca2fl_bit_for_bit():
         if new is not None:
             models += 1
             assert torch.equal(new, expected)
-    assert models == 5 and len(alg.synth.pool) == 0 and echo_server.ctx.stats == {}
+    assert models == 5 and len(alg.synth.pool) == 0 and echo_server.stats == {}
 
 
 def test_reset_norm_stats_option():
@@ -411,7 +411,7 @@ def test_synthetic_inputs_follow_fedrevive_gates():
                      ("generator", d.synth_steps, d.synth_batch),                   # generator only
                      ("generator", d.synth_steps, 2 * d.synth_batch),
                      ("generator", d.synth_steps + d.kd_steps, 3 * d.synth_batch)]  # beyond warm-up: KD
-    assert server.ctx.stats["kd_applied"] == 1
+    assert server.stats["kd_applied"] == 1
     assert set(alg.teachers.proxy.seen) == {0, 1, 2, 3}
 
 
@@ -433,8 +433,8 @@ def test_expert_weights_use_the_class_each_kd_image_was_made_for():
     x_prime = run({"kd_step": 0.0})[0]  # the backbone's step alone (its output does not depend on KD)
     relative = run({"kd_step": 0.5, "weighting": "relative"})[0]
     d = alg.cfg.distill
-    assert server.ctx.stats["kd_applied"] == 1 and len(draws) == d.kd_steps
-    assert server.ctx.stats["echo_reliability"] == 1.0  # no staleness prior: every teacher fully reliable
+    assert server.stats["kd_applied"] == 1 and len(draws) == d.kd_steps
+    assert server.stats["echo_reliability"] == 1.0  # no staleness prior: every teacher fully reliable
     teachers, q = alg.teachers.ensemble(), alg.teachers.proportions()
     student = tiny()
     load_flat(student, x_prime)
@@ -455,7 +455,7 @@ def test_expert_weights_use_the_class_each_kd_image_was_made_for():
     torch.testing.assert_close(new[mask], replay[mask])
     assert torch.equal(new[~mask], x_prime[~mask])
     assert not torch.allclose(new[mask], relative[mask])  # the weights matter
-    assert server.ctx.stats["echo_target_agreement"] == pytest.approx(sum(agreement) / len(agreement))
+    assert server.stats["echo_target_agreement"] == pytest.approx(sum(agreement) / len(agreement))
 
 
 def test_proxy_inputs_need_the_kd_split():
@@ -485,7 +485,7 @@ def test_checkpoint_round_trip_continues_bit_identically(inputs, echo, tmp_path)
 
     whole, uninterrupted = make()
     run(whole, uninterrupted, ARRIVALS)
-    assert whole.ctx.stats["kd_applied"] >= 2
+    assert whole.stats["kd_applied"] >= 2
 
     first, alg = make()
     run(first, alg, ARRIVALS[:5])  # mid-buffer: 5 arrivals with B = 2
@@ -495,7 +495,7 @@ def test_checkpoint_round_trip_continues_bit_identically(inputs, echo, tmp_path)
 
     second, resumed = make()
     second.snapshots.update({v: x for v, x in first.snapshots.items() if v <= 2})
-    second.ctx.version, second.ctx.global_model = 2, first.snapshots[2]
+    second.ctx = replace(second.ctx, version=2, global_model=first.snapshots[2])
     resumed.load_state_dict(state)
     run(second, resumed, ARRIVALS[5:])
     assert second.ctx.version == whole.ctx.version

@@ -1,14 +1,16 @@
 """FedRevive and DD-FedRevive on a fake server context (docs/algorithms.md §3.1, §3.4)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from mpi_afl.algorithms.fedrevive import DDFedRevive, FedRevive
+from mpi_afl.algorithms.fedrevive import DDFedRevive, FedRevive, Knowledge
 from mpi_afl.algorithms.staleness import beta, cosine_beta, step_beta
 from mpi_afl.config import Config
 from mpi_afl.config.schema import DistillConfig
+from mpi_afl.algorithms.base import add_notes
 from mpi_afl.distill.kd import record_kd
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics
@@ -64,9 +66,9 @@ def test_fresh_update_passes_unchanged_even_past_warmup():
     for i in range(3):
         x = server.ctx.global_model
         new, slices, delta = server.arrive(alg, client=i, base=server.ctx.version)  # tau = 0
-        assert alg.last_weight == 0.0 and slices == 0
+        assert server.last.weight == 0.0 and slices == 0
         assert torch.equal(new, plain_step(x, 0.5, delta))
-    assert server.ctx.stats.get("kd_applied", 0) == 0
+    assert server.stats.get("kd_applied", 0) == 0
     assert len(alg.synth.pool) == 0
 
 
@@ -80,7 +82,7 @@ def test_warmup_gates_and_blend():
     # Version 1 < freeze (2): no DFKD at all, the stale update is not shrunk.
     x = server.ctx.global_model
     new, slices, delta = server.arrive(alg, client=1, base=0)
-    assert alg.last_weight == pytest.approx(cosine_beta(1, cfg.server.s_max))
+    assert server.last.weight == pytest.approx(cosine_beta(1, cfg.server.s_max))
     assert slices == 0 and len(alg.synth.pool) == 0
     assert torch.equal(new, plain_step(x, 0.5, delta))
     # Versions 2..4 (freeze <= v <= warmup): the generator trains, KD is not applied.
@@ -91,12 +93,12 @@ def test_warmup_gates_and_blend():
         assert slices == cfg.distill.synth_steps
         assert len(alg.synth.pool) == min(cfg.distill.pool_size, (v - 1) * cfg.distill.synth_batch)
         assert torch.equal(new, plain_step(x, 0.5, delta))
-    assert server.ctx.stats.get("kd_applied", 0) == 0
+    assert server.stats.get("kd_applied", 0) == 0
     # Version 5 > warmup: full KD, and the blend changes the result.
     x = server.ctx.global_model
     new, slices, delta = server.arrive(alg, client=5, base=4)
     assert slices == cfg.distill.synth_steps + cfg.distill.kd_steps
-    assert server.ctx.stats["kd_applied"] == 1
+    assert server.stats["kd_applied"] == 1
     assert not torch.allclose(new, plain_step(x, 0.5, delta))
     # Statistics of the new global model are reset (mean 0, var 1).
     model = tiny()
@@ -109,7 +111,7 @@ class FixedKD(FedRevive):
 
     def knowledge(self, ctx, x_t, share):
         yield
-        return torch.full_like(x_t, 0.25)
+        return Knowledge(torch.full_like(x_t, 0.25))
 
 
 def test_blend_is_one_minus_beta_raw_plus_beta_kd():
@@ -121,21 +123,24 @@ def test_blend_is_one_minus_beta_raw_plus_beta_kd():
     x = server.ctx.global_model
     new, slices, delta = server.arrive(alg, client=2, base=1)  # tau = 1
     b = cosine_beta(1, cfg.server.s_max)
-    assert slices == 1 and alg.last_weight == pytest.approx(b)
+    assert slices == 1 and server.last.weight == pytest.approx(b)
     assert torch.equal(new, plain_step(x, 0.5, (1 - b) * delta + b * torch.full_like(x, 0.25)))
     server.arrive(alg, client=3, base=3)
     x = server.ctx.global_model
     new, _, delta = server.arrive(alg, client=4, base=0)  # tau = 4 = 2 s_max -> beta = 1: raw delta ignored
-    assert alg.last_weight == 1.0
+    assert server.last.weight == 1.0
     assert torch.allclose(new, plain_step(x, 0.5, torch.full_like(x, 0.25)))
-    assert server.ctx.stats["kd_applied"] == 2  # the tau = 0 arrival skipped KD
+    assert server.stats["kd_applied"] == 2  # the tau = 0 arrival skipped KD
 
 
 def test_kd_diagnostics_are_running_means_of_norm_ratio_and_cosine():
-    stats = {}
-    record_kd(stats, torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))  # ratio 2, orthogonal
+    stats, notes = {}, []
+    record_kd(notes, torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))  # ratio 2, orthogonal
+    add_notes(stats, notes)
     assert stats == {"kd_applied": 1, "kd_norm_ratio": 2.0, "kd_cosine": 0.0}
-    record_kd(stats, torch.tensor([-3.0, 0.0]), torch.tensor([3.0, 0.0]))  # ratio 1, opposite
+    notes.clear()
+    record_kd(notes, torch.tensor([-3.0, 0.0]), torch.tensor([3.0, 0.0]))  # ratio 1, opposite
+    add_notes(stats, notes)
     assert stats["kd_applied"] == 2
     assert stats["kd_norm_ratio"] == pytest.approx(1.5) and stats["kd_cosine"] == pytest.approx(-0.5)
 
@@ -178,7 +183,7 @@ def _two_arrivals_without_probe(proxy: str) -> FedRevive:
     server.arrive(alg, client=0, base=0)
     server.arrive(alg, client=4, base=0)
     assert alg.teachers.proxy.seen == {}
-    assert server.ctx.stats["kd_applied"] == 1
+    assert server.stats["kd_applied"] == 1
     return alg
 
 
@@ -218,15 +223,14 @@ def test_checkpoint_round_trip_continues_bit_identically(alg_cls, tmp_path):
 
     second = Server(cfg, kd_data)
     second.snapshots.update(first.snapshots)
-    second.ctx.version = 5
-    second.ctx.global_model = first.snapshots[5]
-    second.ctx.stats = {"kd_applied": 0}
+    second.ctx = replace(second.ctx, version=5, global_model=first.snapshots[5])
+    second.stats = {"kd_applied": 0}
     resumed = alg_cls(cfg, second.ctx)
     resumed.load_state_dict(state)
     run(alg_cls, second, resumed, ARRIVALS[5:])
     assert second.ctx.version == whole.ctx.version == len(ARRIVALS)
     assert torch.equal(second.ctx.global_model, whole.ctx.global_model)
-    assert whole.ctx.stats["kd_applied"] >= 3
+    assert whole.stats["kd_applied"] >= 3
     if alg_cls is FedRevive:
         assert torch.equal(resumed.synth.pool.images, uninterrupted.synth.pool.images)
 
@@ -237,9 +241,9 @@ def test_dd_fedrevive_blends_every_update_with_fixed_beta():
     alg = DDFedRevive(cfg, server.ctx)
     x = server.ctx.global_model
     new, slices, delta = server.arrive(alg, client=0, base=0)  # tau = 0, version 0 < freeze: no gates
-    assert alg.last_weight == 0.5
+    assert server.last.weight == 0.5
     assert slices == cfg.distill.kd_steps
-    assert server.ctx.stats["kd_applied"] == 1
+    assert server.stats["kd_applied"] == 1
     assert not torch.allclose(new, plain_step(x, 0.5, delta))
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from mpi_afl.client.local_train import OPTIMIZERS, evaluate, job_generator, train_job
+from mpi_afl.client.local_train import OPTIMIZERS, job_generator, train_job
 from mpi_afl.models import build_model
+from mpi_afl.models.evaluate import evaluate
 from mpi_afl.models.flat import flatten, param_mask
+from mpi_afl.transport.messages import JobSpec
 
 torch.set_num_threads(1)
 
@@ -33,9 +35,9 @@ def _model(norm: str = "batchnorm") -> nn.Module:
     return build_model("cnn", in_channels=1, image_size=8, num_classes=CLASSES, norm=norm)
 
 
-def _train(model, base, x, y, indices, **overrides):
+def _train(model, base, x, y, indices, client_id=1, job_index=0, **overrides):
     kwargs = dict(iterations=5, batch_size=16, optimizer="adam", lr=1e-2, momentum=0.9, weight_decay=0.0,
-                  augment=False, seed=3, client_id=1, job_index=0)
+                  augment=False, seed=3, job=JobSpec(job_index, client_id, 0, 0.0))
     kwargs.update(overrides)
     return train_job(model, base, x, y, indices, **kwargs)
 
@@ -52,7 +54,7 @@ def test_training_learns_blobs(norm, optimizer, lr):
     assert acc0 < 0.6
     assert acc1 == 1.0
     assert loss1 < 0.2 * loss0
-    assert result.num_samples == 256 and result.seconds > 0
+    assert result.num_samples == 256 and result.compute_seconds > 0
     assert 0 < result.loss < loss0
 
 

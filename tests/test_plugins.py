@@ -103,6 +103,7 @@ def test_proximal_term_keeps_local_models_closer_to_the_base(monkeypatch):
     from mpi_afl.client.trainer import LocalTrainer
     from mpi_afl.models import build_model
     from mpi_afl.models.flat import flatten
+    from mpi_afl.transport.messages import JobSpec
     cfg, _ = parse_args(["--client.iterations=20"])
     weak, _ = parse_args(["--client.iterations=20", FEDPROX])
     strong, _ = parse_args(["--client.iterations=20", FEDPROX, "--fedprox.mu=10"])
@@ -114,13 +115,13 @@ def test_proximal_term_keeps_local_models_closer_to_the_base(monkeypatch):
     x, y, indices = torch.randn(64, 1, 8, 8, generator=g), torch.randint(10, (64,), generator=g), torch.arange(64)
     norms = {}
     for name, trainer in (("plain", LocalTrainer(cfg)), ("weak", FedProx(weak)), ("strong", FedProx(strong))):
-        result = trainer.train(model, base, x, y, indices, client_id=2, job_index=5)
+        result = trainer.train(model, base, x, y, indices, JobSpec(5, 2, 0, 0.0))
         norms[name] = float(result.delta.norm())
         if name == "plain":
             c = cfg.client
             plain = train_job(model, base, x, y, indices, iterations=c.iterations, batch_size=c.batch_size,
                               optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                              augment=c.augment, seed=cfg.run.seed, client_id=2, job_index=5)
+                              augment=c.augment, seed=cfg.run.seed, job=JobSpec(5, 2, 0, 0.0))
             assert torch.equal(plain.delta, result.delta)
     assert norms["strong"] < norms["weak"] <= norms["plain"] * 1.001
 

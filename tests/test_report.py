@@ -25,7 +25,8 @@ def write_run(path: Path, attrs: dict, arrivals: list[tuple], evals: list[tuple]
         for i, (wall, client, staleness, accepted) in enumerate(arrivals):
             log.arrival(wall_time=wall, virtual_time=2 * wall, client=client, rank=1, job=i, base_version=0,
                         version=i, staleness=staleness, weight=1.0, loss=0.5, samples=10, bytes=100,
-                        server_seconds=1e-3, accepted=accepted, reason="none" if accepted else REJECTED)
+                        server_seconds=1e-3, compute_seconds=0.01, accepted=accepted,
+                        reason="none" if accepted else REJECTED)
         for version, wall, virtual, acc in evals:
             log.eval(version=version, wall_time=wall, virtual_time=virtual, test_loss=1 - acc, test_accuracy=acc,
                      val_loss=float("nan"), val_accuracy=float("nan"))

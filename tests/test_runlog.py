@@ -24,7 +24,7 @@ ATTRS = {"config": {"server": {"algorithm": "fedbuff"}, "run": {"seed": 3}}, "wo
 def arrival_row(i: int, accepted: bool = True) -> dict:
     return dict(wall_time=0.5 * i, virtual_time=2.0 * i, client=i % 5, rank=1 + i % 3, job=i, base_version=i,
                 version=i + 1, staleness=i % 4, weight=1.0 / (i + 1), loss=0.1 * i, samples=350, bytes=1000 + i,
-                server_seconds=1e-3, accepted=accepted, reason="none" if accepted else REJECTED)
+                server_seconds=1e-3, compute_seconds=0.01, accepted=accepted, reason="none" if accepted else REJECTED)
 
 
 def eval_row(v: int) -> dict:
@@ -135,7 +135,7 @@ def test_resume_after_writer_crash(tmp_path):
         log = RunLog({str(path)!r}, {{"config": "{{}}"}})
         for i in range(8):
             log.arrival(wall_time=i, virtual_time=i, client=i, rank=1, job=i, base_version=0, version=i,
-                        staleness=0, weight=1.0, loss=0.0, samples=1, bytes=1, server_seconds=0.0,
+                        staleness=0, weight=1.0, loss=0.0, samples=1, bytes=1, server_seconds=0.0, compute_seconds=0.01,
                         accepted=True, reason="none")
         log.flush()
         os._exit(0)  # no close(), like a node failure
@@ -203,7 +203,7 @@ def _log_with_rows(path: Path, rows: int = 3000, crash: bool = False) -> None:
         log = RunLog({str(path)!r}, {{"run_id": "abc"}})
         for i in range({rows}):
             log.arrival(wall_time=i, virtual_time=i, client=i, rank=1, job=i, base_version=0, version=i,
-                        staleness=0, weight=1.0, loss=0.0, samples=1, bytes=1, server_seconds=0.0,
+                        staleness=0, weight=1.0, loss=0.0, samples=1, bytes=1, server_seconds=0.0, compute_seconds=0.01,
                         accepted=True, reason="none")
         log.flush()
         if {crash}:
@@ -265,9 +265,9 @@ def test_resume_checks_run_id_and_format_version(tmp_path):
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 1   # a log from before checksums and run ids: readable, not resumable
     assert len(read_run(path)["arrivals"]["job"]) == 5
-    with pytest.raises(RunLogError, match="format_version 1 .*only version 2 logs can be continued"):
+    with pytest.raises(RunLogError, match="format_version 1 .*only version 3 logs can be continued"):
         check_resumable(path, {"arrivals": 5, "evals": 0, "timings": 0, "kd_checks": 0}, "abc")
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 7
-    with pytest.raises(RunLogError, match="format_version 7; this version of mpi_afl reads 1, 2"):
+    with pytest.raises(RunLogError, match="format_version 7; this version of mpi_afl reads 1, 2, 3"):
         read_run(path)

@@ -48,7 +48,7 @@ def eval_row(v: int, evaluation: int) -> dict:
 def arrival_row(i: int, version: int) -> dict:
     return dict(wall_time=0.1 * i, virtual_time=1.0 * i, client=i % 3, rank=1, job=i, base_version=version,
                 version=version, staleness=i % 4, weight=1.0, loss=0.5, samples=10, bytes=4, server_seconds=1e-3,
-                accepted=i % 5 != 4, reason="none" if i % 5 != 4 else "size")
+                compute_seconds=0.01, accepted=i % 5 != 4, reason="none" if i % 5 != 4 else "size")
 
 
 def record(log: RunLog, versions: list[int], first: int = 0) -> None:

@@ -93,7 +93,7 @@ from mpi_afl.distill.synthesizer import Synthesizer  # noqa: E402
 from mpi_afl.distill.teachers import TeacherBuffer  # noqa: E402
 from mpi_afl.models import build_model  # noqa: E402
 from mpi_afl.models.flat import flatten, load_flat, param_mask  # noqa: E402
-from mpi_afl.server.loop import check_server_format  # noqa: E402
+from mpi_afl.server.state import check_server_format  # noqa: E402
 from mpi_afl.slices import drain  # noqa: E402
 from mpi_afl.storage.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 

@@ -2,15 +2,21 @@
 
 An algorithm is tensor math on flat model vectors (docs/design.md "Algorithms as
 plug-ins"). The server calls `on_update(update, ctx)` once per accepted
-arrival, in processing order, and it returns one of:
+arrival, in processing order, with `ctx` the run as the server stands at that
+arrival (a frozen `ServerContext`: `version`, `global_model` and `snapshot`
+are the current ones). It returns one of:
 
-- a tensor: the new global model (the server bumps the version);
-- `None`: the update was only buffered, the global model is unchanged;
+- an `Outcome`: the new global model (the server bumps the version) or `None`
+  (the update was only buffered, the global model is unchanged), together with
+  what the server logs of the update: its weight (run.h5 arrivals), a KD
+  diagnostic row (run.h5 kd_checks) and notes for summary.json's
+  `algorithm_stats` (running means, kept by the server: `add_notes`);
 - a generator: server-side work in resumable slices (FedRevive, FedEcho).
   The loop calls `next()` on it, polling MPI and dispatching jobs between
-  slices, until it returns (StopIteration.value), which is again a tensor or
-  `None`. No other update is processed while a generator is running, so the
-  algorithm sees arrivals strictly one at a time.
+  slices, until it returns (StopIteration.value), which is again an `Outcome`.
+  The loop times the slices (distill_seconds in algorithm_stats). No other
+  update is processed while a generator is running, so the algorithm sees
+  arrivals strictly one at a time.
 
 Ownership: `Update.delta` is borrowed (it may live in a receive buffer that
 is reused after the call): copy what you keep. A returned model tensor is the
@@ -28,8 +34,10 @@ plug-in, after the rules that hold for every algorithm, on every parse.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -51,12 +59,12 @@ class Update:
     loss: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerContext:
-    """What the server exposes to an algorithm (read-only except where noted)."""
+    """What the server exposes to an algorithm: the run, and the server's state at the current arrival."""
     cfg: Config
     device: torch.device
-    global_model: torch.Tensor                  # flat x_t (the server replaces it after each new version)
+    global_model: torch.Tensor                  # flat x_t, the current global model
     version: int
     snapshot: Callable[[int], torch.Tensor]     # version v -> flat x_v (kept while a job references v)
     make_model: Callable[[], nn.Module]         # a fresh module of the run's architecture on `device`
@@ -70,12 +78,33 @@ class ServerContext:
     kd_y: torch.Tensor | None = None
     check_x: torch.Tensor | None = None         # fixed held-out images for the KD diagnostic (kd.loss_change)
     check_y: torch.Tensor | None = None
-    stats: dict = field(default_factory=dict)   # counters and diagnostics an algorithm reports (summary.json)
     group: object = field(default_factory=lambda: Solo())   # the distillation group (distill/group.py)
 
 
-Result = Union[torch.Tensor, None]
-Outcome = Union[Result, Generator[None, None, Result]]
+Note = tuple[str, dict[str, float]]   # (counter, {key: value}): one observation for algorithm_stats
+
+
+@dataclass
+class Outcome:
+    """What an algorithm returns for one update."""
+    model: torch.Tensor | None = None   # the new global model; None: buffered, the global model is unchanged
+    weight: float = math.nan            # the aggregation weight (or beta) applied to the update (run.h5 arrivals)
+    kd_check: dict | None = None        # a kd_checks row (runlog.KD_CHECK_FIELDS but virtual_time) of this update
+    notes: list[Note] = field(default_factory=list)   # diagnostics for summary.json's algorithm_stats
+
+
+Reply = Union[Outcome, Generator[object, None, Outcome]]
+
+
+def add_notes(stats: dict, notes: Iterable[Note]) -> None:
+    """Add each note (counter, values) to `stats`: increment stats[counter] and update the running mean
+    stats[key] of every `values` entry over the observations counted there."""
+    for count, values in notes:
+        n = stats.get(count, 0) + 1
+        stats[count] = n
+        for key, value in values.items():
+            mean = stats.get(key, 0.0)
+            stats[key] = mean + (value - mean) / n
 
 
 class Algorithm:
@@ -86,23 +115,19 @@ class Algorithm:
     #: version and waits for all of them before dispatching more.
     synchronous = False
     #: methods that run on every rank of a distillation group (`distill.ranks` > 0, distill/group.py):
-    #: sliced work `method(ctx, start, **extra)` whose teacher computations use the group's sums. Empty:
-    #: the algorithm cannot use a group.
+    #: sliced work `method(ctx, start, **extra)` whose teacher computations use the group's sums; what it
+    #: returns on rank 0 is the algorithm's (the members' results are dropped). Empty: the algorithm cannot
+    #: use a group.
     group_methods: frozenset[str] = frozenset()
 
     def __init__(self, cfg: Config, ctx: ServerContext):
         self.cfg = cfg
-        #: the aggregation weight (or beta) applied to the last update, for the run log
-        self.last_weight = float("nan")
-        #: a distilling algorithm's kd_checks row (runlog.schema.KD_CHECK_FIELDS but virtual_time) for the update
-        #: just processed; the server logs it and sets it back to None
-        self.kd_check: dict | None = None
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise ConfigError for a config this algorithm cannot run with (none by default)."""
 
-    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+    def on_update(self, update: Update, ctx: ServerContext) -> Reply:
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -31,7 +31,7 @@ Choices this file makes (the paper leaves them open):
   anonymous (already unlinked) temporary file mapped with numpy.memmap, in
   `run.out` when that directory exists (HPC scratch, next to the run), else
   the system temp directory; the OS pages it in and out as needed.
-- `last_weight` is η/M, the factor each buffered correction Δ_i − h_i gets in
+- The logged weight is η/M, the factor each buffered correction Δ_i − h_i gets in
   x_{t+1}.
 - CA2FL uses no staleness discount (the cache calibration replaces it).
 """
@@ -44,7 +44,7 @@ import tempfile
 import numpy as np
 import torch
 
-from .base import Algorithm, ServerContext, Update
+from .base import Algorithm, Outcome, ServerContext, Update
 
 #: A cache larger than this (N x D x 4 bytes) goes to a memory-mapped file.
 MEMMAP_THRESHOLD_BYTES = 1 << 30
@@ -154,13 +154,13 @@ class CA2FL(Algorithm):
         super().__init__(cfg, ctx)
         self.aggregator = CachedAggregator(cfg.data.num_clients, ctx.global_model.numel(), cfg.server.buffer_size,
                                            cache_dir=cache_dir_for(cfg.run.out))
-        self.last_weight = cfg.server.lr / cfg.server.buffer_size
+        self.weight = cfg.server.lr / cfg.server.buffer_size
 
-    def on_update(self, update: Update, ctx: ServerContext):
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         v = self.aggregator.add(update.client_id, update.delta)
         if v is None:
-            return None
-        return ctx.global_model + self.cfg.server.lr * v
+            return Outcome(None, weight=self.weight)
+        return Outcome(ctx.global_model + self.cfg.server.lr * v, weight=self.weight)
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()

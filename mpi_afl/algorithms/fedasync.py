@@ -9,15 +9,14 @@ model back towards their base; with tau = 0 this equals FedBuff with B = 1
 and eta = alpha.
 """
 
-from .base import Algorithm, ServerContext, Update
+from .base import Algorithm, Outcome, ServerContext, Update
 from .staleness import discount
 
 
 class FedAsync(Algorithm):
     name = "fedasync"
 
-    def on_update(self, update: Update, ctx: ServerContext):
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         a = self.cfg.server.mixing * discount(self.cfg.server.staleness, update.staleness, self.cfg.server)
-        self.last_weight = a
         client_model = ctx.snapshot(update.base_version) + update.delta
-        return ctx.global_model.lerp(client_model, a)
+        return Outcome(ctx.global_model.lerp(client_model, a), weight=a)

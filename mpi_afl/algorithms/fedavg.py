@@ -9,7 +9,7 @@ round's last update is in (docs/algorithms.md §2).
 
 import torch
 
-from .base import Algorithm, ServerContext, Update
+from .base import Algorithm, Outcome, ServerContext, Update
 
 
 class FedAvg(Algorithm):
@@ -23,19 +23,18 @@ class FedAvg(Algorithm):
         self.weights = 0.0
         self.count = 0
 
-    def on_update(self, update: Update, ctx: ServerContext):
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
         w = float(update.num_samples) if self.cfg.server.sample_weighted else 1.0
-        self.last_weight = w
         self.sum.add_(update.delta, alpha=w)
         self.weights += w
         self.count += 1
         if self.count < self.round_size:
-            return None
+            return Outcome(None, weight=w)
         new = ctx.global_model + self.cfg.server.lr * (self.sum / self.weights)
         self.sum.zero_()
         self.weights = 0.0
         self.count = 0
-        return new
+        return Outcome(new, weight=w)
 
     def state_dict(self) -> dict:
         return {"sum": self.sum, "weights": self.weights, "count": self.count}

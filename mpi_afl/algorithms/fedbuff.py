@@ -7,12 +7,12 @@ B = `server.buffer_size` arrivals
     x_{t+1} = x_t + eta * (sum_i s(tau_i) Delta_i) / B        (docs/algorithms.md §2)
 
 with optional server momentum mu: m <- mu m + v, x <- x + eta m. Returns
-`None` while the buffer fills.
+no new model while the buffer fills.
 """
 
 import torch
 
-from .base import Algorithm, ServerContext, Update
+from .base import Algorithm, Outcome, ServerContext, Update
 from .staleness import discount
 
 
@@ -30,19 +30,19 @@ class FedBuff(Algorithm):
     def weight(self, update: Update) -> float:
         return discount(self.staleness, update.staleness, self.cfg.server)
 
-    def on_update(self, update: Update, ctx: ServerContext):
-        self.last_weight = self.weight(update)
-        self.buffer.add_(update.delta, alpha=self.last_weight)
+    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+        weight = self.weight(update)
+        self.buffer.add_(update.delta, alpha=weight)
         self.count += 1
         if self.count < self.buffer_size:
-            return None
+            return Outcome(None, weight=weight)
         step = self.buffer.div_(self.buffer_size)
         if self.momentum is not None:
             step = self.momentum.mul_(self.cfg.server.momentum).add_(step)
         new = ctx.global_model + self.cfg.server.lr * step
         self.buffer.zero_()
         self.count = 0
-        return new
+        return Outcome(new, weight=weight)
 
     def state_dict(self) -> dict:
         state = {"buffer": self.buffer, "count": self.count}

@@ -6,8 +6,8 @@ On every arrival (docs/algorithms.md §4, steps 1-8):
 
 1. Parameter step: `echo.backbone` "ca2fl" (CA2FL's cached aggregation of M = `server.buffer_size`
    updates, x' = x_t + η v_t) or "fedbuff" (its buffer, its optional server momentum); neither discounts
-   staleness, whatever `server.staleness` says. The backbone object is used as is; `last_weight` is its
-   weight.
+   staleness, whatever `server.staleness` says. The backbone object is used as is; the weight it
+   reports is the update's.
 2. Teachers: the latest model w_k = x_{v_k} + Δ_k of each of the C = `echo.teachers` most recently
    heard-from distinct clients, with staleness τ_k = t − v_k at distillation time.
 3. Inputs (`echo.inputs`): "synthetic", the shared meta-generator's images (distill/synthesizer.py, as
@@ -39,8 +39,8 @@ On every arrival (docs/algorithms.md §4, steps 1-8):
    parameters from the corrected model; "reset" applies FedRevive's step 5
    (models/layers.reset_norm_statistics: stat trackers only) to every new model.
 
-Diagnostics (ctx.stats): `kd_norm_ratio` / `kd_cosine` of the applied correction against the backbone's
-step; `kd_loss_change` = L(new model) − L(the same step without the correction) on FedRevive's held-out
+Diagnostics (notes for algorithm_stats, base.py): `kd_norm_ratio` / `kd_cosine` of the applied correction
+against the backbone's step; `kd_loss_change` = L(new model) − L(the same step without the correction) on FedRevive's held-out
 check images (distill.kd.loss_check, `distill.kd_check_images`), logged in run.h5 kd_checks with share
 η_kd · b and the buffered updates' mean staleness, rounded; running means of b over the
 `echo_distillations` new models beyond warm-up (`echo_kd_share`), of the teachers' mean ρ over the
@@ -48,10 +48,10 @@ check images (distill.kd.loss_check, `distill.kd_check_images`), logged in run.h
 the share of KD images whose target p̄(x) has its argmax at the class the image was made for
 (`echo_target_agreement`).
 
-`on_update` returns the backbone's result directly while it only buffers or while the gates keep
-distillation off, and otherwise a generator that yields after every generator step and KD iteration
-(base.py). Randomness comes only from torch.Generator objects seeded from `run.seed`; all state is in
-`state_dict()`.
+`on_update` returns the backbone's `Outcome` directly while it only buffers or while the gates keep distillation
+off, and otherwise a generator that yields after every generator step and KD iteration and returns the corrected
+model's `Outcome` (base.py); the logged weight is the backbone's. Randomness comes only from torch.Generator
+objects seeded from `run.seed`; all state is in `state_dict()`.
 """
 from __future__ import annotations
 
@@ -63,14 +63,14 @@ import torch.nn.functional as F
 
 from mpi_afl.config import ConfigError
 from mpi_afl.distill.group import in_group, sum_gradients
-from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd, record_mean
+from mpi_afl.distill.kd import OutlierFilter, loss_check, record_kd
 from mpi_afl.distill.proxy import ProbeProxy
 from mpi_afl.distill.synthesizer import Synthesizer
 from mpi_afl.distill.teachers import TeacherBuffer
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics
 
-from .base import Algorithm, Outcome, ServerContext, Update
+from .base import Algorithm, Outcome, Reply, ServerContext, Update
 from .ca2fl import CA2FL
 from .fedbuff import FedBuff
 from .fedrevive import stream_seed, synthesis_due
@@ -232,22 +232,26 @@ class FedEcho(Algorithm):
 
     # -- arrivals -------------------------------------------------------------
 
-    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+    def on_update(self, update: Update, ctx: ServerContext) -> Reply:
         # §4 step 2: the client's new model w = x_v + Δ becomes its teacher, at the front of the buffer.
         self.teachers.push(update.client_id, update.base_version, ctx.snapshot(update.base_version) + update.delta)
         self.buffer_staleness.append(update.staleness)
-        x_new = self.backbone.on_update(update, ctx)
-        self.last_weight = self.backbone.last_weight
-        if x_new is None:
-            return None
+        step = self.backbone.on_update(update, ctx)
+        if step.model is None:
+            return step
         # Both backbones return a model exactly when their buffer of M updates is full.
         staleness = sum(self.buffer_staleness) / len(self.buffer_staleness)
         self.buffer_staleness.clear()
         d = self.cfg.distill
         active = ctx.version >= d.freeze_versions if self.synthetic else ctx.version > d.warmup_versions
         if not active or self.cfg.echo.kd_step == 0:
-            return self.finish(x_new, x_new)
-        return in_group(self, "distill", ctx, x_new, staleness=staleness)
+            return Outcome(self.finish(step.model, step.model), weight=step.weight)
+        return self._corrected(ctx, step, staleness)
+
+    def _corrected(self, ctx: ServerContext, step: Outcome, staleness: float) -> Generator[None, None, Outcome]:
+        out = yield from in_group(self, "distill", ctx, step.model, staleness=staleness)
+        out.weight = step.weight
+        return out
 
     # -- distillation ---------------------------------------------------------
 
@@ -268,22 +272,23 @@ class FedEcho(Algorithm):
         return self.kd_x[indices.to(self.kd_x.device)], None
 
     def distill(self, ctx: ServerContext, x_new: torch.Tensor,
-                staleness: float) -> Generator[None, None, torch.Tensor]:
-        d, echo, version = self.cfg.distill, self.cfg.echo, ctx.version
+                staleness: float) -> Generator[None, None, Outcome]:
+        """The corrected model of the backbone's step `x_new` (its weight left to `on_update`)."""
+        d, echo, version, notes = self.cfg.distill, self.cfg.echo, ctx.version, []
         teachers = self.teachers.ensemble()
         q = self.teachers.proportions() if self.synthetic else None
         load_flat(self.student, x_new)
         if self.synthetic and synthesis_due(self.last_synthesis, version, d.synth_every):
             yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
-                                             stats=ctx.stats)
+                                             notes=notes)
             self.last_synthesis = version
         if version <= d.warmup_versions:
-            return self.finish(x_new, x_new)
+            return Outcome(self.finish(x_new, x_new), notes=notes)
         share = self.kd_share(staleness)
-        record_mean(ctx.stats, "echo_distillations", {"echo_kd_share": share})
+        notes.append(("echo_distillations", {"echo_kd_share": share}))
         step = echo.kd_step * share
         if step == 0:
-            return self.finish(x_new, x_new)
+            return Outcome(self.finish(x_new, x_new), notes=notes)
         s = teacher_staleness(self.cfg, self.teachers.versions, version)
         reliability = agreement = 0.0
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
@@ -313,18 +318,18 @@ class FedEcho(Algorithm):
             yield
         # Step 6: lerp is exact at both ends, so step 1 is the student itself (the first reconstruction).
         corrected = torch.lerp(x_new, flatten(self.student), step)
-        record_kd(ctx.stats, (corrected - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
-        record_mean(ctx.stats, "echo_corrections", {
+        record_kd(notes, (corrected - x_new)[self.param_mask], (x_new - ctx.global_model)[self.param_mask])
+        notes.append(("echo_corrections", {
             **({"echo_reliability": reliability} if echo.weighting != "entropy" else {}),
-            **({"echo_target_agreement": agreement} if self.synthetic else {})})
-        model = self.finish(corrected, x_new)
+            **({"echo_target_agreement": agreement} if self.synthetic else {})}))
+        out = Outcome(self.finish(corrected, x_new), notes=notes)
         if ctx.check_x is not None:
             # The KD diagnostic: the new model against the same step without its correction.
-            before, after = yield from loss_check(self.student, ctx.stats, self.finish(x_new, x_new), model,
+            before, after = yield from loss_check(self.student, notes, self.finish(x_new, x_new), out.model,
                                                   ctx.check_x, ctx.check_y, teachers.group)
-            self.kd_check = {"version": version, "staleness": round(staleness), "share": step,
-                             "loss_before": before, "loss_after": after}
-        return model
+            out.kd_check = {"version": version, "staleness": round(staleness), "share": step,
+                            "loss_before": before, "loss_after": after}
+        return out
 
     def finish(self, model: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """The new global model: the parameters of `model` with the statistics `echo.norm_stats` picks."""

@@ -19,12 +19,14 @@ split instead, with fixed beta, T and lr and no warm-up (as the research
 code's simple-KD path).
 
 `on_update` returns a generator: it yields between generator steps and KD
-iterations so the server keeps polling MPI (base.py). All randomness comes
+iterations so the server keeps polling MPI, and returns the `Outcome` (base.py):
+the new model, beta as the update's weight, the KD diagnostic and notes. All randomness comes
 from torch.Generator objects seeded from `run.seed`, and everything kept
 between arrivals is in `state_dict()`.
 """
 
 from collections.abc import Generator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from mpi_afl.distill.teachers import TeacherBuffer
 from mpi_afl.models.flat import flatten, load_flat
 from mpi_afl.models.layers import reset_norm_statistics
 
-from .base import Algorithm, Outcome, ServerContext, Update
+from .base import Algorithm, Note, Outcome, ServerContext, Update
 from .staleness import beta as staleness_beta
 
 # Tags that give each random stream of the algorithm its own seed.
@@ -49,6 +51,14 @@ _SYNTHESIS_STREAM, _SERVER_STREAM = 1, 2
 def synthesis_due(last_synthesis: int, version: int, synth_every: int) -> bool:
     """Synthesise at the first DFKD call (`last_synthesis` -1) and then every `synth_every` versions."""
     return last_synthesis < 0 or version - last_synthesis >= synth_every
+
+
+@dataclass
+class Knowledge:
+    """What `knowledge` returns: Delta_KD (None when KD did not run), its KD diagnostic row and notes."""
+    delta: torch.Tensor | None = None
+    kd_check: dict | None = None
+    notes: list[Note] = field(default_factory=list)
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -90,43 +100,47 @@ class _TeacherDistillation(Algorithm):
         raise NotImplementedError
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor,
-                  share: float) -> Generator[None, None, torch.Tensor | None]:
-        """Distil the teachers into a student from x_t; returns Delta_KD, or None when KD did not run. `share`
-        = eta beta, the part of Delta_KD the blend applies (for the KD diagnostic, `distilled`)."""
+                  share: float) -> Generator[None, None, Knowledge]:
+        """Distil the teachers into a student from x_t; returns Delta_KD (None when KD did not run) with its
+        diagnostics. `share` = eta beta, the part of Delta_KD the blend applies (for the KD diagnostic,
+        `distilled`)."""
         raise NotImplementedError
 
-    def distilled(self, ctx: ServerContext, x_t: torch.Tensor, share: float) -> Generator[None, None, torch.Tensor]:
+    def distilled(self, ctx: ServerContext, x_t: torch.Tensor, share: float,
+                  notes: list[Note]) -> Generator[None, None, Knowledge]:
         """Delta_KD = the student - x_t, after the KD diagnostic (kd.loss_check): L(x_t + share Delta_KD) - L(x_t)
         on ctx.check_x, the change when only the KD part of the step is applied; logged per call (run.h5
-        kd_checks; the server adds the staleness). Inside `knowledge`, so a group shares the check's images."""
+        kd_checks; `_arrive` adds the staleness). Inside `knowledge`, so a group shares the check's images."""
         kd_delta = flatten(self.student) - x_t
-        if ctx.check_x is not None:
-            before, after = yield from kd.loss_check(self.student, ctx.stats, x_t, x_t + share * kd_delta,
-                                                     ctx.check_x, ctx.check_y, ctx.group)
-            self.kd_check = {"version": ctx.version, "share": share, "loss_before": before, "loss_after": after}
-        return kd_delta
+        if ctx.check_x is None:
+            return Knowledge(kd_delta, None, notes)
+        before, after = yield from kd.loss_check(self.student, notes, x_t, x_t + share * kd_delta,
+                                                 ctx.check_x, ctx.check_y, ctx.group)
+        check = {"version": ctx.version, "share": share, "loss_before": before, "loss_after": after}
+        return Knowledge(kd_delta, check, notes)
 
-    def on_update(self, update: Update, ctx: ServerContext) -> Outcome:
+    def on_update(self, update: Update, ctx: ServerContext) -> Generator[None, None, Outcome]:
         return self._arrive(update, ctx)
 
-    def _arrive(self, update: Update, ctx: ServerContext) -> Generator[None, None, torch.Tensor]:
+    def _arrive(self, update: Update, ctx: ServerContext) -> Generator[None, None, Outcome]:
         weight = self.beta(update.staleness)
-        self.last_weight = weight
+        out = Outcome(weight=weight)
         model = ctx.snapshot(update.base_version) + update.delta
         self.teachers.push(update.client_id, update.base_version, model)
         x_t = ctx.global_model
         step = update.delta
         if weight > 0 and self.active(ctx.version):
-            # the server times it (distill_seconds)
-            kd_delta = yield from in_group(self, "knowledge", ctx, x_t, share=self.cfg.server.lr * weight)
-            if kd_delta is not None:
-                step = (1.0 - weight) * update.delta + weight * kd_delta
-                kd.record_kd(ctx.stats, kd_delta[ctx.param_mask], update.delta[ctx.param_mask])
-                if self.kd_check is not None:
-                    self.kd_check["staleness"] = update.staleness
+            knowledge = yield from in_group(self, "knowledge", ctx, x_t, share=self.cfg.server.lr * weight)
+            out.notes = knowledge.notes
+            if knowledge.delta is not None:
+                step = (1.0 - weight) * update.delta + weight * knowledge.delta
+                kd.record_kd(out.notes, knowledge.delta[ctx.param_mask], update.delta[ctx.param_mask])
+                if knowledge.kd_check is not None:
+                    out.kd_check = {**knowledge.kd_check, "staleness": update.staleness}
         load_flat(self.student, x_t + self.cfg.server.lr * step)
         reset_norm_statistics(self.student)
-        return flatten(self.student)
+        out.model = flatten(self.student)
+        return out
 
     def state_dict(self) -> dict:
         return {**self.teachers.state_dict(), "rng": self.rng.get_state()}
@@ -156,28 +170,28 @@ class FedRevive(_TeacherDistillation):
         return version >= self.cfg.distill.freeze_versions
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor,
-                  share: float) -> Generator[None, None, torch.Tensor | None]:
-        d, version = self.cfg.distill, ctx.version
+                  share: float) -> Generator[None, None, Knowledge]:
+        d, version, notes = self.cfg.distill, ctx.version, []
         if version < d.freeze_versions:
-            return None
+            return Knowledge()
         teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
         if self.last_synthesis < 0:
             # distill.pretrain: the meta-generator's pre-training, before the first regular synthesis.
             for _ in range(d.pretrain):
-                yield from self.synth.synthesize(teachers, q, self.student, adversarial=False, stats=ctx.stats)
+                yield from self.synth.synthesize(teachers, q, self.student, adversarial=False, notes=notes)
         if self.synthesis_due(version):
             # L_adv only once the KD warm-up is over (§3.3, step 3).
             yield from self.synth.synthesize(teachers, q, self.student, adversarial=version > d.warmup_versions,
-                                             stats=ctx.stats)
+                                             notes=notes)
             self.last_synthesis = version
         if version <= d.warmup_versions:
-            return None
+            return Knowledge(notes=notes)
         optimizer = torch.optim.Adam(self.student.parameters(), lr=d.kd_lr, weight_decay=d.kd_weight_decay)
         yield from kd.distill(self.student, teachers, lambda k: self.synth.sample(q[k], d.kd_batch)[0],
                               optimizer=optimizer, steps=d.kd_steps, temperature=d.temperature,
                               outliers=self.kd_filter)
-        return (yield from self.distilled(ctx, x_t, share))
+        return (yield from self.distilled(ctx, x_t, share, notes))
 
     def synthesis_due(self, version: int) -> bool:
         return synthesis_due(self.last_synthesis, version, self.cfg.distill.synth_every)
@@ -225,7 +239,7 @@ class DDFedRevive(_TeacherDistillation):
         return self.cfg.distill.dd_beta
 
     def knowledge(self, ctx: ServerContext, x_t: torch.Tensor,
-                  share: float) -> Generator[None, None, torch.Tensor | None]:
+                  share: float) -> Generator[None, None, Knowledge]:
         d = self.cfg.distill
         teachers, q = self.teachers.ensemble(), self.teachers.proportions()
         load_flat(self.student, x_t)
@@ -237,4 +251,4 @@ class DDFedRevive(_TeacherDistillation):
 
         yield from kd.distill(self.student, teachers, draw, optimizer=optimizer, steps=d.kd_steps,
                               temperature=d.dd_temperature)
-        return (yield from self.distilled(ctx, x_t, share))
+        return (yield from self.distilled(ctx, x_t, share, []))

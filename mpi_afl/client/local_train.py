@@ -1,4 +1,4 @@
-"""One client job: local training from a global version, and model evaluation.
+"""One client job: local training from a global version.
 
 docs/algorithms.md §1: a fixed number of local iterations (the client's data cycles
 when exhausted), cross-entropy, an optimizer created fresh for every job, and a
@@ -9,8 +9,6 @@ Data are tensors already on the device; batches are index slices (docs/design.md
 """
 
 import time
-from collections.abc import Generator
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -20,18 +18,7 @@ from torch import nn
 
 from mpi_afl.augment import random_crop_flip
 from mpi_afl.models.flat import flatten, load_flat
-from mpi_afl.slices import drain
-
-
-@dataclass
-class JobResult:
-    """What a job sends back: Δ = w_local − x_v over the flat layout (running
-    statistics included), the client's sample count, its mean training loss
-    over the job's iterations and the wall seconds the job took."""
-    delta: torch.Tensor
-    num_samples: int
-    loss: float
-    seconds: float
+from mpi_afl.transport.messages import ClientUpdate, JobSpec
 
 
 def _adam(params: Iterable[torch.Tensor], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -59,8 +46,8 @@ def job_generator(seed: int, client_id: int, job_index: int, device: str | torch
 
 def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *,
               iterations: int, batch_size: int, optimizer: str, lr: float, momentum: float, weight_decay: float,
-              augment: bool, seed: int, client_id: int, job_index: int, trainer=None) -> JobResult:
-    """Train `model` from the flat state `base` on the samples `x[indices]`, `y[indices]`.
+              augment: bool, seed: int, job: JobSpec, trainer=None) -> ClientUpdate:
+    """Train `model` from the flat state `base` on the samples `x[indices]`, `y[indices]` for `job`.
 
     `model`, `base`, `x`, `y` and `indices` must be on the same device. Each
     pass over the client's data is a fresh permutation from the job generator,
@@ -72,7 +59,7 @@ def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Te
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
     n = len(indices)
     if n == 0:
-        raise ValueError(f"client {client_id} has no training samples")
+        raise ValueError(f"client {job.client_id} has no training samples")
     if iterations < 1 or batch_size < 1:
         raise ValueError(f"iterations and batch_size must be >= 1, got {iterations} and {batch_size}")
     start = time.perf_counter()
@@ -81,7 +68,7 @@ def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Te
     if trainer is not None:
         trainer.start(model, base)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    gen = job_generator(seed, client_id, job_index, device=x.device)
+    gen = job_generator(seed, job.client_id, job.job_index, device=x.device)
     # Summed on the device and read once at the end: no host sync per step.
     total_loss = torch.zeros((), device=x.device)
     pos = 0
@@ -100,35 +87,5 @@ def train_job(model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Te
         total_loss += loss.detach()
     delta = flatten(model) - base
     mean_loss = total_loss.item() / iterations
-    return JobResult(delta=delta, num_samples=n, loss=mean_loss, seconds=time.perf_counter() - start)
-
-
-def evaluate(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the flat state `flat` on (x, y).
-
-    Loads `flat` into `model` (overwriting its state) and runs in eval mode, so
-    BatchNorm uses its running statistics and StatTracker records nothing."""
-    return drain(evaluate_slices(model, flat, x, y, batch_size))
-
-
-def evaluate_slices(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int = 1024) -> Generator[None, None, tuple[float, float]]:
-    """`evaluate` as a generator that yields after every batch, so the server
-    can keep receiving and dispatching while it evaluates (a full Fashion-MNIST
-    test + validation pass takes seconds on one CPU core)."""
-    n = len(x)
-    if n == 0:
-        raise ValueError("cannot evaluate on an empty set")
-    load_flat(model, flat)
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for i in range(0, n, batch_size):
-        with torch.no_grad():   # entered per batch: grad mode must not leak to the caller between slices
-            logits = model(x[i:i + batch_size])
-            yb = y[i:i + batch_size]
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(dim=1) == yb).sum()
-        yield
-    return loss_sum.item() / n, correct.item() / n
+    return ClientUpdate(job_index=job.job_index, client_id=job.client_id, base_version=job.base_version,
+                        num_samples=n, loss=mean_loss, compute_seconds=time.perf_counter() - start, delta=delta)

@@ -13,10 +13,7 @@ def run_worker(comm, runner: JobRunner, queue_depth: int) -> dict:
     jobs = 0
     while (got := transport.next_job()) is not None:
         job, msg = got
-        out = runner.run(job, msg.payload.to(runner.train_x.device))
-        if job.sleep_seconds > 0:   # injected straggling (wall clock, delays.wall_scale)
-            time.sleep(job.sleep_seconds)
-        transport.send_update(out)
+        transport.send_update(runner.run(job, msg.payload.to(runner.train_x.device)))
         transport.job_done()         # only now: the base payload was needed to form the delta
         jobs += 1
     wall = time.perf_counter() - t0

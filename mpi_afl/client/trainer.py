@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from .local_train import JobResult, train_job
+from ..transport.messages import ClientUpdate, JobSpec
+from .local_train import train_job
 
 
 class LocalTrainer:
@@ -38,9 +39,8 @@ class LocalTrainer:
         return F.cross_entropy(logits, targets)
 
     def train(self, model: nn.Module, base: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-              indices: torch.Tensor, *, client_id: int, job_index: int) -> JobResult:
+              indices: torch.Tensor, job: JobSpec) -> ClientUpdate:
         c = self.cfg.client
         return train_job(model, base, x, y, indices, iterations=c.iterations, batch_size=c.batch_size,
                          optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                         augment=c.augment, seed=self.cfg.run.seed, client_id=client_id, job_index=job_index,
-                         trainer=self)
+                         augment=c.augment, seed=self.cfg.run.seed, job=job, trainer=self)

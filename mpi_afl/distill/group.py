@@ -156,7 +156,8 @@ def sum_gradients(group: Solo, params: Sequence[torch.Tensor],
 def in_group(algorithm, method: str, ctx, start: torch.Tensor, **extra) -> Generator:
     """Run `algorithm.<method>(ctx, start, **extra)`, a sliced distillation (one of the algorithm's
     `group_methods`), on every group rank: rank 0 first sends each member the call (the teacher buffer's
-    view, the member's new teacher models, the algorithm's random state), then runs it itself."""
+    view, the member's new teacher models, the algorithm's random state), then runs it itself and returns
+    its result (a member's is dropped)."""
     teachers, group = algorithm.teachers, algorithm.teachers.group
     if group.size > 1:
         view, rng, model = teachers.view(), algorithm.rng.get_state().numpy(), start.detach().cpu().numpy()
@@ -177,6 +178,7 @@ def share_state(algorithm, group: Solo) -> None:
 
 def serve(group: Group, algorithm, ctx) -> dict:
     """A member's loop: run rank 0's calls until it says stop; returns this rank's timing stats."""
+    import dataclasses
     import time
     t0, idle, calls = time.perf_counter(), 0.0, 0
     while True:
@@ -192,7 +194,7 @@ def serve(group: Group, algorithm, ctx) -> dict:
         if method not in algorithm.group_methods:
             raise RuntimeError(f"{type(algorithm).__name__} has no group method {method!r}")
         start = torch.from_numpy(command["start"]).to(ctx.device)
-        ctx.version, ctx.global_model = command["version"], start
+        ctx = dataclasses.replace(ctx, version=command["version"], global_model=start)
         algorithm.teachers.adopt(command["view"], command["models"])
         algorithm.rng.set_state(torch.from_numpy(command["rng"]))
         drive(getattr(algorithm, method)(ctx, start, **command["extra"]))

@@ -44,9 +44,9 @@ def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     raise ValueError(f"unknown reduction {reduction!r}; allowed: none, sum, batchmean")
 
 
-def record_kd(stats: dict, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
-    """Count one KD application in `stats` and keep running means of ||kd_delta|| / ||delta|| and of their
-    cosine: `kd_delta` is the change KD made, `delta` the update it joins (FedRevive: the raw client delta
+def record_kd(notes: list, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
+    """Note one KD application in `notes` (algorithms/base.py `Outcome.notes`: the server keeps the running
+    means) with ||kd_delta|| / ||delta|| and their cosine: `kd_delta` is the change KD made, `delta` the update it joins (FedRevive: the raw client delta
     it is blended with; FedEcho: the backbone's step). Pass trainable parameters only; statistics are
     reset or kept, not distilled.
 
@@ -55,7 +55,7 @@ def record_kd(stats: dict, kd_delta: torch.Tensor, delta: torch.Tensor) -> None:
     experiments/fedrevive_distillation)."""
     delta_norm, kd_norm = float(delta.norm()), float(kd_delta.norm())
     cosine = float(torch.dot(kd_delta, delta)) / max(kd_norm * delta_norm, 1e-30)
-    record_mean(stats, "kd_applied", {"kd_norm_ratio": kd_norm / max(delta_norm, 1e-30), "kd_cosine": cosine})
+    notes.append(("kd_applied", {"kd_norm_ratio": kd_norm / max(delta_norm, 1e-30), "kd_cosine": cosine}))
 
 
 def held_out_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -66,12 +66,12 @@ def held_out_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torc
         return float(F.cross_entropy(model(x), y))
 
 
-def loss_check(model: nn.Module, stats: dict, without: torch.Tensor, with_kd: torch.Tensor, x: torch.Tensor,
+def loss_check(model: nn.Module, notes: list, without: torch.Tensor, with_kd: torch.Tensor, x: torch.Tensor,
                y: torch.Tensor, group: Solo = SOLO) -> Generator[str, None, tuple[float, float]]:
     """The KD diagnostic of one KD call: held-out losses (before, after) of the flat models `without` and
-    `with_kd` (the same step without and with its KD part) on the fixed check images (x, y), recorded as
-    running means in `stats` (kd_loss_change = after - before; kd_loss_improved = the share of calls with a
-    negative change) over the `kd_checks` calls. Negative on average: the distilled change carries
+    `with_kd` (the same step without and with its KD part) on the fixed check images (x, y), noted in `notes`
+    (the server's running means over the `kd_checks` calls: kd_loss_change = after - before; kd_loss_improved =
+    the share of calls with a negative change). Negative on average: the distilled change carries
     knowledge that generalises; positive: it moves the model away from the data. Read-only for the run:
     `model` is scratch space. Within a distillation group each rank takes its share of the images and the
     group sums the cross-entropies (a generator for the sum's wait; one rank: no yield)."""
@@ -88,18 +88,8 @@ def loss_check(model: nn.Module, stats: dict, without: torch.Tensor, with_kd: to
                 sums.append(F.cross_entropy(model(x[rows]), y[rows], reduction="sum"))
         total = (yield from group.reduce([torch.stack(sums)]))[0]
         before, after = (total / len(x)).tolist()
-    record_mean(stats, "kd_checks", {"kd_loss_change": after - before, "kd_loss_improved": float(after < before)})
+    notes.append(("kd_checks", {"kd_loss_change": after - before, "kd_loss_improved": float(after < before)}))
     return before, after
-
-
-def record_mean(stats: dict, count: str, values: dict[str, float]) -> None:
-    """Add one observation to `stats`: increment stats[count] and update the running mean stats[key] of
-    every `values` entry over the observations counted there."""
-    n = stats.get(count, 0) + 1
-    stats[count] = n
-    for key, value in values.items():
-        mean = stats.get(key, 0.0)
-        stats[key] = mean + (value - mean) / n
 
 
 def class_weights(proportions: torch.Tensor) -> torch.Tensor:

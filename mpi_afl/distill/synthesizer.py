@@ -41,7 +41,7 @@ from mpi_afl.config.schema import DistillConfig
 from mpi_afl.distill.ensemble import TeacherEnsemble
 from mpi_afl.distill.generator import Generator
 from mpi_afl.distill.group import sum_gradients
-from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div, record_mean
+from mpi_afl.distill.kd import OutlierFilter, class_weights, kl_div
 from mpi_afl.distill.pool import SyntheticPool
 
 META_EPS = 1e-12
@@ -130,14 +130,14 @@ class Synthesizer:
 
     def synthesize(self, teachers: TeacherEnsemble, proportions: torch.Tensor, student: nn.Module | None = None,
                    adversarial: bool = False,
-                   stats: dict | None = None) -> Steps[None, None, tuple[torch.Tensor, torch.Tensor]]:
+                   notes: list | None = None) -> Steps[None, None, tuple[torch.Tensor, torch.Tensor]]:
         """Synthesise one batch from `teachers` with class proportions `proportions` (K, classes).
 
         `adversarial` adds L_adv against `student` (after the KD warm-up).
         Returns the kept images in [0, 1] (on the device) and their labels (on
-        the CPU), which are also added to the pool. With `stats`, counts the call
-        in stats["syntheses"] and keeps in stats["synth_agreement"] the running
-        mean of the kept batch's agreement: the fraction of its images whose
+        the CPU), which are also added to the pool. With `notes`, notes the call
+        as "syntheses" with "synth_agreement" (algorithms/base.py `add_notes`:
+        a running mean), the kept batch's agreement: the fraction of its images whose
         teacher-ensemble (mean logits) argmax is their label, a diagnostic of
         generator quality (experiments/fedrevive_distillation). The student is used in eval
         mode and its mode and requires_grad flags are restored afterwards."""
@@ -244,7 +244,7 @@ class Synthesizer:
         if best is None:  # every step's loss was dropped or NaN: keep the last batch, as the research code
             best, best_logits = images.detach().clone(), teacher_logits.detach()
         self.pool.add(best, labels_cpu)
-        if stats is not None:
+        if notes is not None:
             if own:   # the same measure as with mean labels: every teacher on the kept images (no augmentation)
                 with torch.no_grad():
                     best_logits = teachers((best - self._mean) / self._std)
@@ -253,7 +253,7 @@ class Synthesizer:
             else:   # the mean over all K teachers from every rank's share (only its argmax is used)
                 mean_logits = (yield from group.reduce([best_logits.sum(0)]))[0] / k
             agreement = float((mean_logits.argmax(1) == labels).float().mean())
-            record_mean(stats, "syntheses", {"synth_agreement": agreement})
+            notes.append(("syntheses", {"synth_agreement": agreement}))
         return best, labels_cpu
 
     def _fast_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:

@@ -109,9 +109,8 @@ def wire_server(comm, b: Built, setup: Setup):
     """Rank 0: the console copied to OUT/server.log, the transport, the run's description and warnings, the run
     log and its trackers, and the server (resumed from the checkpoint when resuming)."""
     from ..data.partition import class_histograms
-    from ..models import flat
     from ..placement import describe
-    from ..server.loop import Server
+    from ..server.loop import Server, ServerSetup
     from ..storage import tracking
     from ..storage.runlog import RunLog
     from ..transport.local import LocalTransport
@@ -121,7 +120,7 @@ def wire_server(comm, b: Built, setup: Setup):
     distilling = cfg.distill.ranks
     tee_console(out)
     transport = (ServerMPI(comm, b.runner.size, cfg.server.queue_depth, first_worker=distilling + 1) if size > 1
-                 else LocalTransport(b.runner))
+                 else LocalTransport(b.runner.run))
     sizes = [len(p) for p in b.parts]
     print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
           f"{b.runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
@@ -140,13 +139,14 @@ def wire_server(comm, b: Built, setup: Setup):
     log = RunLog(out / "run.h5", {**run_attrs(cfg, size, b.placements), "run_id": setup.run_id},
                  flush_seconds=cfg.run.log_flush_seconds, overwrite=cfg.run.overwrite,
                  resume_counts=resume_state["log_counts"] if resume_state and not setup.new_log else None)
-    server = Server(cfg, transport, model=b.model, make_model=b.make_model, splits=b.splits,
-                    histograms=class_histograms(b.parts, b.labels, b.splits.info.num_classes), device=b.device,
-                    flat=flat, out_dir=out, world_size=size, log=log, run_id=setup.run_id, group=b.group)
+    server = Server(cfg, transport, log, ServerSetup(
+        model=b.model, make_model=b.make_model, splits=b.splits,
+        histograms=class_histograms(b.parts, b.labels, b.splits.info.num_classes), device=b.device, out_dir=out,
+        world_size=size, run_id=setup.run_id, group=b.group))
     if resume_state:
         server.load_state_dict(resume_state)
         print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
-    tracking.attach(log, trackers, server.ctx.stats)   # run.tensorboard, run.mlflow
+    tracking.attach(log, trackers, server.stats)   # run.tensorboard, run.mlflow
     return server
 
 

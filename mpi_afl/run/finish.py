@@ -74,7 +74,8 @@ def stop_server(server, writes: FinalWrites) -> dict:
         server.checkpoint_version = server.version
     server.transport.stop()
     server.group.stop()
-    if not server.evals or server.evals[-1].version != server.version:
+    evals = server.evaluator.evals
+    if not evals or evals[-1].version != server.version:
         server.evaluate()
         server.finish_evaluations()
     writes.attempt("run.h5", lambda _: server.log.close())

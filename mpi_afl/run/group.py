@@ -49,9 +49,9 @@ def serve_group(b: Built) -> dict:
     from ..data.partition import class_histograms
     from ..distill.group import serve
     from ..models import flat
-    from ..server.loop import algorithm_context, check_images
+    from ..server.context import algorithm_context, check_images
     cfg, device = b.cfg, b.device
     ctx = algorithm_context(cfg, device, flat.flatten(b.model).to(device), b.model, b.make_model, b.splits,
-                            class_histograms(b.parts, b.labels, b.splits.info.num_classes), flat, b.group,
+                            class_histograms(b.parts, b.labels, b.splits.info.num_classes), b.group,
                             **check_images(b.splits, cfg.distill.kd_check_images, device))   # a share of the KD check
     return serve(b.group, algorithm_class(cfg.server.algorithm)(cfg, ctx), ctx)

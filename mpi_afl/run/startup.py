@@ -49,7 +49,7 @@ class Setup:
 def rank0_setup(argv) -> Setup:
     """Parse the command line, lock the output directory and check it on rank 0."""
     from ..storage.checkpoint import CheckpointError, load_checkpoint
-    from ..server.loop import check_server_format
+    from ..server.state import check_server_format
     from ..storage.rundir import (RunDirError, check_resume, check_run_files, holds_a_run, new_run_id,
                                   no_checkpoint_advice)
     checkpoint = {}

@@ -46,6 +46,11 @@ class VersionStore:
         if version != self.current and self.refs.get(version, 0) == 0:
             self.models.pop(version, None)
 
+    def restore(self, models: dict[int, torch.Tensor], current: int) -> None:
+        """Replace every snapshot by `models` of a checkpoint, `current` the current version; references
+        are taken again by the jobs restored afterwards."""
+        self.models, self.refs, self.current = models, Counter(), current
+
     def collect(self) -> None:
         """Free every snapshot nothing references (after a restore re-acquired what jobs need)."""
         for version in list(self.models):

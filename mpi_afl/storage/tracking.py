@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from mpi_afl.config import Config, ConfigError
-from mpi_afl.storage.runlog.schema import PHASES
+from mpi_afl.storage.runlog.schema import PHASES, updates_per_second
 
 PHASE_NAMES = {code: name for name, code in PHASES.items()}   # timings.phase is recorded as its code
 TB_DIR = "tensorboard"
@@ -149,7 +149,6 @@ class Tracker:
 
     # ------------------------------------------------------------ points
     def _point(self, row: dict) -> dict:
-        from mpi_afl.results import updates_per_second
         scalars = {}
         for split in ("test", "val"):
             for metric in ("accuracy", "loss"):

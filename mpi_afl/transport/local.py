@@ -5,20 +5,20 @@ earliest virtual finish time), so the one-process path computes exactly the
 jobs, and in the order, that the virtual clock needs.
 """
 
-import time
+from typing import Callable
 
 import torch
 
-from ..client.runner import JobRunner, JobSpec
-from .arrival import Arrival
+from .messages import Arrival, ClientUpdate, JobSpec
 
 
 class LocalTransport:
     workers = [0]
     queue_depth = 1
 
-    def __init__(self, runner: JobRunner):
-        self.runner = runner
+    def __init__(self, run_job: Callable[[JobSpec, torch.Tensor], ClientUpdate]):
+        """`run_job`: a worker's computation of one job (client/runner.py `JobRunner.run`)."""
+        self.run_job = run_job
         self.queue: list[tuple[JobSpec, torch.Tensor]] = []
 
     def send_job(self, worker: int, job: JobSpec, model: torch.Tensor) -> None:
@@ -28,12 +28,8 @@ class LocalTransport:
         if not self.queue:
             return []
         job, model = self.queue.pop(0)
-        out = self.runner.run(job, model)
-        if job.sleep_seconds > 0:
-            time.sleep(job.sleep_seconds)
-        delta = out.delta
-        return [Arrival(out.job_index, out.client_id, out.base_version, out.num_samples, out.loss,
-                        out.compute_seconds, delta, delta.numel() == self.runner.size, 0, 4 * delta.numel())]
+        update = self.run_job(job, model)
+        return [Arrival(update, 0, 4 * update.delta.numel())]
 
     def stop(self) -> None:
         self.queue.clear()

@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..client.runner import JobOutput, JobSpec
-from ..messages import HEADER_BYTES, TAG_DONE, TAG_JOB, TAG_STOP, TAG_UPDATE, Message, message_bytes
-from .arrival import Arrival
 from .backoff import Backoff
+from .messages import (HEADER_BYTES, TAG_DONE, TAG_JOB, TAG_STOP, TAG_UPDATE, Arrival, ClientUpdate, JobSpec, Message,
+                       job_header, message_bytes, read_job, read_update, update_header)
 from .peer_loss import guard
 
 # The requests of one message (or job), its pooled buffer, and an object to keep alive until they complete.
@@ -83,8 +82,7 @@ class ServerMPI:
     def _send_job(self, worker: int, job: JobSpec, model: torch.Tensor) -> None:
         self._reap()
         head = self.free_send.pop() if self.free_send else Message(0)
-        head.set(client_id=job.client_id, job_index=job.job_index, base_version=job.base_version,
-                 sleep_seconds=job.sleep_seconds, payload_len=self.payload_len)
+        job_header(head.header, job)
         # A no-op for the usual contiguous CPU snapshot; a GPU server model is copied to the host here.
         model = model.detach().to("cpu").contiguous()
         reqs = [self.comm.Isend([head.buf, MPI.BYTE], dest=worker, tag=TAG_JOB),
@@ -111,16 +109,12 @@ class ServerMPI:
             if nbytes != expected:
                 scratch = np.empty(max(nbytes, HEADER_BYTES), dtype=np.uint8)
                 m.Recv([scratch[:nbytes], MPI.BYTE])
-                header = scratch[:HEADER_BYTES].view(np.float64)
-                arrivals.append(Arrival(int(header[1]), int(header[0]), int(header[2]), int(header[3]),
-                                        float(header[4]), float(header[5]), None, False, rank,
-                                        max(nbytes - HEADER_BYTES, 0)))
+                update = read_update(scratch[:HEADER_BYTES].view(np.float64), None)
+                arrivals.append(Arrival(update, rank, max(nbytes - HEADER_BYTES, 0)))
                 continue
             msg = self.free_recv.pop() if self.free_recv else Message(self.payload_len)
             m.Recv([msg.buf, MPI.BYTE])
-            arrivals.append(Arrival(msg.geti("job_index"), msg.geti("client_id"), msg.geti("base_version"),
-                                    msg.geti("num_samples"), msg.get("loss"), msg.get("compute_seconds"),
-                                    msg.payload, True, rank, nbytes - HEADER_BYTES,
+            arrivals.append(Arrival(read_update(msg.header, msg.payload), rank, nbytes - HEADER_BYTES,
                                     release=lambda msg=msg: self.free_recv.append(msg)))
         self._reap()
         return arrivals
@@ -180,8 +174,7 @@ class WorkerMPI:
                 if MPI.Request.Testall(self.reqs[0]):
                     self.received += 1
                     msg = self.slots[0]
-                    return JobSpec(msg.geti("job_index"), msg.geti("client_id"), msg.geti("base_version"),
-                                   msg.get("sleep_seconds")), msg
+                    return read_job(msg.header), msg
                 backoff.idle()
         finally:
             self.idle_seconds += time.perf_counter() - t0
@@ -193,13 +186,12 @@ class WorkerMPI:
         self.slots.append(msg)
         self.reqs.append(self._post(msg))
 
-    def send_update(self, out: JobOutput) -> None:
+    def send_update(self, update: ClientUpdate) -> None:
         self.sending, self.free_send = reap(self.sending, self.free_send, self.payload_len)
-        n = out.delta.numel()
+        n = update.delta.numel()
         msg = self.free_send.pop() if self.free_send and n == self.payload_len else Message(n)
-        msg.set(client_id=out.client_id, job_index=out.job_index, base_version=out.base_version,
-                num_samples=out.num_samples, loss=out.loss, compute_seconds=out.compute_seconds, payload_len=n)
-        msg.payload.copy_(out.delta)
+        update_header(msg.header, update)
+        msg.payload.copy_(update.delta)
         self.sending.append(([self.comm.Isend([msg.buf, MPI.BYTE], dest=0, tag=TAG_UPDATE)], msg, None))
 
     def finish(self) -> None:

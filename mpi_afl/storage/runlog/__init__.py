@@ -32,8 +32,9 @@ hangs on a damaged file (storage/h5open.py); a missing, foreign, damaged or
 truncated file is a RunLogError naming the file.
 
 Format versions: 1 had no checksums on the tables; 2 added them and the
-`run_id` attribute that resume checks against the checkpoint. `read_run`
-reads both; a run can only be resumed with a version-2 log.
+`run_id` attribute that resume checks against the checkpoint; 3 added the
+arrivals column `compute_seconds`. `read_run` reads all three; a run can only
+be resumed with a version-3 log.
 
 Observers (`attach`: the live TensorBoard and MLflow trackers of storage/tracking.py) get every row as it
 is recorded, every flush and the close; on resume they first get the rows the log kept, so that they can

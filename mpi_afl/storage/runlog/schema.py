@@ -2,8 +2,8 @@
 column's unit and description (mpi_afl/storage/runlog/__init__.py describes the layout). No h5py."""
 
 FORMAT = "mpi_afl-run"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class RunLogError(ValueError):
@@ -23,6 +23,7 @@ ARRIVAL_FIELDS = [
     ("samples", "i8"),
     ("bytes", "i8"),           # update payload size
     ("server_seconds", "f8"),  # server time spent on this arrival
+    ("compute_seconds", "f8"), # the worker's training time for the job (stragglers)
     ("accepted", "?"),
     ("reason", "i1"),          # REJECT_REASONS code
 ]
@@ -88,6 +89,8 @@ COLUMN_DOCS = {
         "samples": ("samples", "training samples the client holds"),
         "bytes": ("bytes", "update payload size (the float32 model delta; the message header is not counted)"),
         "server_seconds": ("s", "server time spent on this arrival, including any distillation it triggered"),
+        "compute_seconds": ("s", "wall time of the job's local training on its worker, as the worker measured it "
+                                 "(injected straggling excluded)"),
         "accepted": ("", "True when the update was passed to the algorithm"),
         "reason": ("", "why it was rejected: code of the reason_codes attribute (0 = none, accepted)"),
     },
@@ -121,3 +124,11 @@ COLUMN_DOCS = {
 
 TABLES = {"arrivals": ARRIVAL_FIELDS, "evals": EVAL_FIELDS, "timings": TIMING_FIELDS, "kd_checks": KD_CHECK_FIELDS}
 CODED_COLUMNS = {"arrivals": {"reason": REJECT_REASONS}, "timings": {"phase": PHASES}}
+
+
+def updates_per_second(accepted: int, last_arrival_wall: float) -> float | None:
+    """THE definition of a run's throughput, used by summary.json and the report alike: accepted updates
+    divided by the wall time (since the start) at which the server finished processing the last arrival
+    (the arrivals column `wall_time`). Start-up before the first job, the final checkpoint and the final
+    evaluation are not counted."""
+    return accepted / last_arrival_wall if last_arrival_wall > 0 else None
