@@ -2,7 +2,7 @@
 
     mpiexec -n 5 mpi-afl train --preset quickstart      (= python -m mpi_afl.train ...)
     mpi-afl report RUN_DIR ... --out plots               (= python -m mpi_afl.report ...)
-    mpi-afl export RUN_DIR ... --out csv                 (= python -m mpi_afl.results export ...)
+    mpi-afl export RUN_DIR ... --out csv                 (= python -m mpi_afl.export ...)
     mpi-afl sweep --algorithms fedbuff,afl_dw --seeds 0,1,2 --out sweep   (= python -m mpi_afl.sweep ...)
     mpi-afl --version
 
@@ -21,7 +21,7 @@ from . import __version__
 COMMANDS = {
     "train": ("mpi_afl.train", [], "run a job: under mpiexec/srun, or as one process"),
     "report": ("mpi_afl.report", [], "plots (PNG/PDF/SVG) and a summary table of run directories"),
-    "export": ("mpi_afl.results", ["export"], "write runs as CSV or TensorBoard event files"),
+    "export": ("mpi_afl.export", [], "write runs as CSV or TensorBoard event files"),
     "sweep": ("mpi_afl.sweep", [], "run a grid (algorithms x seeds x overrides) locally or as a SLURM array"),
 }
 

@@ -1,4 +1,4 @@
-"""Read runs back: plain arrays (and pandas DataFrames), run groups, CSV and TensorBoard export.
+"""Read runs back: plain arrays (and pandas DataFrames), run groups, the table of many runs.
 
 Nothing here imports torch (a test checks it): reading a run costs h5py and
 numpy, so notebooks and plotting scripts start in about a second.
@@ -13,21 +13,16 @@ numpy, so notebooks and plotting scripts start in about a second.
     results.evals_table("sweep/")         # DataFrame, one row per (run, evaluation): the curves in long form
 
 Coded columns (`arrivals.reason`, `timings.phase`) come back as their names. The two tables' columns are listed
-in docs/design.md "Output" (Reading results). From the command line:
-
-    python -m mpi_afl.results export RUN_DIR [RUN_DIR ...] --out DIR [--format csv|tensorboard] [--target ACC]
+in docs/design.md "Output" (Reading results). CSV and TensorBoard export: mpi_afl/export.py (`mpi-afl export`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -346,174 +341,3 @@ def write_rows(rows: list[dict], path: Path) -> Path:
         writer.writerows([["" if v is None else _short(v) if isinstance(v, tuple) else v for v in row.values()]
                           for row in rows])
     return path
-
-
-# ------------------------------------------------------------------ paired comparisons
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes' betacf)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def regularized_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularized incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):   # where the fraction converges fast; the symmetry I_x(a,b) = 1 - I_1-x(b,a)
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t distribution with `df` degrees of freedom."""
-    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))   # P(T > |t|)
-    return 1.0 - tail if t > 0 else tail
-
-
-def paired_comparison(a: dict, b: dict) -> dict | None:
-    """Paired per-seed differences a - b over the seeds both have (`a`, `b`: {seed: value}, None values
-    skipped): seeds, per-seed differences, their mean and sample std, how many are > 0 and < 0, and the
-    two-sided p value of a paired t-test (None with fewer than 2 pairs; 0 or 1 when every difference is equal).
-    None when no seed has both values."""
-    seeds = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
-    if not seeds:
-        return None
-    diffs = [float(a[s]) - float(b[s]) for s in seeds]
-    mean, std = mean_std(diffs)
-    p = None
-    if len(diffs) > 1:
-        if std == 0:
-            p = 1.0 if mean == 0 else 0.0
-        else:
-            t, df = mean / (std / math.sqrt(len(diffs))), len(diffs) - 1
-            p = regularized_beta(df / 2.0, 0.5, df / (df + t * t))   # P(|T| >= |t|)
-    return {"seeds": seeds, "differences": diffs, "mean": mean, "std": std,
-            "positive": sum(d > 0 for d in diffs), "negative": sum(d < 0 for d in diffs), "p_value": p}
-
-
-# ------------------------------------------------------------------ export
-def export_csv(run: Run, out: Path) -> list[Path]:
-    """One CSV per table (`<table>.csv`, a header row of column names) and `columns.csv` (table, column,
-    unit, description) into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, columns in run.tables.items():
-        path = out / f"{name}.csv"
-        with open(path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(list(columns))
-            # tolist(): Python floats print with repr precision, so a CSV round trip is exact
-            writer.writerows(zip(*(v.tolist() for v in columns.values())))
-        written.append(path)
-    path = out / "columns.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["table", "column", "unit", "description"])
-        for name, units in run.units.items():
-            for column, unit in units.items():
-                writer.writerow([name, column, unit, run.descriptions[name][column]])
-    written.append(path)
-    return written
-
-
-def export_tensorboard(run: Run, out: Path) -> Path:
-    """TensorBoard event file: test/val accuracy and loss per version (wall time as the event time) and
-    accuracy against virtual time (step = round(1000 * virtual time)). Needs the `tensorboard` package."""
-    try:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    except ImportError:
-        raise ImportError("TensorBoard export needs the tensorboard package: pip install 'mpi_afl[tensorboard]'") \
-            from None
-    out.mkdir(parents=True, exist_ok=True)
-    writer = EventFileWriter(str(out))
-    start = _start_time(run)
-    evals = run.tables["evals"]
-    for i, version in enumerate(evals["version"]):
-        wall = start + float(evals["wall_time"][i])
-        values = [Summary.Value(tag=f"{split}/{metric}", simple_value=float(evals[f"{split}_{metric}"][i]))
-                  for split in ("test", "val") for metric in ("accuracy", "loss")
-                  if not math.isnan(evals[f"{split}_{metric}"][i])]
-        writer.add_event(Event(wall_time=wall, step=int(version), summary=Summary(value=values)))
-        virtual = Summary(value=[Summary.Value(tag="test/accuracy_vs_virtual_time_x1000",
-                                               simple_value=float(evals["test_accuracy"][i]))])
-        writer.add_event(Event(wall_time=wall, step=int(round(1000 * float(evals["virtual_time"][i]))),
-                               summary=virtual))
-    writer.close()
-    return out
-
-
-def _start_time(run: Run) -> float:
-    """The run's start as a Unix time (the `started` attribute), 0 when unknown."""
-    try:
-        return datetime.strptime(run.attrs.get("started", ""), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
-        return 0.0
-
-
-def export_name(run: Run, runs: list[Run]) -> str:
-    """A directory name for the run's export: its directory name, made unique by its parent's when needed."""
-    name = run.directory.name
-    if sum(r.directory.name == name for r in runs) > 1:
-        name = f"{run.directory.parent.name}-{name}"
-    return name
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mpi-afl",
-                                     description="Export mpi_afl runs (run directories or run.h5 files).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser(
-        "export", help="write CSV (default) or TensorBoard event files per run",
-        description="Write each run's tables (arrivals, evals, timings, kd_checks) into OUT/<run>/: one CSV per "
-                    "table plus columns.csv (every column's unit and description), or TensorBoard event files "
-                    "(scalars by version; needs the tensorboard extra). CSV also writes the tables of all the "
-                    "runs together: OUT/runs.csv, one row per run (algorithm, seed, the config keys that differ "
-                    "between the runs, metrics), and OUT/runs_evals.csv, one row per (run, evaluation).",
-        epilog="example: mpi-afl export sweep/ --out csv --target 0.8   (then pandas.read_csv('csv/runs.csv'))")
-    export.add_argument("runs", nargs="+", metavar="RUN", help="run directories, run.h5 files or directories of runs")
-    export.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="one subdirectory per run is written here (and, for csv, runs.csv and runs_evals.csv)")
-    export.add_argument("--format", choices=["csv", "tensorboard"], default="csv",
-                        help="csv: one file per table and columns.csv (default); tensorboard: event files")
-    export.add_argument("--target", type=float, metavar="ACC",
-                        help="test accuracy whose first crossing gives runs.csv's virtual_time_to_target and "
-                             "wall_time_to_target (empty without it)")
-    args = parser.parse_args(argv)
-    try:
-        runs = load_many(args.runs)
-        for run in runs:
-            target = args.out / export_name(run, runs)
-            if args.format == "csv":
-                paths = export_csv(run, target)
-            else:
-                paths = [export_tensorboard(run, target)]
-            print(f"{run.directory} -> {', '.join(str(p) for p in paths)}")
-        if args.format == "csv":
-            tables = (write_rows(table_rows(runs, args.target), args.out / "runs.csv"),
-                      write_rows(eval_rows(runs), args.out / "runs_evals.csv"))
-            print(f"{len(runs)} run(s) -> {', '.join(map(str, tables))}")
-    except (OSError, ValueError, ImportError) as e:
-        print(f"mpi_afl.results: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

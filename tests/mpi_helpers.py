@@ -57,3 +57,11 @@ def wait_until(ready: Callable[[], bool], timeout: float = HANG_GUARD, interval:
 
 def summary(out: Path) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
+
+
+def export_without_torch(args: list[str]) -> subprocess.CompletedProcess:
+    """`mpi-afl export ARGS` in a fresh interpreter that fails if anything imported torch."""
+    script = (f"import sys; from mpi_afl.export import main; rc = main({args!r}); "
+              "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env=env(), timeout=HANG_GUARD)

@@ -3,20 +3,16 @@ torch, the run directory's own record (config.toml, command.txt, server.log) and
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from mpi_afl import results
+from mpi_afl import export, paired_test, results
 from mpi_afl.config import parse_args
 from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
-from mpi_helpers import HANG_GUARD, FAST, env, launch
+from mpi_helpers import FAST, export_without_torch, launch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +47,7 @@ def test_every_column_carries_unit_and_description_in_the_file(run_dir):
 
 
 def test_export_csv_without_torch(run_dir, tmp_path):
-    script = ("import sys; from mpi_afl.results import main; "
-              f"rc = main(['export', {str(run_dir)!r}, '--out', {str(tmp_path)!r}]); "
-              "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env(),
-                          timeout=HANG_GUARD)
+    done = export_without_torch([str(run_dir), "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr
     run = results.load(run_dir)
     with open(tmp_path / "run" / "evals.csv") as fh:
@@ -82,7 +74,7 @@ def test_frame_with_pandas(run_dir):
 def test_export_tensorboard(run_dir, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    assert results.main(["export", str(run_dir), "--out", str(tmp_path), "--format", "tensorboard"]) == 0
+    assert export.main([str(run_dir), "--out", str(tmp_path), "--format", "tensorboard"]) == 0
     acc = EventAccumulator(str(tmp_path / "run"))
     acc.Reload()
     events = acc.Scalars("test/accuracy")
@@ -168,7 +160,7 @@ def test_defining_keys_and_section_readers_name_built_in_algorithms_and_real_key
 def test_missing_or_foreign_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="without a run.h5"):
         results.load(tmp_path)
-    assert results.main(["export", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert export.main([str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
 
 
 def test_tail_accuracy_and_time_to_target():
@@ -184,23 +176,23 @@ def test_tail_accuracy_and_time_to_target():
                                         (10.0, 3, 0.9989358004707929), (1.96, 1000, 0.9748634075221256),
                                         (0.0, 5, 0.5)])
 def test_student_t_cdf_matches_known_values(t, df, cdf):
-    assert results.student_t_cdf(t, df) == pytest.approx(cdf, rel=1e-10, abs=1e-13)
+    assert paired_test.student_t_cdf(t, df) == pytest.approx(cdf, rel=1e-10, abs=1e-13)
 
 
 def test_regularized_beta_matches_known_values():
-    assert results.regularized_beta(2.5, 0.5, 0.3) == pytest.approx(0.018927124071945658, rel=1e-10)
-    assert results.regularized_beta(0.5, 0.5, 0.9) == pytest.approx(0.7951672353008665, rel=1e-10)
-    assert results.regularized_beta(3.0, 2.0, 0.0) == 0.0 and results.regularized_beta(3.0, 2.0, 1.0) == 1.0
+    assert paired_test.regularized_beta(2.5, 0.5, 0.3) == pytest.approx(0.018927124071945658, rel=1e-10)
+    assert paired_test.regularized_beta(0.5, 0.5, 0.9) == pytest.approx(0.7951672353008665, rel=1e-10)
+    assert paired_test.regularized_beta(3.0, 2.0, 0.0) == 0.0 and paired_test.regularized_beta(3.0, 2.0, 1.0) == 1.0
 
 
 def test_paired_comparison_is_the_paired_t_test():
     a = {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.5, 4: 0.4, 9: 0.9}
     b = {0: 0.0, 1: 0.1, 2: 0.25, 3: 0.2, 4: 0.1, 5: 0.3}   # seeds 5 and 9 have one side only
-    c = results.paired_comparison(a, b)
+    c = paired_test.paired_comparison(a, b)
     assert c["seeds"] == [0, 1, 2, 3, 4]
     assert c["positive"] == 4 and c["negative"] == 1
     assert c["mean"] == pytest.approx(0.17)
     assert c["p_value"] == pytest.approx(0.062449600206163, rel=1e-9)   # scipy.stats.ttest_rel
-    assert results.paired_comparison({0: 1.0}, {0: 0.5})["p_value"] is None
-    assert results.paired_comparison({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})["p_value"] == 0.0
-    assert results.paired_comparison({0: 1.0}, {1: 1.0}) is None
+    assert paired_test.paired_comparison({0: 1.0}, {0: 0.5})["p_value"] is None
+    assert paired_test.paired_comparison({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})["p_value"] == 0.0
+    assert paired_test.paired_comparison({0: 1.0}, {1: 1.0}) is None

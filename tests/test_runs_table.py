@@ -3,8 +3,6 @@
 
 import csv
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import pytest
 from mpi_afl import results
 from mpi_afl.report import WIDTH, main as report_main
 from mpi_afl.sweep import main as sweep_main
-from mpi_helpers import FAST, HANG_GUARD, env
+from mpi_helpers import FAST, export_without_torch
 
 REPO = Path(__file__).resolve().parents[1]
 pandas = pytest.importorskip("pandas")
@@ -81,11 +79,7 @@ def test_evals_table_is_the_curves_in_long_form(sweep):
 
 
 def test_export_writes_the_table_of_all_runs_without_torch(sweep, tmp_path):
-    script = ("import sys; from mpi_afl.results import main; "
-              f"rc = main(['export', {str(sweep)!r}, '--out', {str(tmp_path)!r}, '--target', '0.15']); "
-              "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env(),
-                          timeout=HANG_GUARD)
+    done = export_without_torch([str(sweep), "--out", str(tmp_path), "--target", "0.15"])
     assert done.returncode == 0, done.stderr
     assert f"5 run(s) -> {tmp_path / 'runs.csv'}, {tmp_path / 'runs_evals.csv'}" in done.stdout
     with open(tmp_path / "runs.csv") as fh:

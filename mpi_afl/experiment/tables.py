@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import results
+from ..paired_test import paired_comparison
 from .definition import EXPERIMENT_FILE, Experiment, ExperimentError, load_experiment
 from .rows import RESULTS_FILE, collect, read_rows, write_rows
 
@@ -67,7 +68,7 @@ def comparison_lines(experiment: Experiment, rows: list[dict]) -> list[str]:
             title = f"{c.a} - {c.b}, {cell}"
             verdict_parts = []
             for metric in c.metrics:
-                pair = results.paired_comparison(_values(rows, cell, c.a, metric), _values(rows, cell, c.b, metric))
+                pair = paired_comparison(_values(rows, cell, c.a, metric), _values(rows, cell, c.b, metric))
                 if pair is None:
                     lines.append(f"{title}, {metric}: no seed with both")
                     continue

@@ -26,7 +26,7 @@ def finish(comm, server, device, setup: Setup) -> int:
     """Rank 0, after `server.run()`: the run's final files, then how it ended; collective (gathers every rank's
     record). A file not written leaves its line in `setup.final_error`, printed as the run's last line."""
     from ..placement import rank_record, record_ranks
-    from ..storage.atomic import write_atomic
+    from ..storage.atomic import atomic_write_bytes
 
     writes = FinalWrites(server.out_dir)
     summary = stop_server(server, writes)
@@ -42,7 +42,7 @@ def finish(comm, server, device, setup: Setup) -> int:
         summary["distill_ranks"] = members
     if "run.h5" not in writes.failed:
         writes.attempt("run.h5", lambda path: record_ranks(path, summary["ranks"]))
-    writes.attempt("summary.json", lambda path: write_atomic(path, json.dumps(summary, indent=2) + "\n"))
+    writes.attempt("summary.json", lambda path: atomic_write_bytes(path, json.dumps(summary, indent=2) + "\n"))
     writes.attempt("model.pt", server.save_model)
     if (line := writes.error_line(server.checkpoint_version)) is not None:
         setup.final_error = line   # printed by train.run(), after the lock's release, as the run's last line

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models.flat import load_flat
-from ..storage.atomic import write_atomic
+from ..storage.atomic import atomic_write_bytes
 from ..storage.checkpoint import CheckpointError
 from .evaluator import EvalPoint
 
@@ -49,7 +49,7 @@ def save_model(path: Path, model: torch.nn.Module, x: torch.Tensor, run_id: str,
     buffer = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "run_id": run_id, "version": version,
                 "model_sha256": model_sha256(x)}, buffer)
-    write_atomic(path, buffer.getbuffer())
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def state_dict(server: Server) -> dict:

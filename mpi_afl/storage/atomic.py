@@ -3,7 +3,7 @@ sets (no torch: the results reader imports it).
 
 `atomic_write(path)` is the one way a file is replaced: write the temporary path it yields, and on leaving
 the block the file is fsync'ed and renamed over `path`; on any exception the temporary file is removed and
-`path` is left as it was. `write_atomic(path, data)` does it for data in memory.
+`path` is left as it was. `atomic_write_bytes(path, data)` does it for data in memory.
 """
 
 import contextlib
@@ -42,7 +42,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.close(dir_fd)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview | str) -> None:
     """Write `data` (text as UTF-8) to `path` with `atomic_write`."""
     with atomic_write(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
