@@ -42,8 +42,10 @@ def export_csv(run: Run, out: Path) -> list[Path]:
 
 
 def export_tensorboard(run: Run, out: Path) -> Path:
-    """TensorBoard event file: test/val accuracy and loss per version (wall time as the event time) and
-    accuracy against virtual time (step = round(1000 * virtual time)). Needs the `tensorboard` package."""
+    """TensorBoard event file: per evaluation, test/val accuracy and loss and `time/virtual_time` (vt) and
+    `time/wall_seconds` (s), step = the evaluated version, event time = the run's start plus the wall time;
+    the scalar names of the live tracker's by_version layout (storage/tracking.py), so a chart can use
+    `time/virtual_time` as its x axis. Needs the `tensorboard` package."""
     try:
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -56,15 +58,13 @@ def export_tensorboard(run: Run, out: Path) -> Path:
     start = _start_time(run)
     evals = run.tables["evals"]
     for i, version in enumerate(evals["version"]):
-        wall = start + float(evals["wall_time"][i])
+        wall = float(evals["wall_time"][i])
         values = [Summary.Value(tag=f"{split}/{metric}", simple_value=float(evals[f"{split}_{metric}"][i]))
                   for split in ("test", "val") for metric in ("accuracy", "loss")
                   if not math.isnan(evals[f"{split}_{metric}"][i])]
-        writer.add_event(Event(wall_time=wall, step=int(version), summary=Summary(value=values)))
-        virtual = Summary(value=[Summary.Value(tag="test/accuracy_vs_virtual_time_x1000",
-                                               simple_value=float(evals["test_accuracy"][i]))])
-        writer.add_event(Event(wall_time=wall, step=int(round(1000 * float(evals["virtual_time"][i]))),
-                               summary=virtual))
+        values += [Summary.Value(tag="time/virtual_time", simple_value=float(evals["virtual_time"][i])),
+                   Summary.Value(tag="time/wall_seconds", simple_value=wall)]
+        writer.add_event(Event(wall_time=start + wall, step=int(version), summary=Summary(value=values)))
     writer.close()
     return out
 

@@ -81,6 +81,9 @@ def test_export_tensorboard(run_dir, tmp_path):
     run = results.load(run_dir)
     assert [e.step for e in events] == run.tables["evals"]["version"].tolist()
     assert [e.value for e in events] == pytest.approx(run.tables["evals"]["test_accuracy"].tolist())
+    virtual = acc.Scalars("time/virtual_time")   # virtual time as a scalar of the version step, not a tag hack
+    assert [e.step for e in virtual] == [e.step for e in events]
+    assert [e.value for e in virtual] == pytest.approx(run.tables["evals"]["virtual_time"].tolist())
 
 
 def test_run_directory_records_how_it_was_made(run_dir):
