@@ -123,7 +123,8 @@ def main() -> None:
                         help="first write the finished runs of e3.toml under RUNS_DIR into e3.jsonl")
     args = parser.parse_args()
     if args.collect_e3:
-        from mpi_afl.experiment import collect, load_experiment, write_rows
+        from mpi_afl.experiment.definition import load_experiment
+        from mpi_afl.experiment.rows import collect, write_rows
         found, unfinished = collect(load_experiment(HERE / "e3.toml"), args.collect_e3)
         write_rows(found, HERE / "e3.jsonl")
         print(f"e3.jsonl: {len(found)} finished runs, {unfinished} not finished")
