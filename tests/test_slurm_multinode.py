@@ -208,13 +208,13 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
     (root / "hosts").write_text("n1\nn2\nn2\n")
     submit("two_nodes", ["-N", "2", "-n", "3", "--ntasks-per-node=2", "--cpus-per-task=1", "--distribution=arbitrary",
                          "--time=20"],
-           [*EXACT, "--max-versions", "20"], SLURM_HOSTFILE=str(root / "hosts"))
+           [*EXACT, "--max-versions", "20"], SLURM_HOSTFILE=str(root / "hosts"), PMI_DEBUG="1")
     if NODES >= 4:
         submit("four_nodes", ["-N", "4", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
                [*EXACT, "--max-versions", "20"])
     # The time limit across two nodes: server on n1, one worker on n2, USR1 30 s before a 2-minute limit.
     submit("time_limit", ["-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=2", "--signal=USR1@30"],
-           [*RUN, "--delays.wall_scale=2.0", f"--max-versions={TIME_LIMIT_VERSIONS}"])
+           [*RUN, "--delays.wall_scale=2.0", f"--max-versions={TIME_LIMIT_VERSIONS}"], PMI_DEBUG="1")
     # n2's ranks SIGKILLed after a checkpoint, then a requeue: the resume must be the one-process run's model.
     submit("node_killed", ["-N", "2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"],
            [*EXACT, f"--max-versions={VERSIONS_KILL}", "--run.checkpoint_every=10", "--run.log_flush_seconds=0.5"],
@@ -286,3 +286,25 @@ def test_starts_that_add_no_version_stop_the_requeues_naming_the_cause(campaign)
     assert job.done.get("Restarts") == "0" and "requeueing job" not in text, tail(job.log)
     assert "1 start in a row added no version" in text and "--signal=USR1@" in text, tail(job.log)
     assert job.done.get("JobState") == "FAILED", tail(job.log)   # exit 1: the job did not do its work
+
+
+PMI1_READ = 1024   # bytes that SLURM's pmi2 plug-in reads of a PMI-1 command, in one read()
+
+
+def test_pmi1_commands_fit_slurms_single_read(campaign):
+    """Every PMI-1 command of every start (PMI_DEBUG=1 logs each one) is shorter than the 1024 bytes that
+    SLURM's pmi2 plug-in reads at once, the restart after the time limit included: the launcher chose ofi,
+    whose business card is one short value. ucx's 4096-byte card always takes 9 segments (`segments=9`), each
+    up to a 1081-byte line, depending on heap bytes: the starts that failed at random."""
+    for name in ("two_nodes", "time_limit"):
+        job = campaign[name]
+        text = job.log.read_text(errors="replace")
+        sent = re.findall(r"send to fd=\d+ pmi: (.*)", text)
+        puts = [line for line in sent if line.startswith("cmd=put ")]
+        starts = len(re.findall(r"mpi_afl\.slurm: job \d+ restart \d+:", text))
+        assert "mpi_afl.slurm: MPIR_CVAR_CH4_NETMOD=ofi" in text, tail(job.log)
+        assert starts >= (2 if name == "time_limit" else 1) and len(puts) >= 2 * starts, \
+            f"{name}: {starts} starts, {len(puts)} PMI puts (one business card per node and start):\n{tail(job.log)}"
+        assert not any("segments=" in line for line in puts), f"{name}: a business card in segments"
+        longest = max(sent, key=len)
+        assert len(longest) + 1 < PMI1_READ, f"{name}: a {len(longest) + 1}-byte PMI-1 command: {longest[:200]}"
