@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from mpi_afl.slurm import fnv1a32
 from mpi_helpers import HANG_GUARD, MPIEXEC, env as mpi_env
 from test_slurm_jobs import RUN, TERMINAL, assert_complete_log, handles_usr1, logged_versions
 
@@ -269,10 +270,16 @@ def test_node_killed_after_a_checkpoint_resumes_exactly(campaign):
     assert job.events and job.events[0].startswith("killed") and job.events[1:] == ["requeued"], \
         f"{job.events}\n{tail(job.log)}"
     text = completed(job, VERSIONS_KILL)
-    # the server, whose peers died under it, exits 11 instead of segfaulting, and the job log says what is left
-    assert "Segmentation fault" not in text and "task 0: Exited with exit code 11" in text, tail(job.log)
+    # the server, whose peers died under it, does not segfault (ofi, the launcher's netmod across nodes, reports
+    # them as an MPI error, "OFI poll failed", and MPICH ends the step), and the job log says what is left
+    assert "Segmentation fault" not in text and "exit code 139" not in text, tail(job.log)
     assert "checkpoint.h5 (written during this start) is intact" in text, tail(job.log)
-    removed = re.findall(r"removed stale MPI shared memory (\S+) on (\S+)", text)
+    # the killed start's segments, removed once: by the restart, or first by another job's start on the node (a
+    # minute-old segment of another job id), whichever came first
+    ids = {f"{fnv1a32(f'{job.id}.{step}'):x}" for step in range(10)}
+    removed = [(path, node) for other in campaign.values() if isinstance(other, Job)
+               for path, node in re.findall(r"removed stale MPI shared memory (\S+) on (\S+)", other.log.read_text())
+               if Path(path).name.split("_")[2] in ids]
     assert any(node == "n2" for _, node in removed), tail(job.log)
     assert len(removed) == len(set(removed)), f"a segment was removed twice: {removed}"
     assert "resumed from" in text, tail(job.log)
