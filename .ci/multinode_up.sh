@@ -195,7 +195,9 @@ check() {
     local stats=/sys/class/net/mn-n2/statistics/tx_bytes before after
     [ -e "$stats" ] || die "node n2 is not up ($0 up 2)"
     before=$(cat "$stats")
-    timeout 300 srun --mpi=pmi2 -N 2 --ntasks-per-node=1 python -c '
+    # ofi, as mpi_afl.slurm chooses across nodes: ucx's PMI-1 lines can exceed the 1024 bytes that SLURM's pmi2
+    # plug-in reads at once (mpi_afl/slurm.py, pmi1_line_env)
+    MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi} timeout 300 srun --mpi=pmi2 -N 2 --ntasks-per-node=1 python -c '
 from mpi4py import MPI
 import numpy as np, socket
 c = MPI.COMM_WORLD

@@ -14,7 +14,8 @@ One incarnation of the job (the first start, or a restart after a requeue) does:
 2. start the trainer with `srun --mpi=$MPI_AFL_SRUN_MPI` (default pmi2: the plug-in that
    gives MPICH, and the `mpich` wheel, one world; Open MPI sites use pmix). The run resumes
    from OUT/checkpoint.h5 when there is one; a restarted job without a checkpoint (killed
-   before its first one) starts the run over in OUT;
+   before its first one) starts the run over in OUT. An MPICH started on several nodes through the
+   pmi2 plug-in gets MPIR_CVAR_CH4_NETMOD=ofi (pmi1_line_env says why);
 3. when the run stopped on a signal (`--signal=USR1@T`: the time limit is near), requeue
    the job with `scontrol requeue`, so it continues from the checkpoint; a run that ended by
    its own stop rule, or failed, ends the job. At most $MPI_AFL_MAX_REQUEUES restarts, and no
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +196,45 @@ def idle_starts(out: Path, before: int, added_summary: bool) -> int:
     return count
 
 
+def mpi_library_version() -> str:
+    """MPI_Get_library_version of the MPI that the trainer's mpi4py loads, without initialising MPI ('' when
+    mpi4py is missing: the trainer then fails with its own message)."""
+    try:
+        import mpi4py
+        mpi4py.rc.initialize = mpi4py.rc.finalize = False
+        from mpi4py import MPI
+    except ImportError:
+        return ""
+    return MPI.Get_library_version()
+
+
+def pmi1_line_env(mpi: str, nodes: int, environ: dict[str, str], library: str) -> tuple[dict[str, str], str]:
+    """(variables to add to the ranks' environment, why: a line for the job log; both empty when none).
+
+    SLURM's pmi2 plug-in (22.05) reads each PMI-1 command with one read() of at most 1024 bytes, and an MPICH
+    with its own PMI client speaks PMI-1 there (MPICH's default; the `mpich` wheel has no PMI-2 client). On
+    several nodes MPICH's ch4:ucx puts a 4096-byte business card (MPID_MAX_BC_SIZE, whatever the UCX address's
+    size: the rest is heap bytes, so UCX_TLS cannot shrink it) in 511-byte segments, hex-encoded with zero runs
+    compressed: a segment without zero runs is a 1081-byte `cmd=put` line, which the plug-in cuts in two (a
+    corrupt address, UCX "Destination is unreachable", and "mpi/pmi2: invalid client request" in slurmd's
+    log), depending on leftover heap bytes, so some starts fail. ch4:ofi's card is libfabric's address, read
+    into FI_NAME_MAX (64) bytes: one value of at most 128 hex characters, every line below 500 bytes (70
+    measured with the tcp provider). The user's MPIR_CVAR_CH4_NETMOD, or MPIR_CVAR_PMI_VERSION=2 (an MPICH
+    with PMI-2, whose commands carry their length), is left as it is."""
+    device = re.search(r"^MPICH Device:\s*(.*)$", library, re.MULTILINE)
+    if (mpi != "pmi2" or nodes < 2 or device is None or "MPIR_CVAR_CH4_NETMOD" in environ
+            or environ.get("MPIR_CVAR_PMI_VERSION") == "2"):
+        return {}, ""
+    if "ofi" not in re.split(r"[\s:,]+", device.group(1)):
+        return {}, (f"warning: this MPICH ({device.group(1)}) has no ofi netmod, and its PMI-1 commands to "
+                    f"SLURM's pmi2 plug-in can exceed the 1024 bytes the plug-in reads at once (MPI_Init then "
+                    f"fails at random across nodes): set MPIR_CVAR_PMI_VERSION=2 if it has PMI-2, or use "
+                    f"MPI_AFL_SRUN_MPI=pmix with an MPICH built with PMIx")
+    return {"MPIR_CVAR_CH4_NETMOD": "ofi"}, (
+        "MPIR_CVAR_CH4_NETMOD=ofi: across nodes MPICH's ucx business card makes PMI-1 lines longer than the "
+        "1024 bytes SLURM's pmi2 plug-in reads at once (set MPIR_CVAR_CH4_NETMOD to choose the netmod yourself)")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     try:
@@ -231,9 +272,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = ["srun", f"--mpi={mpi}", "--kill-on-bad-exit=1", sys.executable, "-m", "mpi_afl.train",
            *trainer_args(out, restarts), *options]
+    extra, why_extra = pmi1_line_env(mpi, nodes, dict(os.environ),
+                                     mpi_library_version() if mpi == "pmi2" and nodes > 1 else "")
+    if why_extra:
+        print(f"mpi_afl.slurm: {why_extra}", flush=True)
     print(f"mpi_afl.slurm: job {job_id} restart {restarts}: {' '.join(cmd)}", flush=True)
     before, versions_before, checkpoint_before = summary_stamp(out), run_versions(out), checkpoint_stamp(out)
-    code = subprocess.run(cmd, check=False).returncode
+    code = subprocess.run(cmd, check=False, env={**os.environ, **extra}).returncode
     requeue, why = should_requeue(out, code, before)
     if not requeue:
         print(f"mpi_afl.slurm: job {job_id} done: {why}{failure_note(out, code, checkpoint_before)}", flush=True)

@@ -14,8 +14,8 @@ import torch
 
 from mpi_afl.launch import world_mismatch
 from mpi_afl.placement import _gpu_slot, _ranges, describe
-from mpi_afl.slurm import (OTHER_JOB_MIN_AGE, fnv1a32, idle_starts, mapped_files, should_requeue, stale_segments,
-                            summary_stamp, trainer_args)
+from mpi_afl.slurm import (OTHER_JOB_MIN_AGE, fnv1a32, idle_starts, mapped_files, mpi_library_version,
+                            pmi1_line_env, should_requeue, stale_segments, summary_stamp, trainer_args)
 from mpi_helpers import HANG_GUARD
 
 
@@ -93,6 +93,24 @@ def test_requeue_only_while_the_run_stopped_on_a_signal(tmp_path):
     assert not should_requeue(tmp_path, 138, None)[0]
     # the same summary as before the step (an earlier segment's) says nothing about this one
     assert should_requeue(tmp_path, 0, summary_stamp(tmp_path))[0]
+
+
+WHEEL = "MPICH Version:      5.0.2\nMPICH Device:       ch4:ucx ofi\nMPICH configure:    --with-device=ch4:ucx,ofi\n"
+
+
+def test_several_nodes_through_pmi2_get_mpichs_ofi_netmod():
+    ofi = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
+    assert pmi1_line_env("pmi2", 2, {}, WHEEL)[0] == ofi
+    # one node exchanges no business card over PMI; pmix and other MPIs are another path
+    for args in (("pmi2", 1, {}, WHEEL), ("pmix", 4, {}, WHEEL), ("pmi2", 4, {}, "Open MPI v4.1.5, ...")):
+        assert pmi1_line_env(*args) == ({}, "")
+    # the user's netmod, or PMI-2 (its commands carry their length), stays as it is
+    assert pmi1_line_env("pmi2", 2, {"MPIR_CVAR_CH4_NETMOD": "ucx"}, WHEEL) == ({}, "")
+    assert pmi1_line_env("pmi2", 2, {"MPIR_CVAR_PMI_VERSION": "2"}, WHEEL) == ({}, "")
+    extra, why = pmi1_line_env("pmi2", 2, {}, WHEEL.replace("ch4:ucx ofi", "ch4:ucx"))
+    assert extra == {} and why.startswith("warning:") and "MPIR_CVAR_PMI_VERSION=2" in why
+    # the library the trainer loads, read without initialising MPI
+    assert mpi_library_version().strip()
 
 
 @pytest.mark.parametrize("env, first", [
