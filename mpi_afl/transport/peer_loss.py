@@ -14,6 +14,9 @@ one. The run's files stay as they were: every checkpoint is written between two 
 OUT/checkpoint.h5 is the last one written (the final one when the stop had begun). mpi_afl.slurm names what
 happened.
 
+With ch4:ofi (what mpi_afl.slurm gives a multi-node `srun --mpi=pmi2` launch) MPICH reports the dead peer as
+an MPI error itself and aborts the step, with no segfault; the guard then has nothing to catch.
+
 Only where the layout of `struct sigaction` is known (glibc on x86_64 and aarch64: the handler comes first);
 elsewhere the guard does nothing.
 """
