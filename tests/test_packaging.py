@@ -19,9 +19,7 @@ else:
 
 from mpi_afl import __version__
 from mpi_afl.launch import mpiexec_path
-from mpi_helpers import HANG_GUARD
-
-REPO = Path(__file__).resolve().parents[1]
+from mpi_helpers import HANG_GUARD, REPO
 
 
 def _setuptools_builds_pep639() -> bool:
