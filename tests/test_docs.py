@@ -91,6 +91,8 @@ def _summary_schema() -> tuple[set[str], str]:
     return set(re.findall(r"^\| `(\w+)` \|", table, re.M)), table
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_summary_json_schema_matches_real_summaries(tmp_path):
     """A FedRevive run in one process and a FedEcho run under mpiexec with a distillation group (workers, group
     ranks, FedEcho's stats): every key of their summaries is in the table, every key of the table is in one of them."""
