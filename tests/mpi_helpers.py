@@ -1,4 +1,6 @@
-"""Launch real `mpiexec` jobs (and one-process runs) of mpi_afl.train from tests."""
+"""Launch real `mpiexec` jobs (and one-process runs) of mpi_afl.train from tests, and check how they ended:
+`ok` (exit 0), `refused` (a launched process's exit code and its one error line) and `refused_at_start` (the
+start-up's checks in process, for tests whose subject is a refusal rather than the process around it)."""
 
 import json
 import os
@@ -9,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpi_afl.launch import mpiexec_path
+from mpi_afl.run.startup import rank0_setup
 
 MPIEXEC = mpiexec_path()
+REPO = Path(__file__).resolve().parents[1]   # the checkout: examples/, jobs/, docs/, experiments/
 
 # How long a launched run (or a wait for its progress) may take before the test calls it hung. A hang guard,
 # not a speed check: these runs take 2-70 s on an idle 2-core machine and have taken 3-4x that under load, so
@@ -59,9 +63,45 @@ def summary(out: Path) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("mpi_afl: error:")]
+
+
+def refused(proc: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
+    """Exit `code` with one error line that holds `words`, no traceback and no segfault; returns the line."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1, proc.stderr
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    assert "Traceback" not in proc.stderr and "Segmentation" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def refused_at_start(argv: list[str], capsys, *words: str) -> str:
+    """Rank 0's start-up checks in process (parse, validate, lock and check the run directory: what every rank
+    of a launched run acts on, exit 2 with the one line it prints). No MPI and no signal handlers in this
+    process: `train.main` would start MPI here. Returns the line."""
+    setup = rank0_setup(argv)
+    try:
+        assert setup.result == ("exit", 2), setup.result
+    finally:
+        setup.release()   # a start that was not refused must not leave its lock behind
+    err = capsys.readouterr().err
+    errors = _errors(err)
+    assert len(errors) == 1 and err == errors[0] + "\n", err
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    return errors[0]
+
+
 def export_without_torch(args: list[str]) -> subprocess.CompletedProcess:
     """`mpi-afl export ARGS` in a fresh interpreter that fails if anything imported torch."""
     script = (f"import sys; from mpi_afl.export import main; rc = main({args!r}); "
               "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], env=env(), timeout=HANG_GUARD)
+                          cwd=REPO, env=env(), timeout=HANG_GUARD)

@@ -11,13 +11,15 @@ from torch import nn
 
 from mpi_afl.algorithms import algorithm_class
 from mpi_afl.algorithms.afl_dw import AFLDW
-from mpi_afl.algorithms.base import Algorithm, ServerContext, Update
+from mpi_afl.algorithms.base import Update
 from mpi_afl.algorithms.fedasync import FedAsync
 from mpi_afl.algorithms.fedavg import FedAvg
 from mpi_afl.algorithms.fedbuff import FedBuff
 from mpi_afl.algorithms.staleness import cosine_beta
 from mpi_afl.config import Config
 from mpi_afl.names import ALGORITHMS
+
+from fakes import ServerLoop
 
 X0 = (1.0, 2.0, 3.0)
 
@@ -26,42 +28,34 @@ def vec(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-class FakeServer:
-    """The part of the server an algorithm sees: x_t, the version, and snapshots of every version so far."""
+class VectorServer(ServerLoop):
+    """The server loop (fakes.py) on 3-element vectors x_t."""
 
     def __init__(self, cfg: Config, x0=X0):
-        self.versions = {0: vec(*x0)}
-        self.ctx = ServerContext(cfg=cfg, device=torch.device("cpu"), global_model=self.versions[0], version=0,
-                                 snapshot=lambda v: self.versions[v], make_model=lambda: nn.Linear(1, 1),
-                                 param_mask=torch.ones(3, dtype=torch.bool), num_classes=2,
-                                 image_shape=(1, 1, 1), data_mean=(0.0,), data_std=(1.0,),
-                                 client_histograms=np.ones((cfg.data.num_clients, 2)))
+        super().__init__(cfg, vec(*x0), lambda: nn.Linear(1, 1), param_mask=torch.ones(3, dtype=torch.bool),
+                         num_classes=2, image_shape=(1, 1, 1), data_mean=(0.0,), data_std=(1.0,),
+                         client_histograms=np.ones((cfg.data.num_clients, 2)))
 
     def feed(self, algo, delta, base=None, num_samples=1, client=0):
-        """One arrival trained from version `base` (default: the current one); adopt a new model as the server does."""
+        """One arrival trained from version `base` (default: the current one); returns the new model or None."""
         base = self.ctx.version if base is None else base
-        before = self.ctx.global_model.clone()
         update = Update(client_id=client, job_index=0, base_version=base, staleness=self.ctx.version - base,
                         delta=torch.as_tensor(delta, dtype=torch.float32), num_samples=num_samples, loss=0.0)
-        self.last = algo.on_update(update, self.ctx)   # the Outcome: the new model and the update's weight
-        assert torch.equal(self.ctx.global_model, before), "an algorithm must not modify x_t in place"
-        new = self.last.model
-        if new is not None:
-            self.ctx = replace(self.ctx, version=self.ctx.version + 1, global_model=new)
-            self.versions[self.ctx.version] = new
+        kind, new, _ = self.apply(algo, update)
+        assert kind == "direct"
         return new
 
-    def copy(self) -> "FakeServer":
+    def copy(self) -> "VectorServer":
         """A second server at the same point (the same versions), for a resumed algorithm to continue on."""
-        other = FakeServer(self.ctx.cfg)
-        other.versions = dict(self.versions)
+        other = VectorServer(self.ctx.cfg)
+        other.snapshots.update(self.snapshots)
         other.ctx = replace(other.ctx, version=self.ctx.version, global_model=self.ctx.global_model)
         return other
 
     def jump_to(self, version: int, x):
         """Pretend the run already reached `version` with model x (to make stale arrivals)."""
-        self.versions[version] = vec(*x)
-        self.ctx = replace(self.ctx, version=version, global_model=self.versions[version])
+        self.snapshots[version] = vec(*x)
+        self.ctx = replace(self.ctx, version=version, global_model=self.snapshots[version])
 
 
 def config(**server) -> Config:
@@ -84,7 +78,7 @@ def test_registry():
 
 def test_fedavg_plain_mean_after_k():
     cfg = config(concurrency=3, lr=0.5)
-    server = FakeServer(cfg)
+    server = VectorServer(cfg)
     algo = FedAvg(cfg, server.ctx)
     assert server.feed(algo, [3.0, 0.0, -3.0], num_samples=1) is None
     assert server.feed(algo, [0.0, 6.0, 3.0], num_samples=5) is None
@@ -100,7 +94,7 @@ def test_fedavg_plain_mean_after_k():
 
 def test_fedavg_sample_weighted():
     cfg = config(concurrency=2, lr=0.5, sample_weighted=True)
-    server = FakeServer(cfg)
+    server = VectorServer(cfg)
     algo = FedAvg(cfg, server.ctx)
     assert server.feed(algo, [2.0, 0.0, -2.0], num_samples=1) is None
     new = server.feed(algo, [0.0, 4.0, 2.0], num_samples=3)
@@ -120,7 +114,7 @@ def test_fedavg_sample_weighted():
 ])
 def test_fedasync_stale_base(staleness, mixing, tau, weight, expected):
     cfg = config(staleness=staleness, mixing=mixing, staleness_a=0.5, staleness_b=2.0)
-    server = FakeServer(cfg, x0=(0.0, 0.0, 0.0))
+    server = VectorServer(cfg, x0=(0.0, 0.0, 0.0))
     server.jump_to(tau, X0)
     algo = FedAsync(cfg, server.ctx)
     new = server.feed(algo, [2.0, 2.0, 2.0], base=0)
@@ -130,7 +124,7 @@ def test_fedasync_stale_base(staleness, mixing, tau, weight, expected):
 
 def test_fedasync_uses_the_base_snapshot():
     cfg = config(staleness="constant", mixing=0.5)
-    server = FakeServer(cfg, x0=(4.0, 4.0, 4.0))
+    server = VectorServer(cfg, x0=(4.0, 4.0, 4.0))
     server.jump_to(1, (0.0, 0.0, 0.0))
     server.jump_to(2, X0)
     algo = FedAsync(cfg, server.ctx)
@@ -142,7 +136,7 @@ def test_fedasync_uses_the_base_snapshot():
 
 def test_fedbuff_sqrt_discount_b2():
     cfg = config(buffer_size=2, lr=0.5, staleness="sqrt")
-    server = FakeServer(cfg)
+    server = VectorServer(cfg)
     server.jump_to(3, X0)
     algo = FedBuff(cfg, server.ctx)
     assert server.feed(algo, [2.0, 4.0, 6.0]) is None            # tau = 0: s = 1
@@ -155,7 +149,7 @@ def test_fedbuff_sqrt_discount_b2():
 
 def test_fedbuff_server_momentum_two_aggregations():
     cfg = config(buffer_size=2, lr=0.5, momentum=0.5)
-    server = FakeServer(cfg)
+    server = VectorServer(cfg)
     algo = FedBuff(cfg, server.ctx)
     server.feed(algo, [2.0, 0.0, 0.0])
     x1 = server.feed(algo, [0.0, 2.0, 0.0])
@@ -185,7 +179,7 @@ def test_cosine_beta_points():
 ])
 def test_afl_dw_cosine_weight(tau, expected):
     cfg = config(lr=0.5, s_max=75.0, buffer_size=4)  # AFL-DW's buffer is always one, whatever buffer_size says
-    server = FakeServer(cfg)
+    server = VectorServer(cfg)
     server.jump_to(tau, X0)
     algo = AFLDW(cfg, server.ctx)
     new = server.feed(algo, [2.0, -2.0, 2.0], base=0)
@@ -203,7 +197,7 @@ def test_fedbuff_b1_equals_fedasync_on_fresh_updates():
     """With tau = 0, FedAsync's x + a((x_v + Delta) - x) is x + a Delta: FedBuff with B = 1 and eta = a."""
     buff_cfg = config(buffer_size=1, lr=0.7, staleness="polynomial")
     async_cfg = config(mixing=0.7, staleness="polynomial")
-    buff_server, async_server = FakeServer(buff_cfg), FakeServer(async_cfg)
+    buff_server, async_server = VectorServer(buff_cfg), VectorServer(async_cfg)
     buff, fedasync = FedBuff(buff_cfg, buff_server.ctx), FedAsync(async_cfg, async_server.ctx)
     for delta in DELTAS:
         a = buff_server.feed(buff, delta)
@@ -218,7 +212,7 @@ def test_fedbuff_full_buffer_from_one_version_equals_fedavg():
     k = 3
     buff_cfg = config(buffer_size=k, concurrency=k, lr=1.4, staleness="sqrt")
     avg_cfg = config(concurrency=k, lr=1.4)
-    buff_server, avg_server = FakeServer(buff_cfg), FakeServer(avg_cfg)
+    buff_server, avg_server = VectorServer(buff_cfg), VectorServer(avg_cfg)
     buff, fedavg = FedBuff(buff_cfg, buff_server.ctx), FedAvg(avg_cfg, avg_server.ctx)
     for i, delta in enumerate(DELTAS):  # two rounds; within a round every job has the same base, so tau = 0
         a = buff_server.feed(buff, delta)
@@ -245,7 +239,7 @@ def saved(state: dict) -> dict:
     (FedAvg, config(concurrency=3, lr=0.5, sample_weighted=True)),
 ])
 def test_state_dict_round_trip_mid_buffer(cls, cfg):
-    server = FakeServer(cfg)
+    server = VectorServer(cfg)
     algo = cls(cfg, server.ctx)
     for i, delta in enumerate(DELTAS[:4]):   # one aggregation, then one update waiting in the buffer
         server.feed(algo, delta, num_samples=i + 1)

@@ -133,6 +133,7 @@ def test_matching_or_single_launches_pass():
     assert world_mismatch(17, "x", {"SLURM_STEP_NUM_TASKS": "17", "PMI_SIZE": "17"}) is None
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_world_of_one_from_a_multi_task_launcher(tmp_path):
     """End to end without SLURM: Open MPI's variable says 2 tasks, the MPICH singleton sees 1."""
     env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")
@@ -164,6 +165,8 @@ def test_placement_description():
     assert describe(records) == "n1 cuda:0 (H100): rank(s) 0; n1 cuda:1 (H100): rank(s) 1-3"
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU case")
 def test_cuda_without_a_gpu_stops_every_rank_naming_them(tmp_path):
     from mpi_helpers import launch

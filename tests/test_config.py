@@ -1,5 +1,6 @@
 """Config: every mistake is a ConfigError naming the key and the bad value; overrides, shortcuts, round trip,
-and the command line end to end (--help, exit code 2 on a bad key or value)."""
+and the trainer's command line (--help, --print-config, exit code 2 on a bad key or value) through its start-up
+in process, with one launched --print-config."""
 
 import dataclasses
 import json
@@ -20,6 +21,7 @@ from mpi_afl.config import Config, ConfigError, from_dict, parse_args
 from mpi_afl.config.command_line import SHORTCUTS
 from mpi_afl.config.schema import all_keys
 from mpi_afl.names import ALGORITHMS, DATASETS, MODELS
+from mpi_afl.run.startup import rank0_setup
 from mpi_helpers import HANG_GUARD
 
 
@@ -214,13 +216,22 @@ def test_from_dict_rejects_unknown_and_invalid():
         from_dict(data)
 
 
-# --- end to end through `python -m mpi_afl.train` ---------------------------------------------------------------
+# --- the command line of `python -m mpi_afl.train` ------------------------------------------------------------
 
-def train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # A wide terminal keeps argparse from wrapping help lines (it breaks words at hyphens).
-    env = dict(os.environ, COLUMNS="3000")
-    return subprocess.run([sys.executable, "-m", "mpi_afl.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=HANG_GUARD)
+@pytest.fixture
+def train(monkeypatch, capsys):
+    """train(args, cwd): `python -m mpi_afl.train ARGS` in `cwd` up to the end of its start-up, in process (rank 0's
+    part, which parses, prints and checks for every rank; mpi_helpers.refused_at_start): its exit code and output."""
+    def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        # A wide terminal keeps argparse from wrapping help lines (it breaks words at hyphens).
+        monkeypatch.setenv("COLUMNS", "3000")
+        monkeypatch.chdir(cwd)
+        setup = rank0_setup(args)
+        setup.release()
+        assert setup.result[0] == "exit", f"{args}: the start-up went on to a run"
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, setup.result[1], out, err)
+    return run
 
 
 def help_entries(text: str) -> dict[str, str]:
@@ -238,7 +249,7 @@ def help_entries(text: str) -> dict[str, str]:
     return {flag: " ".join(body.split()) for flag, body in entries.items()}
 
 
-def test_help_is_short_with_examples_and_points_to_help_all(tmp_path):
+def test_help_is_short_with_examples_and_points_to_help_all(train, tmp_path):
     result = train(["--help"], tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -248,7 +259,7 @@ def test_help_is_short_with_examples_and_points_to_help_all(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_print_config_is_toml_that_config_reads_back(tmp_path):
+def test_print_config_is_toml_that_config_reads_back(train, tmp_path):
     result = train(["--algorithm", "fedasync", "--client.lr=0.01", "--print-config"], tmp_path)
     assert result.returncode == 0, result.stderr
     parsed = tomllib.loads(result.stdout)
@@ -260,6 +271,7 @@ def test_print_config_is_toml_that_config_reads_back(tmp_path):
     assert json.loads(as_json.stdout)["server"]["algorithm"] == "fedbuff"
 
 
+@pytest.mark.slow
 def test_print_config_into_a_closed_pipe_is_not_an_error(tmp_path):
     read, write = os.pipe()
     os.close(read)   # the reader is gone before anything is written (`--print-config | head` at its worst)
@@ -271,7 +283,7 @@ def test_print_config_into_a_closed_pipe_is_not_an_error(tmp_path):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
-def test_help_all_lists_every_key_with_default(tmp_path):
+def test_help_all_lists_every_key_with_default(train, tmp_path):
     result = train(["--help-all"], tmp_path)
     assert result.returncode == 0, result.stderr
     entries = help_entries(result.stdout)
@@ -285,7 +297,7 @@ def test_help_all_lists_every_key_with_default(tmp_path):
 
 
 @pytest.mark.parametrize("arg, key", [("--client.lrr=0.01", "client.lr"), ("--server.lr=-1", "server.lr")])
-def test_bad_override_exits_2_naming_the_key(tmp_path, arg, key):
+def test_bad_override_exits_2_naming_the_key(train, tmp_path, arg, key):
     result = train([arg], tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert f"'{key}'" in result.stderr and result.stderr.startswith("mpi_afl: error:")

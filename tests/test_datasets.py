@@ -248,6 +248,7 @@ def _unpack_together(barrier, sources, targets, failures):
         failures.put(repr(e))
 
 
+@pytest.mark.slow
 def test_concurrent_unpacks_of_the_same_files_all_succeed(tmp_path):
     """Runs started together (a sweep) unpack Debian's recompressed files at the same time; each writes its own
     temporary file, so no rename can take another's (with one shared '.partial' name, a run failed with

@@ -20,6 +20,8 @@ from mpi_helpers import HANG_GUARD, MPIEXEC, env
 HERE = Path(__file__).parent
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_group_sums_equal_the_one_rank_computation_within_rounding():
     """Under mpiexec -n 2: FedEcho's all-teacher logits, the generator's gradient and the student's KD gradient
     from two ranks with two teachers each, against one rank with all four (tests/group_equivalence.py).

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
+from mpi_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 
 
@@ -92,6 +92,8 @@ def _design_table(start: str, end: str) -> list[list[str]]:
             for line in part.splitlines() if re.match(r"^\| `", line)]
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_summary_json_schema_matches_real_summaries(tmp_path):
     """A FedRevive run in one process and a FedEcho run under mpiexec with workers and a distillation group
     (distill.ranks=1): every key they write (top level, the objects in evals / ranks / workers / distill_ranks,
@@ -131,13 +133,12 @@ def test_summary_json_schema_matches_real_summaries(tmp_path):
 def test_user_facing_files_speak_of_the_software_not_its_development_history():
     """README, docs/, experiments/, bench/, examples/ and the package's code and comments say what the software
     does and what the measurements show, never which work session or tracker issue produced them."""
-    root = Path(__file__).resolve().parent.parent
-    files = [root / "README.md", *(p for top in ("docs", "experiments", "bench", "examples", "mpi_afl")
-                                   for p in (root / top).rglob("*") if p.is_file())]
+    files = [REPO / "README.md", *(p for top in ("docs", "experiments", "bench", "examples", "mpi_afl")
+                                   for p in (REPO / top).rglob("*") if p.is_file())]
     pattern = re.compile(r"\bsessions?\b|\bissue[ _-]?[0-9]", re.IGNORECASE)
     found = []
     for path in files:
-        rel = path.relative_to(root).as_posix()
+        rel = path.relative_to(REPO).as_posix()
         if pattern.search(rel):
             found.append(f"{rel}: file name")
         if path.suffix not in (".md", ".py", ".toml", ".sh", ".sbatch", ".txt", ".jsonl"):

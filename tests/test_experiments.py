@@ -1,5 +1,6 @@
 """Experiments as data (mpi_afl/experiment/): experiments/smoke end to end with real runs (sweep --experiment,
-then report on the sweep directory and on its results.jsonl alone), and one clear line for bad input."""
+then report on the sweep directory and on its results.jsonl alone), and one clear line for bad input (in
+process, and once from a launched `mpi-afl sweep`)."""
 
 import hashlib
 import json
@@ -9,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mpi_afl import experiment
-from mpi_helpers import HANG_GUARD, env
+from mpi_afl import cli, experiment
+from mpi_helpers import HANG_GUARD, REPO, env
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke" / "experiment.toml"
 
 
@@ -21,6 +21,7 @@ def mpi_afl(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=HANG_GUARD)
 
 
+@pytest.mark.slow
 def test_smoke_experiment_end_to_end(tmp_path):
     out = tmp_path / "smoke"
     done = mpi_afl("sweep", "--experiment", str(SMOKE), "--out", str(out), "--parallel", "2")
@@ -83,13 +84,22 @@ algorithm = "fedbuff"
     ("[metrics]\nnames = [\"time_to_target\"]\n", "needs target"),
     ("[bogus]\n", "unknown table(s) bogus"),
 ])
-def test_bad_experiment_file_is_one_line(tmp_path, extra, message):
+def test_bad_experiment_file_is_one_line(tmp_path, capsys, extra, message):
     path = write(tmp_path / "experiment.toml", BASE + extra)
     with pytest.raises(experiment.ExperimentError, match=message.replace("(", r"\(").replace(")", r"\)")):
         experiment.load_experiment(path)
+    assert cli.main(["sweep", "--experiment", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("sweep: error: ") and message in err
+
+
+@pytest.mark.slow
+def test_bad_experiment_file_is_one_line_from_the_command_line(tmp_path):
+    path = write(tmp_path / "experiment.toml", BASE + "server.lrr = 1\n")
     done = mpi_afl("sweep", "--experiment", str(path), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("sweep: error: ")
+    assert "cell a, method m: " in done.stderr
 
 
 def test_points_follow_cells_methods_and_seeds(tmp_path):
@@ -124,6 +134,7 @@ def test_an_out_of_another_experiment_is_refused(tmp_path):
     experiment.prepare(experiment.load_experiment(text_only), tmp_path / "out")   # wording may change
 
 
-def test_sweep_help_shows_experiment():
-    done = mpi_afl("sweep", "--help")
-    assert done.returncode == 0 and "--experiment FILE" in done.stdout
+def test_sweep_help_shows_experiment(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["sweep", "--help"])
+    assert done.value.code == 0 and "--experiment FILE" in capsys.readouterr().out

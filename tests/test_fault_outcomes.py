@@ -1,8 +1,9 @@
 """What a user sees when a run meets a fault: a full disk or a read-only directory at the end, two Ctrl-C,
 bad values, odd paths, files in the way, leftovers of a killed run. Each ends with a clear outcome: exit 1
 or 2 with one line naming what was not written or which key is wrong, and a directory that the messages
-agree on how to continue. Refusals are checked in process (`rank0_setup`, the start-up's checks); what
-involves the file system, signals or MPI runs for real (a small tmpfs for the full disk, `mpiexec`)."""
+agree on how to continue. Refusals are checked in process (mpi_helpers.refused_at_start, the start-up's
+checks); what involves the file system, signals or MPI runs for real (a small tmpfs for the full disk,
+`mpiexec`)."""
 
 import contextlib
 import errno
@@ -19,39 +20,17 @@ import pytest
 
 from mpi_afl.config import from_dict, parse_args
 from mpi_afl.run.build import check_split_sizes
-from mpi_afl.run.startup import rank0_setup
 from mpi_afl.storage.checkpoint import load_checkpoint
-from mpi_helpers import FAST, HANG_GUARD, command, env, launch, start, summary, wait_until
+from mpi_helpers import FAST, HANG_GUARD, command, env, launch, refused, refused_at_start, start, summary, wait_until
 
 ARGS = [*FAST, "--clock", "virtual", "--seed", "4", "--run.eval_every=5"]
-
-
-def _errors(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("mpi_afl: error:")]
-
-
-def _one_error(proc, code: int, *words) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    (line,) = _errors(proc.stderr)
-    for w in words:
-        assert w in line, (w, line)
-    assert "Traceback" not in proc.stderr and "Segmentation" not in proc.stderr, proc.stderr
-    return line
-
-
-def _refusal(argv: list[str], capsys) -> str:
-    """Rank 0's start-up checks in process: exit 2 and the one error line."""
-    setup = rank0_setup(argv)
-    assert setup.result == ("exit", 2)
-    (line,) = _errors(capsys.readouterr().err)
-    return line
 
 
 # ------------------------------------------------------------------ refused before anything is written
 @pytest.mark.parametrize("seed", ["-1", str(2 ** 64)])
 def test_seed_out_of_range_is_refused_and_nothing_is_written(tmp_path, capsys, seed):
     out = tmp_path / "run"
-    assert "config key 'run.seed'" in _refusal(["--seed", seed, "--out", str(out)], capsys)
+    assert "config key 'run.seed'" in refused_at_start(["--seed", seed, "--out", str(out)], capsys)
     assert not out.exists()
 
 
@@ -61,13 +40,13 @@ def test_largest_seed_is_accepted():
 
 
 def test_wall_scale_beyond_its_range_is_refused(tmp_path, capsys):
-    line = _refusal(["--delays.wall_scale=1e308", "--out", str(tmp_path / "r")], capsys)
+    line = refused_at_start(["--delays.wall_scale=1e308", "--out", str(tmp_path / "r")], capsys)
     assert "config key 'delays.wall_scale'" in line and "<= 10000" in line
 
 
 def test_non_utf8_out_is_refused_with_one_line(tmp_path, capsys):
     bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run-\xff")   # as argv gives undecodable bytes
-    line = _refusal(["--out", bad], capsys)
+    line = refused_at_start(["--out", bad], capsys)
     assert "config key 'run.out'" in line and "UTF-8" in line
     assert os.listdir(tmp_path) == []
 
@@ -75,7 +54,7 @@ def test_non_utf8_out_is_refused_with_one_line(tmp_path, capsys):
 def test_out_naming_a_file_says_so(tmp_path, capsys):
     path = tmp_path / "afile"
     path.write_text("mine")
-    assert f"{path} is a file, not a directory" in _refusal(["--out", str(path)], capsys)
+    assert f"{path} is a file, not a directory" in refused_at_start(["--out", str(path)], capsys)
     assert path.read_text() == "mine"
 
 
@@ -83,7 +62,7 @@ def test_out_naming_a_file_says_so(tmp_path, capsys):
 def test_run_file_name_taken_by_a_directory_is_refused_at_the_start(tmp_path, capsys, name):
     out = tmp_path / "run"
     (out / name).mkdir(parents=True)
-    line = _refusal(["--out", str(out), "--run.overwrite=true"], capsys)
+    line = refused_at_start(["--out", str(out), "--run.overwrite=true"], capsys)
     assert f"{out / name} is a directory" in line
     assert sorted(p.name for p in out.iterdir()) == [name]
 
@@ -108,14 +87,16 @@ def test_split_size_checks_name_the_keys():
     check_split_sizes(cfg, 1259)
 
 
+@pytest.mark.slow
 def test_too_many_clients_is_exit_2_and_leaves_no_directory(tmp_path):
     out = tmp_path / "run"
     proc = launch(1, ["--data.num_clients=5000", "--server.concurrency=4", "--out", str(out)])
-    _one_error(proc, 2, "data.num_clients", "1,259 samples")
+    refused(proc, "data.num_clients", "1,259 samples")
     assert not out.exists()
 
 
 # ------------------------------------------------------------------ a run that stopped before any checkpoint
+@pytest.mark.slow
 def test_no_checkpoint_messages_agree_on_the_way_out(tmp_path, capsys):
     """A run killed before its first checkpoint (two Ctrl-C): --resume and a fresh start say the same thing,
     and the way they name works."""
@@ -123,8 +104,8 @@ def test_no_checkpoint_messages_agree_on_the_way_out(tmp_path, capsys):
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"stop_reason": "signal", "run_id": "x"}))
     (out / ".model.pt.123.abcd1234.tmp").write_bytes(b"half")
-    resume = _refusal(["--resume", str(out)], capsys)
-    fresh = _refusal(["--out", str(out)], capsys)
+    resume = refused_at_start(["--resume", str(out)], capsys)
+    fresh = refused_at_start(["--out", str(out)], capsys)
     assert "no checkpoint.h5" in resume and "--run.overwrite=true" in resume and "--resume" not in resume
     assert fresh.removeprefix("mpi_afl: error: ") in resume
     proc = launch(1, [*ARGS, "--max-versions", "5", "--out", str(out), "--run.overwrite=true"])
@@ -133,9 +114,10 @@ def test_no_checkpoint_messages_agree_on_the_way_out(tmp_path, capsys):
     assert not list(out.glob(".*.tmp")) and summary(out)["versions"] == 5
 
 
-def test_resume_removes_what_a_killed_run_left_mid_write(tmp_path):
+@pytest.mark.slow
+def test_resume_removes_what_a_killed_run_left_mid_write(tmp_path, finished_runs):
     out = tmp_path / "run"
-    assert launch(1, [*ARGS, "--max-versions", "5", "--out", str(out)]).returncode == 0
+    shutil.copytree(finished_runs("fedbuff").out, out)   # 5 versions of FedBuff on ARGS
     for name in (".checkpoint.h5.99.0badf00d.tmp", ".model.pt.99.0badf00d.tmp", ".summary.json.99.00.tmp"):
         (out / name).write_bytes(b"partial")
     proc = launch(1, ["--resume", str(out), "--max-versions", "10"])
@@ -144,7 +126,9 @@ def test_resume_removes_what_a_killed_run_left_mid_write(tmp_path):
     assert not list(out.glob(".*.tmp")) and summary(out)["versions"] == 10
 
 
-def test_double_ctrl_c_under_mpiexec_leaves_a_directory_the_messages_agree_on(tmp_path):
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_double_ctrl_c_under_mpiexec_leaves_a_directory_the_messages_agree_on(tmp_path, capsys):
     """Two SIGINT 0.3 s apart to mpiexec: hydra kills every rank after the second. The checkpoint is the
     first thing written after a stop, so the run can usually be continued; when it could not be written in
     time, --resume and a fresh start name the same way out, and it works."""
@@ -166,7 +150,7 @@ def test_double_ctrl_c_under_mpiexec_leaves_a_directory_the_messages_agree_on(tm
         assert summary(out)["versions"] == stopped + 5
     else:
         for argv in (["--resume", str(out)], [*ARGS, "--out", str(out)]):
-            _one_error(launch(1, argv), 2, "no checkpoint.h5", "--run.overwrite=true")
+            refused_at_start(argv, capsys, "no checkpoint.h5", "--run.overwrite=true")
         assert launch(1, [*ARGS, "--max-versions", "5", "--out", str(out), "--run.overwrite=true"]).returncode == 0
     assert not list(out.glob(".*.tmp"))
 
@@ -206,7 +190,8 @@ def _running(out: Path) -> bool:
     return (out / "server.log").exists() and "version" in (out / "server.log").read_text()
 
 
-def test_full_disk_at_the_final_writes_is_exit_1_with_one_line(tmp_path):
+@pytest.mark.slow
+def test_full_disk_at_the_final_writes_is_exit_1_with_one_line(tmp_path, capsys):
     """Disk full when the run stops: the checkpoint (~1 MB) and model.pt (~0.2 MB) do not fit, summary.json
     does. One line names both and why, no traceback, no segfault (HDF5 meeting a full disk half-way used to
     crash the process at exit); --resume and a fresh start then agree on the way out."""
@@ -221,17 +206,18 @@ def test_full_disk_at_the_final_writes_is_exit_1_with_one_line(tmp_path):
         finally:
             proc.kill()
         proc.stdout, proc.stderr = stdout, stderr
-        line = _one_error(proc, 1, "not written: checkpoint.h5 (No space left on device)",
-                          "model.pt (No space left on device)", "no checkpoint.h5")
+        line = refused(proc, "not written: checkpoint.h5 (No space left on device)",
+                       "model.pt (No space left on device)", "no checkpoint.h5", code=1)
         # run.h5's last rows may or may not have fitted, depending on where the filler struck
         assert "summary.json" in line.split("; written: ")[1].split(";")[0], line
         assert line == stderr.strip().splitlines()[-1]
         assert summary(out)["stop_reason"] == "signal" and not (out / "checkpoint.h5").exists()
         assert not list(out.glob(".*.tmp"))
         filler.unlink()
-        _one_error(launch(1, ["--resume", str(out)]), 2, "no checkpoint.h5", "--run.overwrite=true")
+        refused_at_start(["--resume", str(out)], capsys, "no checkpoint.h5", "--run.overwrite=true")
 
 
+@pytest.mark.slow
 def test_periodic_checkpoint_on_a_full_disk_warns_and_the_run_goes_on(tmp_path):
     with small_file_system(tmp_path / "fs") as fs:
         out = fs / "run"
@@ -251,6 +237,7 @@ def test_periodic_checkpoint_on_a_full_disk_warns_and_the_run_goes_on(tmp_path):
         assert launch(1, ["--resume", str(out), "--max-versions", str(summary(out)["versions"] + 5)]).returncode == 0
 
 
+@pytest.mark.slow
 def test_directory_made_unwritable_mid_run_names_the_files_not_written(tmp_path):
     """The run (as an unprivileged user, so that permissions apply) loses write access to its directory:
     its open files still take rows, new files cannot be made. The last line names what was not written."""
@@ -273,21 +260,23 @@ def test_directory_made_unwritable_mid_run_names_the_files_not_written(tmp_path)
         finally:
             proc.kill()
         proc.stdout, proc.stderr = stdout, stderr
-        line = _one_error(proc, 1, "checkpoint.h5 (Permission denied)", "summary.json (Permission denied)",
-                          "model.pt (Permission denied)")
+        line = refused(proc, "checkpoint.h5 (Permission denied)", "summary.json (Permission denied)",
+                       "model.pt (Permission denied)", code=1)
         assert line == stderr.strip().splitlines()[-1]
         assert "could not remove" in stderr and "run.lock" in stderr   # said, but not as the last word
     shutil.rmtree(outside, ignore_errors=True)
 
 
-def test_a_distilling_run_that_ends_before_its_gates_says_so(tmp_path):
+@pytest.mark.slow
+def test_a_distilling_run_that_ends_before_its_gates_says_so(tmp_path, finished_runs):
     proc = launch(1, [*ARGS, "--algorithm", "fedrevive", "--max-versions", "5", "--out", str(tmp_path / "r")])
     assert proc.returncode == 0, proc.stderr
     assert "fedrevive never applied its distillation: the run ended at version 5" in proc.stdout
-    quiet = launch(1, [*ARGS, "--algorithm", "fedbuff", "--max-versions", "5", "--out", str(tmp_path / "b")])
-    assert "never applied" not in quiet.stdout
+    quiet = finished_runs("fedbuff").proc   # 5 versions of FedBuff on ARGS
+    assert "[server] done" in quiet.stdout and "never applied" not in quiet.stdout
 
 
+@pytest.mark.slow
 def test_update_budget_gives_methods_of_any_buffer_size_equal_work(tmp_path):
     """run.max_updates: FedBuff (B = 4) and AFL-DW (B = 1) stop at the same number of accepted updates."""
     for algorithm in ("fedbuff", "afl_dw"):

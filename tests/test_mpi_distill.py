@@ -11,7 +11,9 @@ import pytest
 
 from mpi_afl.algorithms.staleness import cosine_beta
 from mpi_afl.storage.runlog import read_run
-from mpi_helpers import FAST, launch, summary
+from mpi_helpers import FAST, launch, ok, summary
+
+pytestmark = pytest.mark.slow   # every test launches runs, all but one under mpiexec (marked mpi)
 
 VERSIONS = 30
 WARMUP = 8  # KD from version 9 on; the generator trains from version 4
@@ -24,13 +26,9 @@ ARGS = [*FAST, "--client.iterations=15", *DISTILL, "--clock", "virtual", "--seed
 LEARNED = 0.3
 
 
-def _ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
-
 def _run(tmp_path_factory, name: str, ranks: int, args: list[str]) -> Path:
     out = tmp_path_factory.mktemp(name) / "run"
-    _ok(launch(ranks, [*ARGS, *args, "--out", str(out)]))
+    ok(launch(ranks, [*ARGS, *args, "--out", str(out)]))
     return out
 
 
@@ -77,6 +75,7 @@ def full_run(tmp_path_factory):
     return _launched_on_first_use(tmp_path_factory, "", [])
 
 
+@pytest.mark.mpi
 def test_fedrevive_learns_and_blends_kd_into_stale_updates(full_run):
     out = full_run("fedrevive", 3)
     s = summary(out)
@@ -103,26 +102,29 @@ def test_fedrevive_learns_and_blends_kd_into_stale_updates(full_run):
     np.testing.assert_allclose(checks["share"], 0.5 * weight[stale_after_warmup], rtol=1e-12)  # FAST lr 0.5
 
 
+@pytest.mark.mpi
 def test_fedrevive_virtual_clock_identical_across_rank_counts(full_run):
     one, three = summary(full_run("fedrevive", 1)), summary(full_run("fedrevive", 3))
     assert one["world_size"] == 1 and three["world_size"] == 3
     _assert_identical(one, three)
 
 
+@pytest.mark.mpi
 def test_fedrevive_resume_is_exact(full_run, tmp_path):
     # Stopped past the warm-up, the checkpoint must carry the generator, the pool, the probe estimates,
     # the teacher buffer and the random streams for the resumed half to match.
     out = tmp_path / "run"
-    _ok(launch(3, [*ARGS, "--algorithm", "fedrevive", "--max-versions", str(VERSIONS // 2), "--out", str(out)]))
+    ok(launch(3, [*ARGS, "--algorithm", "fedrevive", "--max-versions", str(VERSIONS // 2), "--out", str(out)]))
     half = summary(out)
     assert half["versions"] == VERSIONS // 2 and half["algorithm_stats"]["kd_applied"] > 0
-    _ok(launch(3, ["--resume", str(out), "--max-versions", str(VERSIONS)]))
+    ok(launch(3, ["--resume", str(out), "--max-versions", str(VERSIONS)]))
     resumed, whole = summary(out), summary(full_run("fedrevive", 1))
     assert resumed["versions"] == VERSIONS
     assert resumed["model_sha256"] == whole["model_sha256"]
     assert _without_wall_time(resumed["evals"]) == _without_wall_time(whole["evals"])
 
 
+@pytest.mark.mpi
 def test_fedecho_learns_under_mpiexec(full_run):
     s = summary(full_run("fedecho", 3))
     assert s["world_size"] == 3 and s["versions"] == VERSIONS and s["updates_rejected"] == 0
@@ -135,10 +137,12 @@ def test_fedecho_learns_under_mpiexec(full_run):
     assert bool((checks["share"] > 0).all()) and bool((checks["share"] <= 1).all())
 
 
+@pytest.mark.mpi
 def test_fedecho_virtual_clock_identical_across_rank_counts(full_run):
     _assert_identical(summary(full_run("fedecho", 1)), summary(full_run("fedecho", 3)))
 
 
+@pytest.mark.mpi
 def test_fedecho_with_kd_step_zero_is_ca2fl(tmp_path_factory, full_run):
     """echo.kd_step = 0 (CA2FL backbone, the default): no synthesis, no KD, and CA2FL's final model for the
     same arrivals; on 2 ranks against CA2FL's 3, which the virtual clock makes irrelevant."""
@@ -151,12 +155,14 @@ def test_fedecho_with_kd_step_zero_is_ca2fl(tmp_path_factory, full_run):
     assert "kd_applied" not in echo["algorithm_stats"] and "syntheses" not in echo["algorithm_stats"]
 
 
+@pytest.mark.mpi
 def test_ca2fl_learns_under_mpiexec(full_run):
     s = summary(full_run("ca2fl", 3))
     assert s["world_size"] == 3 and s["versions"] == VERSIONS and s["updates_rejected"] == 0
     assert s["final_accuracy"] > LEARNED, s["evals"]
 
 
+@pytest.mark.mpi
 def test_dd_fedrevive_blends_every_update(tmp_path_factory):
     versions = 20
     out = _run(tmp_path_factory, "dd", 3, ["--algorithm", "dd_fedrevive", "--data.kd_fraction=0.1",
@@ -173,7 +179,7 @@ def test_dd_fedrevive_blends_every_update(tmp_path_factory):
 def test_teacher_matched_synthesis_runs_end_to_end(tmp_path):
     """distill.synth_labels = teacher: a short FedRevive run distils and reports its synthesis agreement."""
     out = tmp_path / "run"
-    _ok(launch(1, [*ARGS, "--algorithm", "fedrevive", "--distill.synth_labels=teacher",
+    ok(launch(1, [*ARGS, "--algorithm", "fedrevive", "--distill.synth_labels=teacher",
                    "--max-versions", "15", "--out", str(out)]))
     stats = summary(out)["algorithm_stats"]
     assert stats["syntheses"] > 0 and 0.0 <= stats["synth_agreement"] <= 1.0 and stats["kd_applied"] > 0
@@ -185,6 +191,7 @@ def group_run(tmp_path_factory):
     return _launched_on_first_use(tmp_path_factory, "group-", ["--distill.ranks=1"])
 
 
+@pytest.mark.mpi
 def test_distill_group_gives_one_result_for_any_worker_count(group_run):
     four, five = summary(group_run("fedrevive", 4)), summary(group_run("fedrevive", 5))
     _assert_identical(four, five)
@@ -193,6 +200,7 @@ def test_distill_group_gives_one_result_for_any_worker_count(group_run):
     assert five["distill_ranks"][0]["calls"] > 0
 
 
+@pytest.mark.mpi
 def test_distill_group_follows_the_one_rank_run(group_run, full_run):
     """D = 1 sums the teachers' shares in another order than D = 0: the same KD calls, per-call held-out loss
     changes within float noise of each other, and the same accuracy within noise."""
@@ -207,16 +215,18 @@ def test_distill_group_follows_the_one_rank_run(group_run, full_run):
     assert abs(g["final_accuracy"] - a["final_accuracy"]) <= 0.05, (g["evals"], a["evals"])
 
 
+@pytest.mark.mpi
 def test_distill_group_resume_is_exact(group_run, tmp_path):
     out = tmp_path / "run"
-    _ok(launch(3, [*ARGS, "--algorithm", "fedrevive", "--distill.ranks=1", "--max-versions", str(VERSIONS // 2),
+    ok(launch(3, [*ARGS, "--algorithm", "fedrevive", "--distill.ranks=1", "--max-versions", str(VERSIONS // 2),
                    "--out", str(out)]))
-    _ok(launch(3, ["--resume", str(out), "--max-versions", str(VERSIONS)]))
+    ok(launch(3, ["--resume", str(out), "--max-versions", str(VERSIONS)]))
     resumed, whole = summary(out), summary(group_run("fedrevive", 4))
     assert resumed["model_sha256"] == whole["model_sha256"]
     assert _without_wall_time(resumed["evals"]) == _without_wall_time(whole["evals"])
 
 
+@pytest.mark.mpi
 def test_fedecho_distill_group_records_its_distillation(group_run, full_run):
     g, a = summary(group_run("fedecho", 3)), summary(full_run("fedecho", 3))
     assert g["algorithm_stats"]["distill_seconds"] > 0
@@ -224,6 +234,7 @@ def test_fedecho_distill_group_records_its_distillation(group_run, full_run):
     assert abs(g["final_accuracy"] - a["final_accuracy"]) <= 0.05, (g["evals"], a["evals"])
 
 
+@pytest.mark.mpi
 def test_distill_group_without_a_worker_is_refused_in_one_line(tmp_path):
     proc = launch(2, [*ARGS, "--algorithm", "fedrevive", "--distill.ranks=1", "--out", str(tmp_path / "r")])
     assert proc.returncode == 2, proc.stderr

@@ -19,9 +19,7 @@ else:
 
 from mpi_afl import __version__
 from mpi_afl.launch import mpiexec_path
-from mpi_helpers import HANG_GUARD
-
-REPO = Path(__file__).resolve().parents[1]
+from mpi_helpers import HANG_GUARD, REPO
 
 
 def _setuptools_builds_pep639() -> bool:
@@ -71,6 +69,7 @@ def _run(cmd, cwd, timeout=HANG_GUARD):
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_wheel_ships_presets_console_script_and_license(installed):
     python, bin_dir, work = installed
     done = _run([bin_dir / "mpi-afl", "--version"], work)
@@ -82,6 +81,7 @@ def test_wheel_ships_presets_console_script_and_license(installed):
     assert meta.strip() == "Apache-2.0"
 
 
+@pytest.mark.slow
 def test_wheel_runs_a_preset_and_exports_without_torch(installed):
     python, bin_dir, work = installed
     out = work / "quick"
@@ -96,6 +96,8 @@ def test_wheel_runs_a_preset_and_exports_without_torch(installed):
     assert (work / "csv" / "quick" / "evals.csv").read_text().startswith("version,wall_time,virtual_time")
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_wheel_runs_an_example_plugin_under_mpiexec(installed):
     python, bin_dir, work = installed
     shutil.copytree(REPO / "examples", work / "examples")   # a user's own package, outside the source tree

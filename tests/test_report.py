@@ -13,9 +13,7 @@ import pytest
 from mpi_afl.report import PLOT_FILES, main
 from mpi_afl.storage.runlog import RunLog
 from mpi_afl.storage.runlog.schema import REJECT_REASONS
-from mpi_helpers import HANG_GUARD
-
-REPO = Path(__file__).resolve().parents[1]
+from mpi_helpers import HANG_GUARD, REPO
 REJECTED = next(name for name in REJECT_REASONS if name != "none")
 
 

@@ -11,17 +11,14 @@ import pytest
 from mpi_afl import export, paired_test, results
 from mpi_afl.config import parse_args
 from mpi_afl.storage.runlog.schema import COLUMN_DOCS, TABLES
-from mpi_helpers import FAST, export_without_torch, launch
+from mpi_helpers import export_without_torch
 
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results") / "run"
-    proc = launch(1, [*FAST, "--max-versions", "20", "--fault.kind=nan", "--fault.job=2",
-                      "--run.heartbeat_seconds=0.5", "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture
+def run_dir(finished_runs):
+    """20 FedBuff versions, job 2's update rejected as non-finite, heartbeats (tests/runs.py): shared, read only."""
+    return finished_runs("one_rejected").out
 
 
 def test_load_gives_arrays_decoded_codes_and_units(run_dir):
@@ -46,17 +43,18 @@ def test_every_column_carries_unit_and_description_in_the_file(run_dir):
                 assert len(f[table].attrs[f"{column}_description"]) > 10, (table, column)
 
 
+@pytest.mark.slow
 def test_export_csv_without_torch(run_dir, tmp_path):
     done = export_without_torch([str(run_dir), "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr
     run = results.load(run_dir)
-    with open(tmp_path / "run" / "evals.csv") as fh:
+    with open(tmp_path / run_dir.name / "evals.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [float(r["test_accuracy"]) for r in rows] == run.tables["evals"]["test_accuracy"].tolist()
-    with open(tmp_path / "run" / "arrivals.csv") as fh:
+    with open(tmp_path / run_dir.name / "arrivals.csv") as fh:
         reasons = [r["reason"] for r in csv.DictReader(fh)]
     assert reasons == run.tables["arrivals"]["reason"].tolist()
-    with open(tmp_path / "run" / "columns.csv") as fh:
+    with open(tmp_path / run_dir.name / "columns.csv") as fh:
         columns = list(csv.DictReader(fh))
     assert len(columns) == sum(len(fields) for fields in TABLES.values())
     (row,) = [c for c in columns if (c["table"], c["column"]) == ("evals", "virtual_time")]
@@ -75,7 +73,7 @@ def test_export_tensorboard(run_dir, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     assert export.main([str(run_dir), "--out", str(tmp_path), "--format", "tensorboard"]) == 0
-    acc = EventAccumulator(str(tmp_path / "run"))
+    acc = EventAccumulator(str(tmp_path / run_dir.name))
     acc.Reload()
     events = acc.Scalars("test/accuracy")
     run = results.load(run_dir)

@@ -14,9 +14,7 @@ import pytest
 from mpi_afl.storage.runlog import RunLog, RunLogError, read_run
 from mpi_afl.storage.runlog.reader import check_resumable
 from mpi_afl.storage.runlog.schema import ARRIVAL_FIELDS, EVAL_FIELDS, PHASES, REJECT_REASONS, TIMING_FIELDS
-from mpi_helpers import HANG_GUARD
-
-REPO = Path(__file__).resolve().parents[1]
+from mpi_helpers import HANG_GUARD, REPO
 REJECTED = next(name for name in REJECT_REASONS if name != "none")
 ATTRS = {"config": {"server": {"algorithm": "fedbuff"}, "run": {"seed": 3}}, "world_size": 4, "label": "x"}
 

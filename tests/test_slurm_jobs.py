@@ -13,28 +13,20 @@ about two minutes (reason BeginTime); the loop releases it with `scontrol update
 previous start has left the node, which changes nothing else about the restart.
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import pytest
 
-from mpi_afl.storage.runlog import read_run
+from mpi_helpers import REPO, summary
+from slurm_helpers import (RUN, TERMINAL, Job, assert_complete_log, completed, drive, handles_usr1, logged_versions,
+                           show_job, tail)
 
-REPO = Path(__file__).resolve().parents[1]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-# Small and slow on purpose: 2 workers, jobs of 1 virtual unit that sleep `delays.wall_scale` seconds each.
-RUN = ["--dataset", "digits", "--run.device=cpu", "--algorithm", "fedasync", "--clock", "wall",
-       "--data.num_clients=8", "--server.concurrency=2", "--client.iterations=2", "--delays.schedule=none",
-       "--run.eval_every=5", "--run.log_flush_seconds=0.5"]
 SMALL = ["--ntasks=3", "--cpus-per-task=1"]
 
 
@@ -54,7 +46,8 @@ _PROBLEM = _slurm_problem()
 # The campaign takes 3-5 minutes on an otherwise idle 2-core machine; the limits here are hang guards, about
 # ten times that.
 CAMPAIGN_GUARD = 3000
-pytestmark = [pytest.mark.skipif(bool(_PROBLEM), reason=_PROBLEM or "SLURM ready"), pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.skipif(bool(_PROBLEM), reason=_PROBLEM or "SLURM ready"), pytest.mark.timeout(3600),
+              pytest.mark.slurm, pytest.mark.slow]
 
 
 def _lost(why: str):
@@ -90,17 +83,7 @@ def submit(tmp_path: Path, script: str, sbatch: list[str], args: list[str], **en
 
 
 def job_info(job: str) -> dict:
-    text = slurm(["scontrol", "show", "job", "-o", job]).stdout
-    info = {}
-    for line in text.splitlines():   # an array job gives one line per task; the caller asks for one
-        for pair in line.split():
-            key, _, value = pair.partition("=")
-            info.setdefault(key, value)
-    return info
-
-
-def _tail(log: Path) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-60:]) if log.exists() else f"(no {log})"
+    return show_job(slurm, job)
 
 
 def rank_pids(job: str, every_step: bool = False) -> list[int]:
@@ -119,44 +102,6 @@ def kill_ranks(job: str) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def assert_complete_log(out: Path, versions: int) -> None:
-    """run.h5 holds every version 1..versions once (fedasync: one accepted update per version), and every
-    evaluation (every 5 versions) once."""
-    run = read_run(out / "run.h5")
-    a = run["arrivals"]
-    accepted = np.sort(a["version"][a["accepted"]])
-    np.testing.assert_array_equal(accepted, np.arange(1, versions + 1))
-    assert len(np.unique(a["job"])) == len(a["job"]), "an arrival row is duplicated"
-    evals = run["evals"]["version"]
-    assert len(np.unique(evals)) == len(evals), f"duplicate evaluation rows: {evals}"
-    assert set(range(5, versions + 1, 5)) <= set(evals.tolist()), f"missing evaluation rows: {evals}"
-
-
-def logged_versions(out: Path) -> int:
-    """Accepted updates in the live run.h5 so far (0 while it does not exist yet)."""
-    try:
-        return int(read_run(out / "run.h5")["arrivals"]["accepted"].sum())
-    except (OSError, ValueError):
-        return 0
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
-@dataclass
-class Job:
-    """One submitted job and what the polling loop does to it."""
-    id: str
-    log: Path
-    out: Path
-    on_running: Callable[["Job", dict], None] | None = None   # called at every poll while it runs
-    requeue_when_ended: bool = False                          # after a kill: requeue once it has ended
-    done: dict = field(default_factory=dict)                  # `scontrol show job` fields once finished
-    held_since: float = 0.0                                   # when the loop first saw it in SLURM's requeue hold
-    events: list = field(default_factory=list)                # what the loop did, for the assertions
-
-
 def kill_after(versions: int, with_checkpoint: bool):
     """SIGKILL the ranks once `versions` are logged (before or after the first checkpoint), then requeue."""
     def act(job: Job, info: dict) -> None:
@@ -168,16 +113,6 @@ def kill_after(versions: int, with_checkpoint: bool):
     return act
 
 
-def handles_usr1(pid: int) -> bool:
-    """The process has a handler for SIGUSR1 (its SigCgt mask), i.e. the trainer's first line has run."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-    return bool(caught & (1 << (signal.SIGUSR1 - 1)))
-
-
 def usr1_during_start_up(job: Job, info: dict) -> None:
     """USR1 to the ranks once all of them handle it, while they are still starting up (no run.h5 yet)."""
     pids = rank_pids(job.id)
@@ -186,36 +121,13 @@ def usr1_during_start_up(job: Job, info: dict) -> None:
         job.events.append("signalled" if not (job.out / "run.h5").exists() else "signalled too late")
 
 
-def drive(jobs: dict[str, Job], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        pending = [j for j in jobs.values() if not j.done]
-        if not pending:
-            return
-        for job in pending:
-            info = job_info(job.id)
-            state = info.get("JobState", "")
-            if state in TERMINAL:
-                if job.requeue_when_ended:
-                    job.requeue_when_ended = False
-                    slurm(["scontrol", "requeue", job.id], check=True)
-                    job.events.append("requeued")
-                else:
-                    job.done = info
-            elif state == "PENDING" and info.get("Reason") == "BeginTime":
-                # Released only once the previous start has left the node: a restart launched while slurmd
-                # still revokes the old one's credential is killed at once ("Job credential revoked").
-                job.held_since = job.held_since or time.monotonic()
-                if time.monotonic() - job.held_since > 5 and not rank_pids(job.id, every_step=True):
-                    slurm(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
-                    job.held_since = 0.0
-            elif state == "RUNNING" and job.on_running is not None:
-                job.on_running(job, info)
-        time.sleep(1)
-    for job in jobs.values():
-        if not job.done:
-            slurm(["scancel", job.id])
-            job.done = {"JobState": "still running after the campaign's timeout"}
+def release_when_gone(job: Job) -> None:
+    """Release a job from SLURM's requeue hold once its previous start has left the node: a restart launched
+    while slurmd still revokes the old one's credential is killed at once ("Job credential revoked")."""
+    job.held_since = job.held_since or time.monotonic()
+    if time.monotonic() - job.held_since > 5 and not rank_pids(job.id, every_step=True):
+        slurm(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
+        job.held_since = 0.0
 
 
 TIME_LIMIT_VERSIONS = 45   # 2-s jobs on 1 worker: >= 90 s of training, longer than the first SIGUSR1 (60-90 s in)
@@ -256,28 +168,25 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
     for task in (0, 1):
         jobs[f"sweep_{task}"] = Job(f"{array}_{task}", d / f"mpi_afl-sweep-{array}_{task}.out",
                                     d / "runs" / f"fedasync-s{task}")
-    drive(jobs, timeout=CAMPAIGN_GUARD)
+    drive(jobs, CAMPAIGN_GUARD, slurm, on_held=release_when_gone)
     return jobs
 
 
 def finished(job: Job, versions: int) -> str:
-    """The job log, after checking that the job completed and its run ended at `versions` by its stop rule."""
+    """completed(job, versions), unless the cluster stopped being usable (then the test skips)."""
     state = job.done.get("JobState", "")
     if state != "COMPLETED" and (problem := _slurm_problem() or (state in ("NODE_FAIL", "BOOT_FAIL", "")
                                                                  and f"the job ended {state or 'unknown to SLURM'}")):
         _lost(problem)
-    assert job.done.get("JobState") == "COMPLETED", f"{job.done.get('JobState')}; log:\n{_tail(job.log)}"
-    s = summary(job.out)
-    assert (s["stop_reason"], s["versions"]) == ("max_versions", versions), _tail(job.log)
-    return job.log.read_text()
+    return completed(job, versions)
 
 
 def test_time_limit_signal_requeues_until_the_run_is_done(campaign):
     job = campaign["time_limit"]
     text = finished(job, TIME_LIMIT_VERSIONS)
-    assert int(job.done["Restarts"]) >= 1, _tail(job.log)
-    assert "signal SIGUSR1" in text and "requeueing job" in text, _tail(job.log)
-    assert "restart 0:" in text and "restart 1:" in text, _tail(job.log)   # one log, appended to across restarts
+    assert int(job.done["Restarts"]) >= 1, tail(job.log)
+    assert "signal SIGUSR1" in text and "requeueing job" in text, tail(job.log)
+    assert "restart 0:" in text and "restart 1:" in text, tail(job.log)   # one log, appended to across restarts
     assert_complete_log(job.out, TIME_LIMIT_VERSIONS)
 
 
@@ -285,18 +194,18 @@ def test_requeue_before_the_first_checkpoint_starts_over_and_does_not_hang(campa
     """Ranks SIGKILLed before any checkpoint leave MPICH's shared memory behind; the requeued job removes
     it (or MPI_Init would spin forever on it) and starts the run over in the same OUT."""
     job = campaign["kill_before_checkpoint"]
-    assert job.events == ["killed", "requeued"], _tail(job.log)
+    assert job.events == ["killed", "requeued"], tail(job.log)
     text = finished(job, 20)
-    assert "removed stale MPI shared memory" in text and "finds no checkpoint" in text, _tail(job.log)
+    assert "removed stale MPI shared memory" in text and "finds no checkpoint" in text, tail(job.log)
     assert_complete_log(job.out, 20)
 
 
 def test_requeue_after_sigkill_resumes_from_the_checkpoint(campaign):
     job = campaign["kill_after_checkpoint"]
-    assert job.events == ["killed", "requeued"], _tail(job.log)
+    assert job.events == ["killed", "requeued"], tail(job.log)
     text = finished(job, 30)
-    assert "removed stale MPI shared memory" in text and "restart 1: srun" in text, _tail(job.log)
-    assert "resumed from" in text, _tail(job.log)
+    assert "removed stale MPI shared memory" in text and "restart 1: srun" in text, tail(job.log)
+    assert "resumed from" in text, tail(job.log)
     assert_complete_log(job.out, 30)
 
 
@@ -304,10 +213,10 @@ def test_usr1_during_start_up_leaves_no_crashed_rank(campaign):
     """USR1 to the ranks while they start up (importing torch, loading data): every rank exits 0, the job
     requeues itself and the restart completes the run."""
     job = campaign["usr1_at_start"]
-    assert job.events == ["signalled"], _tail(job.log)
+    assert job.events == ["signalled"], tail(job.log)
     text = finished(job, 10)
-    assert int(job.done["Restarts"]) >= 1, _tail(job.log)
-    assert "Traceback" not in text and "Exited with exit code" not in text, _tail(job.log)
+    assert int(job.done["Restarts"]) >= 1, tail(job.log)
+    assert "Traceback" not in text and "Exited with exit code" not in text, tail(job.log)
 
 
 @pytest.mark.parametrize("task", [0, 1])
@@ -351,5 +260,5 @@ def test_generated_sweep_array_runs_with_its_cluster_options(tmp_path):
             time.sleep(1)
             task = job_info(f"{job}_{seed}")
         assert task.get("JobState") == "COMPLETED", f"task {seed}: {task.get('JobState')}\n" + "\n".join(
-            _tail(p) for p in (out / "logs").glob("*.out"))
+            tail(p) for p in (out / "logs").glob("*.out"))
         assert summary(out / "fedasync" / f"s{seed}")["versions"] == 5

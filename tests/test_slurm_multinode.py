@@ -16,18 +16,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import pytest
 
 from mpi_afl.slurm import fnv1a32
-from mpi_helpers import HANG_GUARD, MPIEXEC, env as mpi_env
-from test_slurm_jobs import RUN, TERMINAL, assert_complete_log, handles_usr1, logged_versions
-
-REPO = Path(__file__).resolve().parents[1]
+from mpi_helpers import HANG_GUARD, MPIEXEC, REPO, env as mpi_env, summary
+from slurm_helpers import RUN, Job, assert_complete_log, completed, drive, handles_usr1, logged_versions, tail
 UP = REPO / ".ci" / "multinode_up.sh"
 MN_STATE = Path(os.environ.get("MN_STATE", "/var/tmp/mpi_afl-mn"))
 CONF = MN_STATE / "etc" / "slurm.conf"
@@ -53,7 +49,7 @@ def _nodes_up() -> tuple[int, str]:
 
 NODES, _PROBLEM = _nodes_up()
 pytestmark = [pytest.mark.skipif(NODES < 2, reason=_PROBLEM or f"{NODES} emulated node(s): need 2"),
-              pytest.mark.timeout(2 * HANG_GUARD)]
+              pytest.mark.timeout(2 * HANG_GUARD), pytest.mark.slurm, pytest.mark.slow]
 
 
 def _env(**extra: str) -> dict:
@@ -76,22 +72,6 @@ def on_node(node: str, args: list) -> subprocess.CompletedProcess:
     return slurm([UP, "exec", node, *args])
 
 
-def job_info(job: str) -> dict:
-    info = {}
-    for pair in slurm(["scontrol", "show", "job", "-o", job]).stdout.split():
-        key, _, value = pair.partition("=")
-        info.setdefault(key, value)
-    return info
-
-
-def tail(log: Path) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-60:]) if log.exists() else f"(no {log})"
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
 def hostnames(out: Path) -> list[str]:
     with h5py.File(out / "run.h5", "r") as f:
         return json.loads(f.attrs["hostnames"])
@@ -109,6 +89,7 @@ def veth_tx(node: str) -> int:
     return int(Path(f"/sys/class/net/mn-{node}/statistics/tx_bytes").read_text())
 
 
+@pytest.mark.mpi
 def test_hydra_without_slurm_across_two_nodes(tmp_path):
     """mpiexec (hydra) starts its proxies on n1 and n2 through an ssh stand-in (nsenter into the node): the
     run spans both hosts, its traffic crosses n2's veth, and its model is the one-process run's."""
@@ -125,17 +106,6 @@ def test_hydra_without_slurm_across_two_nodes(tmp_path):
     assert summary(tmp_path / "hydra")["model_sha256"] == one_process(tmp_path / "one", args)
 
 
-@dataclass
-class Job:
-    id: str
-    log: Path
-    out: Path
-    act: object = None            # called at every poll while the job runs
-    requeue_when_ended: bool = False
-    done: dict = field(default_factory=dict)
-    events: list = field(default_factory=list)
-
-
 def rank_pids_on(job: str, node: str) -> list[int]:
     """Processes of the job's task steps on `node` (scontrol listpids reads the node's own spool directory)."""
     out = on_node(node, ["scontrol", "listpids", job]).stdout
@@ -146,7 +116,7 @@ def rank_pids_on(job: str, node: str) -> list[int]:
 def kill_node_after_checkpoint(node: str, versions: int):
     """SIGKILL every rank on `node` once `versions` are logged and a checkpoint exists (a node failure, as far as
     the ranks see it), then requeue the job once it has ended."""
-    def act(job: Job) -> None:
+    def act(job: Job, info: dict) -> None:
         if not job.events and logged_versions(job.out) >= versions and (job.out / "checkpoint.h5").exists():
             pids = rank_pids_on(job.id, node)
             if pids:
@@ -157,34 +127,12 @@ def kill_node_after_checkpoint(node: str, versions: int):
     return act
 
 
-def usr1_during_start_up(job: Job) -> None:
+def usr1_during_start_up(job: Job, info: dict) -> None:
     """USR1 to the ranks on both nodes once all of them handle it, while they still start up (no run.h5)."""
     pids = rank_pids_on(job.id, "n1") + rank_pids_on(job.id, "n2")
     if not job.events and len(pids) == 2 and all(handles_usr1(p) for p in pids):
         slurm(["scancel", "--signal=USR1", job.id], check=True)
         job.events.append("signalled" if not (job.out / "run.h5").exists() else "signalled too late")
-
-
-def drive(jobs: dict[str, Job]) -> None:
-    end = time.monotonic() + 2 * HANG_GUARD
-    while time.monotonic() < end and any(not j.done for j in jobs.values()):
-        for job in (j for j in jobs.values() if not j.done):
-            info = job_info(job.id)
-            state = info.get("JobState", "")
-            if state in TERMINAL:
-                if job.requeue_when_ended:
-                    job.requeue_when_ended = False
-                    slurm(["scontrol", "requeue", job.id], check=True)
-                    job.events.append("requeued")
-                else:
-                    job.done = info
-            elif state == "RUNNING" and job.act is not None:
-                job.act(job)
-        time.sleep(1)
-    for job in jobs.values():
-        if not job.done:
-            slurm(["scancel", job.id])
-            job.done = {"JobState": "still running after the hang guard"}
 
 
 VERSIONS_KILL = 60
@@ -202,7 +150,7 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
         out = slurm(["sbatch", "--parsable", *sbatch, REPO / "jobs" / "slurm_multi_node.sbatch", *args],
                     check=True, cwd=d, env=_env(OUT=str(d / "run"), **env))
         job = out.stdout.strip().split(";")[0]
-        jobs[name] = Job(job, d / f"mpi_afl-multi-{job}.out", d / "run", act)
+        jobs[name] = Job(job, d / f"mpi_afl-multi-{job}.out", d / "run", on_running=act)
 
     # The server alone on n1, two workers on n2 (an arbitrary distribution from a host file; --ntasks-per-node
     # replaces the script's 8, which -n 3 on 2 nodes could not satisfy).
@@ -223,19 +171,12 @@ def campaign(tmp_path_factory) -> dict[str, Job]:
     # A start stopped by the time-limit signal before it trained, with MPI_AFL_MAX_IDLE_STARTS=1: no requeue.
     submit("no_progress", ["-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
            [*EXACT, "--max-versions", "20"], act=usr1_during_start_up, MPI_AFL_MAX_IDLE_STARTS="1")
-    drive(jobs)
+    drive(jobs, 2 * HANG_GUARD, slurm)   # a requeued job waits out SLURM's hold
     # The references, after the jobs (one run at a time on this machine's cores).
     jobs["sha20"] = one_process(root / "one20", [*EXACT, "--max-versions", "20"])
     jobs["sha_kill"] = one_process(root / "one_kill", [*EXACT, f"--max-versions={VERSIONS_KILL}",
                                                        "--run.checkpoint_every=10"])
     return jobs
-
-
-def completed(job: Job, versions: int) -> str:
-    assert job.done.get("JobState") == "COMPLETED", f"{job.done.get('JobState')}; log:\n{tail(job.log)}"
-    s = summary(job.out)
-    assert (s["stop_reason"], s["versions"]) == ("max_versions", versions), tail(job.log)
-    return job.log.read_text()
 
 
 def test_two_nodes_server_alone_matches_one_process(campaign):

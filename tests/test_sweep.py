@@ -15,6 +15,7 @@ def test_grid_order_and_directories(tmp_path):
     assert "--server.lr=0.5" in points[2].train_args(tmp_path, [])
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_resumes_and_prints_mean_std(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--algorithms", "fedbuff,fedasync", "--seeds", "0,1", "--parallel", "2",
             "--", *FAST, "--max-versions", "4"]

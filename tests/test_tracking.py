@@ -10,13 +10,10 @@ import pytest
 
 from mpi_afl.config import ConfigError, parse_args
 from mpi_afl.storage.runlog import RunLog, read_run
-from mpi_helpers import FAST, launch, summary
+from mpi_helpers import FAST, launch, ok, summary
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(directory))
@@ -33,10 +30,6 @@ def tags(directory: Path) -> dict:
 def f32(values) -> list[float]:
     """simple_value is a float32: compare what run.h5 holds at that precision."""
     return [float(v) for v in np.asarray(values, dtype=np.float32)]
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
 # ------------------------------------------------------------------ in process: RunLog -> TensorBoard
@@ -145,6 +138,7 @@ def history(client, run, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
 
+@pytest.mark.slow
 def test_a_run_is_followed_by_tensorboard_and_mlflow(tmp_path):
     pytest.importorskip("mlflow")
     out = tmp_path / "run"
@@ -181,6 +175,7 @@ def test_a_run_is_followed_by_tensorboard_and_mlflow(tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.toml"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_checkpoint_and_resumed_logs_every_version_once(tmp_path):
     """The server crashes (fault injection) after the checkpoint of version 10 and after evaluating later
     versions; --resume continues from version 10. TensorBoard ends up with the points of an uninterrupted run,
@@ -218,6 +213,7 @@ def test_a_run_killed_after_its_checkpoint_and_resumed_logs_every_version_once(t
     assert json.loads((cut / "summary.json").read_text())["versions"] == 20
 
 
+@pytest.mark.slow
 def test_a_store_that_cannot_be_reached_is_one_line_and_leaves_no_run(tmp_path):
     pytest.importorskip("mlflow")
     out = tmp_path / "run"
@@ -230,6 +226,7 @@ def test_a_store_that_cannot_be_reached_is_one_line_and_leaves_no_run(tmp_path):
     assert not (out / "run.h5").exists() and not (out / "checkpoint.h5").exists()   # a fresh start may follow
 
 
+@pytest.mark.slow
 def test_distillation_diagnostics_of_the_stats_are_tracked(tmp_path):
     out = tmp_path / "fr"
     small = ["--algorithm", "fedrevive", "--distill.freeze_versions=2", "--distill.warmup_versions=4",
@@ -245,6 +242,7 @@ def test_distillation_diagnostics_of_the_stats_are_tracked(tmp_path):
         assert scalars(tb, f"stats/{key}")[-1] == (10, f32([stats[key]])[0]), key
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_a_signal_and_resumed_matches_its_run_log(tmp_path):
     """SIGTERM during the run: the server checkpoints, then evaluates the version it stopped at if that one was
     not evaluated (off-schedule: a row the resumed run log drops). After --resume the event files hold exactly
@@ -284,6 +282,7 @@ def test_a_run_stopped_by_a_signal_and_resumed_matches_its_run_log(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_on_a_virtual_time_grid_the_evaluation_step_is_virtual_time(tmp_path):
     out = tmp_path / "grid"
     ok(launch(1, [*FAST, "--run.eval_every_time=0.5", "--max-versions", "6", "--run.tensorboard=true",
