@@ -11,7 +11,7 @@ from torch import nn
 
 from mpi_afl.algorithms import algorithm_class
 from mpi_afl.algorithms.afl_dw import AFLDW
-from mpi_afl.algorithms.base import Update
+from mpi_afl.algorithms.base import Algorithm, Update
 from mpi_afl.algorithms.fedasync import FedAsync
 from mpi_afl.algorithms.fedavg import FedAvg
 from mpi_afl.algorithms.fedbuff import FedBuff
