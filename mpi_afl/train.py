@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from . import signals
+from . import console, signals
 from .config import ConfigError, from_dict
 from .launch import world_mismatch
 from .run.build import build, wire_server
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     mismatch = world_mismatch(comm.Get_size(), MPI.Get_library_version().strip().splitlines()[0])
     if mismatch:   # every task sees it; the launcher's first task says it
         if mismatch[1]:
-            print(f"mpi_afl: error: {mismatch[0]}", file=sys.stderr, flush=True)
+            console.error(mismatch[0])
         return EXIT_CONFIG
     try:
         return run(comm, argv)
@@ -53,7 +53,8 @@ def run(comm, argv=None) -> int:
     finally:
         setup.release()
         if setup.final_error:
-            print(f"mpi_afl: error: {setup.final_error}", file=sys.stderr, flush=True)
+            console.error(setup.final_error)
+        console.close_log()
 
 
 def _run(comm, setup: Setup) -> int:
@@ -77,8 +78,7 @@ def _run(comm, setup: Setup) -> int:
 
     def request_stop(signum: int) -> None:
         server.stop_requested = True
-        print(f"[server] signal {signals.name(signum)}: checkpointing and stopping after the "
-              f"update in hand", flush=True)
+        console.server.info(f"signal {signals.name(signum)}: checkpointing and stopping after the update in hand")
 
     signals.on_stop(request_stop)   # also fires now for a signal that came since the last start-up point
     server.run()

@@ -98,7 +98,7 @@ def test_run_directory_records_how_it_was_made(run_dir):
 def test_progress_lines_show_total_eta_and_heartbeat(run_dir):
     log = (run_dir / "server.log").read_text()
     assert "\r" not in log
-    lines = [line for line in log.splitlines() if line.startswith("[server] version")]
+    lines = [line for line in log.splitlines() if " INFO [server] version " in line]
     assert any("20/20" in line and "100%" in line and "ETA 0:00:00" in line for line in lines), lines
     assert all("/20" in line and "ETA " in line for line in lines), lines
     assert any("heartbeat" in line for line in lines), lines

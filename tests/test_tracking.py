@@ -109,7 +109,7 @@ def test_a_tracker_that_fails_during_the_run_says_so_once_and_the_log_goes_on(tm
     record(log, [2, 4, 6])
     log.close()
     assert calls == [2]   # stopped after the first failure
-    assert capsys.readouterr().err.count("[server] warning: TensorBoard tracking stopped") == 1
+    assert capsys.readouterr().out.count("[server] warning: TensorBoard tracking stopped") == 1
     assert read_run(tmp_path / "run.h5")["evals"]["version"].tolist() == [2, 4, 6]
 
 

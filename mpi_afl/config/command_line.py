@@ -55,7 +55,8 @@ def _short_help() -> str:
     rows = [("--config FILE", "TOML config file (mpi-afl train --print-config writes one)"),
             ("--preset NAME", f"named config: {', '.join(preset_names())}"),
             ("--resume DIR", "continue the run in DIR from its checkpoint"),
-            ("--print-config", "print the resolved config as TOML (--format json: JSON) and exit")]
+            ("--print-config", "print the resolved config as TOML (--format json: JSON) and exit"),
+            ("--quiet, --verbose", "the console: warnings and errors only, or also a line per arrival")]
     rows += [(f"--{flag.replace('_', '-')} VALUE", f"= --{key} (default: {_default(keys[key][1])!r})")
              for flag, key in SHORTCUTS.items()]
     rows += [(f"--{key}={typ_name(keys[key][0])}", f"{keys[key][1].metadata['help']} "
@@ -94,6 +95,11 @@ def build_parser(full: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["toml", "json"], default="toml", help="with --print-config: the output "
                    "format (default: toml)")
     p.add_argument("--version", action="version", version=f"mpi_afl {__version__}")
+    level = p.add_mutually_exclusive_group()
+    for flag, value, text in (("--quiet", "quiet", "only warnings and errors on the console"),
+                              ("--verbose", "verbose", "also a line per arrival on the console and in server.log")):
+        level.add_argument(flag, dest="run.log_level", action="store_const", const=value, default=None,
+                           help=f"= --run.log_level={value}: {text}")
     short = p.add_argument_group("shortcuts")
     keys = all_keys()
     for flag, key in SHORTCUTS.items():

@@ -329,7 +329,7 @@ def preset_path(name: str) -> Path:
 RESUMABLE = {"run.max_versions", "run.max_updates", "run.max_virtual_time", "run.max_wall_seconds",
              "run.target_accuracy",
              "run.diverged_after",
-             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds",
+             "run.eval_every", "run.checkpoint_every", "run.log_flush_seconds", "run.heartbeat_seconds", "run.log_level",
              "run.threads", "run.device", "run.placement", "distill.ranks",
              "run.tensorboard", "run.mlflow", "run.mlflow_uri", "run.mlflow_experiment",
              "run.out", "run.overwrite", "server.queue_depth", "delays.wall_scale", "fault.kind", "fault.job"}

@@ -63,6 +63,9 @@ class RunConfig:
     log_flush_seconds: float = opt(2.0, "flush buffered HDF5 rows at least this often", min=0, min_exclusive=True)
     heartbeat_seconds: float = opt(30.0, "print a progress line at least this often, also between evaluations",
                                    min=0, min_exclusive=True)
+    log_level: str = opt("info", "the console's lines: 'info' all, 'quiet' warnings and errors only (--quiet), "
+                         "'verbose' also one per arrival (--verbose); OUT/server.log has every line from INFO "
+                         "up whatever the console shows", choices=["info", "quiet", "verbose"])
     # Live tracking (storage/tracking.py): mirrors of run.h5 that change nothing in the run's result.
     tensorboard: bool = opt(False, "write TensorBoard event files into OUT/tensorboard during the run (rank 0, "
                             "at every evaluation): accuracy and loss by version and by evaluation with the virtual "

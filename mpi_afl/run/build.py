@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, console
 from ..config import Config, ConfigError
 from .errors import startup_point
 from .group import check_group, distillation_group
 from .provenance import run_attrs
-from .startup import Setup, prepare_run_dir, tee_console
+from .startup import Setup, prepare_run_dir
 
 
 @dataclass
@@ -106,7 +106,7 @@ def build(comm, cfg: Config, setup: Setup) -> Built:
 
 
 def wire_server(comm, b: Built, setup: Setup):
-    """Rank 0: the console copied to OUT/server.log, the transport, the run's description and warnings, the run
+    """Rank 0: the run's lines copied to OUT/server.log, the transport, the run's description and warnings, the run
     log and its trackers, and the server (resumed from the checkpoint when resuming)."""
     from ..data.partition import class_histograms
     from ..placement import describe
@@ -118,22 +118,22 @@ def wire_server(comm, b: Built, setup: Setup):
 
     cfg, d, size, out = b.cfg, b.cfg.data, comm.Get_size(), Path(b.cfg.run.out)
     distilling = cfg.distill.ranks
-    tee_console(out)
+    console.log_to(out / "server.log")
     transport = (ServerMPI(comm, b.runner.size, cfg.server.queue_depth, first_worker=distilling + 1) if size > 1
                  else LocalTransport(b.runner.run))
     sizes = [len(p) for p in b.parts]
-    print(f"[server] mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, "
-          f"{b.runner.size:,} floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), "
-          f"K={cfg.server.concurrency}, {size} rank(s), {cfg.run.clock} clock, device {b.device}, out {out}",
-          flush=True)
-    print(f"[server] placement: {describe(b.placements)}", flush=True)
+    say = console.server
+    say.info(f"mpi_afl {__version__}: {cfg.server.algorithm} on {d.dataset} ({cfg.model.name}, {b.runner.size:,} "
+             f"floats), {d.num_clients} clients ({min(sizes)}-{max(sizes)} samples), K={cfg.server.concurrency}, "
+             f"{size} rank(s), {cfg.run.clock} clock, device {b.device}, out {out}")
+    say.info(f"placement: {describe(b.placements)}")
     if distilling:
-        print(f"[server] distillation: ranks 0-{distilling} distil together (teachers split over {distilling + 1} "
-              f"ranks, distill.ranks = {distilling}); ranks {distilling + 1}-{size - 1} are workers", flush=True)
+        say.info(f"distillation: ranks 0-{distilling} distil together (teachers split over {distilling + 1} ranks, "
+                 f"distill.ranks = {distilling}); ranks {distilling + 1}-{size - 1} are workers")
     notes = (b.placement_notes + idle_workers(cfg.server.concurrency, size - 1 - distilling)
              + repeated_images(cfg, b.parts))
     for note in notes:
-        print(f"[server] warning: {note}", flush=True)
+        say.warning(f"warning: {note}")
     resume_state = setup.resume_state
     trackers = tracking.open_trackers(cfg, out)   # live mirrors of run.h5; before it, so a bad store leaves no run
     log = RunLog(out / "run.h5", {**run_attrs(cfg, size, b.placements), "run_id": setup.run_id},
@@ -145,7 +145,7 @@ def wire_server(comm, b: Built, setup: Setup):
         world_size=size, run_id=setup.run_id, group=b.group))
     if resume_state:
         server.load_state_dict(resume_state)
-        print(f"[server] resumed from {out / 'checkpoint.h5'} at version {server.version}", flush=True)
+        say.info(f"resumed from {out / 'checkpoint.h5'} at version {server.version}")
     tracking.attach(log, trackers, server.stats)   # run.tensorboard, run.mlflow
     return server
 

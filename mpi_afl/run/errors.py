@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 
-from .. import signals
+from .. import console, signals
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -16,8 +16,8 @@ ABORT_GRACE_SECONDS = 1.0   # before MPI_Abort, so that mpiexec passes on what t
 
 
 def stopped_at_start(signum: int) -> None:
-    print(f"mpi_afl: {signals.name(signum)} during start-up: stopped before any work (nothing to resume; "
-          "a resumed run is left as it was)", flush=True)
+    console.tool.info(f"{signals.name(signum)} during start-up: stopped before any work (nothing to resume; "
+                      "a resumed run is left as it was)")
 
 
 def collective_or_exit(comm, result) -> object:
@@ -35,7 +35,7 @@ def startup_point(comm, failure: str | None = None) -> None:
     failures = [f for f, _ in statuses if f]
     if failures:
         if comm.Get_rank() == 0:
-            print(f"mpi_afl: error: {failures[0]}", file=sys.stderr, flush=True)
+            console.error(failures[0])
         sys.exit(EXIT_CONFIG)
     if statuses[0][1] is not None:
         if comm.Get_rank() == 0:
@@ -47,10 +47,10 @@ def config_error(comm, e: Exception) -> int:
     """A plug-in that breaks its contract (or no GPU for run.device=cuda) fails alike on every rank;
     rank 0 says why, then the job ends (Abort: a rank that did not fail must not wait forever)."""
     if comm.Get_rank() == 0:
-        print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
+        console.error(str(e))
     else:
         time.sleep(2)   # let rank 0 print first; if only this rank failed, still say why
-        print(f"mpi_afl: error on rank {comm.Get_rank()}: {e}", file=sys.stderr, flush=True)
+        console.tool.error(f"error on rank {comm.Get_rank()}: {e}")
     if comm.Get_size() > 1:
         abort(comm, EXIT_CONFIG)
     return EXIT_CONFIG
@@ -61,9 +61,8 @@ def fail(comm, e: BaseException) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     role = "server" if rank == 0 else "worker"
     what = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-    sys.stderr.write(traceback.format_exc() + f"mpi_afl: rank {rank} ({role}) failed: {what}"
-                     + ("; aborting all ranks\n" if size > 1 else "\n"))
-    sys.stderr.flush()
+    console.tool.error(f"rank {rank} ({role}) failed: {what}" + ("; aborting all ranks" if size > 1 else ""),
+                       extra={"traceback": traceback.format_exc()})
     if size > 1:
         abort(comm, EXIT_FAILED)
     return EXIT_FAILED

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import json
-import sys
 
+from .. import console
 from ..config import Config
 from ..storage.final_writes import FinalWrites
 from .errors import EXIT_DIVERGED, EXIT_FAILED
@@ -48,18 +48,18 @@ def finish(comm, server, device, setup: Setup) -> int:
         setup.final_error = line   # printed by train.run(), after the lock's release, as the run's last line
         return EXIT_FAILED
     out = server.out_dir
-    print(f"[server] done ({server.stop_reason}): {summary['versions']} versions, "
-          f"final acc {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}, "
-          f"{summary['updates_rejected']} rejected, {summary['wall_seconds']:.1f}s -> {out / 'summary.json'}",
-          flush=True)
+    console.server.info(f"done ({server.stop_reason}): {summary['versions']} versions, "
+                        f"final acc {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}, "
+                        f"{summary['updates_rejected']} rejected, {summary['wall_seconds']:.1f}s -> "
+                        f"{out / 'summary.json'}")
     if server.stop_reason == "signal":
-        print(f"[server] continue it with: mpi-afl train --resume {out}", flush=True)
+        console.server.info(f"continue it with: mpi-afl train --resume {out}")
     for note in never_distilled(server.cfg, summary):
-        print(f"[server] warning: {note}", flush=True)
+        console.server.warning(f"warning: {note}")
     if server.diverged:
-        print(f"mpi_afl: error: the run diverged: {server.diverged}; stopped at version {server.version}, the "
-              f"last finite one (checkpoint, summary.json and model.pt written); try a smaller client.lr or "
-              f"server.lr", file=sys.stderr, flush=True)
+        console.error(f"the run diverged: {server.diverged}; stopped at version {server.version}, the last "
+                      f"finite one (checkpoint, summary.json and model.pt written); try a smaller client.lr or "
+                      f"server.lr")
         return EXIT_DIVERGED
     return 0
 

@@ -1,5 +1,5 @@
-"""Rank 0's start-up: the command line, the run directory (locked, checked, then its first files), and the copy
-of the console into OUT/server.log.
+"""Rank 0's start-up: the command line (and with it the console's level, mpi_afl/console.py) and the run
+directory (locked, checked, then its first files).
 
 Nothing is written into the directory before every check has passed: a refused run or resume leaves it as it
 was. This module imports no torch, so that the stop signals armed by train.main() come before anything slow.
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from .. import plugins
-from .. import signals
+from .. import console, plugins, signals
 from ..config import Config, ConfigError, parse_args
 from ..storage.lock import LockError, RunLock
 from .errors import EXIT_CONFIG, stopped_at_start
@@ -69,6 +68,7 @@ def rank0_setup(argv) -> Setup:
 
     try:
         cfg, args = parse_args(argv, resume_config)
+        console.set_level(cfg.run.log_level)
         if args.print_config:
             _print_closed_ok(json.dumps(cfg.to_dict(), indent=2) + "\n" if args.format == "json" else cfg.to_toml())
             return setup.exit(0)
@@ -98,7 +98,7 @@ def rank0_setup(argv) -> Setup:
         setup.resume_state, setup.new_log = checkpoint.get("state"), args.new_log
         return setup
     except (ConfigError, LockError, RunDirError) as e:
-        print(f"mpi_afl: error: {e}", file=sys.stderr, flush=True)
+        console.error(str(e))
         return setup.exit(EXIT_CONFIG)
     except SystemExit as e:  # --help, or argparse's own usage errors
         return setup.exit(e.code if isinstance(e.code, int) else 0)
@@ -127,9 +127,9 @@ def prepare_run_dir(cfg: Config, out: Path, new_log: bool, clients: str) -> None
     (--new-log), then record the config, the command line and the clients' data (`clients`: clients.txt)."""
     from ..storage.rundir import remove_temp_files, set_aside_log
     for tmp in remove_temp_files(out):
-        print(f"[server] removed {tmp.name}, left by a run stopped while writing it", flush=True)
+        console.server.info(f"removed {tmp.name}, left by a run stopped while writing it")
     if new_log and (aside := set_aside_log(out)):
-        print(f"[server] --new-log: the old run log is kept as {aside}", flush=True)
+        console.server.info(f"--new-log: the old run log is kept as {aside}")
     _describe_run(cfg, out)
     (out / "clients.txt").write_text(clients)
 
@@ -142,37 +142,3 @@ def _describe_run(cfg: Config, out: Path) -> None:
     # surrogateescape: an argument that is not UTF-8 (a --config path) is written back as its original bytes
     with open(out / "command.txt", "a", encoding="utf-8", errors="surrogateescape") as fh:
         fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  {shlex.join(sys.orig_argv)}\n")
-
-
-def tee_console(out: Path) -> None:
-    """From now on rank 0's stdout and stderr are also appended to OUT/server.log (appended to on resume)."""
-    console = open(out / "server.log", "a", buffering=1)
-    sys.stdout, sys.stderr = _Tee(sys.stdout, console), _Tee(sys.stderr, console)
-
-
-class _Tee:
-    """A text stream that also appends to a file."""
-
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
-
-    def write(self, text: str) -> int:
-        self._to_log(self.log.write, text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self._to_log(self.log.flush)
-        self.stream.flush()
-
-    def _to_log(self, call, *args) -> None:
-        """A full disk or a file system gone read-only must not make every print fail: the console goes
-        on, the copy stops (the run's own error line says what could not be written)."""
-        if self.log is None:
-            return
-        try:
-            call(*args)
-        except OSError:
-            self.log = None
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)

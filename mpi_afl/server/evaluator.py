@@ -4,7 +4,8 @@ A version is evaluated every `run.eval_every` versions, or on the virtual-time g
 `run.eval_every_time`. An evaluation is queued and runs in slices (one batch each) between loop turns, so
 the server keeps aggregating and creating jobs meanwhile (a full pass is seconds of CPU); with each finished
 one the server writes its evals row, the timing rows of the interval since the previous one and a progress
-line (docs/design.md "Progress").
+line (docs/design.md "Progress"). The progress lines' versions never decrease: while an evaluation is pending,
+the heartbeat reports the version (and virtual time) of the earliest one pending, whose line comes next.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .. import console
 from ..config import Config
 from ..models.evaluate import evaluate_slices
 from ..storage.runlog import RunLog
@@ -49,6 +51,7 @@ class Evaluator:
         self.evals: list[EvalPoint] = []
         self.queue: deque[tuple[int, torch.Tensor, float, float]] = deque()   # (version, model, wall, virtual)
         self.task = None                                                      # the evaluation in progress
+        self.active: tuple[int, float] | None = None                         # its (version, virtual time)
         self.interval = {"busy": 0.0, "idle": 0.0, "eval": 0.0, "distill": 0.0}   # timing-row sums since the last eval
         self.next_eval_time = cfg.run.eval_every_time   # the next grid time of run.eval_every_time
         self.last_line = 0.0          # wall time of the last progress line (heartbeat)
@@ -78,7 +81,8 @@ class Evaluator:
         """Advance the pending evaluations by one slice (one batch)."""
         t0 = time.perf_counter()
         if self.task is None and self.queue:
-            self.task = self._evaluation(*self.queue.popleft())
+            version, x, wall, at = self.queue.popleft()
+            self.task, self.active = self._evaluation(version, x, wall, at), (version, at)
         if self.task is not None:
             try:
                 next(self.task)
@@ -110,11 +114,17 @@ class Evaluator:
         self.progress_line(f"  test acc {test_acc:.4f}  loss {test_loss:.4f}", version, now, wall)
 
     def heartbeat(self, in_flight: int, version: int, now: float) -> None:
-        """A progress line when none was printed for `run.heartbeat_seconds` (also before the first evaluation)."""
-        if self.wall() - self.last_line >= self.cfg.run.heartbeat_seconds:
-            self.progress_line(f"  ({in_flight} jobs in flight, heartbeat)", version, now, self.wall())
+        """A progress line when none was printed for `run.heartbeat_seconds` (also before the first evaluation):
+        for `version` at virtual time `now`, or for the earliest evaluation pending, whose line is still to come."""
+        if self.wall() - self.last_line < self.cfg.run.heartbeat_seconds:
+            return
+        tail = f"{in_flight} jobs in flight, heartbeat"
+        if self.pending:
+            tail += f"; at version {version}, evaluating"
+            version, now = self.active if self.task is not None else (self.queue[0][0], self.queue[0][3])
+        self.progress_line(f"  ({tail})", version, now, self.wall())
 
     def progress_line(self, tail: str, version: int, now: float, wall: float) -> None:
         """Print a progress line (stop-rule progress and ETA, docs/design.md "Progress") for `version`."""
-        print(f"[server] {progress.line(self.cfg.run, version, now, wall, self.rate())}{tail}", flush=True)
+        console.server.info(f"{progress.line(self.cfg.run, version, now, wall, self.rate())}{tail}")
         self.last_line = self.wall()

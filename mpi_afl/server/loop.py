@@ -10,6 +10,7 @@ the evaluations (server/evaluator.py). Checkpoint state: server/state.py.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import console
 from ..algorithms import algorithm_class
 from ..algorithms.base import Update, add_notes
 from ..config import Config
@@ -164,6 +166,10 @@ class Server:
                      weight: float = math.nan) -> None:
         self.last_arrival_wall = self.wall()
         u = a.update
+        if console.server.isEnabledFor(logging.DEBUG):   # --verbose: one line per arrival
+            console.server.debug(f"arrival: job {u.job_index} from rank {a.rank} (client {u.client_id}), base "
+                                 f"version {u.base_version}, staleness {staleness}, weight {weight:.4g}, loss "
+                                 f"{u.loss:.4g}, {seconds * 1e3:.1f} ms: {'accepted' if not reason else reason}")
         self.log.arrival(
             wall_time=self.last_arrival_wall, virtual_time=job.finish_time if job else math.nan, client=u.client_id,
             rank=a.rank, job=u.job_index, base_version=u.base_version, version=self.version, staleness=staleness,
@@ -174,7 +180,7 @@ class Server:
         self.rejected += 1
         a.release()
         where = f"job {a.update.job_index} from rank {a.rank} (client {a.update.client_id})"
-        print(f"[server] rejected update: {where}: {reason}", flush=True)
+        console.server.info(f"rejected update: {where}: {reason}")
 
     def _drive(self, work):
         """Run an algorithm's sliced work, receiving and dispatching between slices. Its wall time, less the
@@ -303,8 +309,8 @@ class Server:
         except OSError as e:
             self.log.postpone_flush()
             if not self.log_flush_failed:
-                print(f"[server] warning: run.h5 rows could not be written ({e.strerror or e}); they are kept in "
-                      f"memory and written when there is room", flush=True)
+                console.server.warning(f"warning: run.h5 rows could not be written ({e.strerror or e}); they are "
+                                       f"kept in memory and written when there is room")
             self.log_flush_failed = True
 
     # ----------------------------------------------------------- checkpoints and results
@@ -315,10 +321,11 @@ class Server:
             save_checkpoint(self.out_dir / "checkpoint.h5", self.checkpoint_state())
         except OSError as e:   # a full disk may clear; the run goes on, and says which checkpoint it has
             kept = f"version {self.checkpoint_version}" if self.checkpoint_version is not None else "none"
-            print(f"[server] warning: the checkpoint of version {self.version} was not written "
-                  f"({e.strerror or e}); the run goes on; checkpoint.h5 kept: {kept}", flush=True)
+            console.server.warning(f"warning: the checkpoint of version {self.version} was not written "
+                                   f"({e.strerror or e}); the run goes on; checkpoint.h5 kept: {kept}")
             return
         self.checkpoint_version = self.version
+        console.server.debug(f"checkpoint of version {self.version} written")
         self.log.timing(version=self.version, wall_time=self.wall(), phase="checkpoint",
                         seconds=time.perf_counter() - t0)
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
+from .. import console
 from .atomic import temp_path
 
 LOCK_FILE = "run.lock"
@@ -108,6 +108,5 @@ class RunLock:
             try:
                 self.path.unlink(missing_ok=True)
             except OSError as e:   # a directory made read-only: the run's own error says more than this
-                print(f"mpi_afl: warning: could not remove {self.path} ({e.strerror or e}); it names a process "
-                      "that has ended, so the next run in this directory takes it over", file=sys.stderr,
-                      flush=True)
+                console.tool.warning(f"warning: could not remove {self.path} ({e.strerror or e}); it names a "
+                                     "process that has ended, so the next run in this directory takes it over")

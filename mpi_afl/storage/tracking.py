@@ -47,13 +47,13 @@ resumed run computes again (except wall times).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpi_afl import console
 from mpi_afl.config import Config, ConfigError
 from mpi_afl.storage.runlog.schema import PHASES, updates_per_second
 
@@ -182,8 +182,7 @@ class Tracker:
             call(*args)
         except Exception as e:   # a mirror's failure: said once, the run goes on
             self.failed = True
-            print(f"[server] warning: {self.name} tracking stopped ({_first_line(e)}); run.h5 has every row",
-                  file=sys.stderr, flush=True)
+            console.server.warning(f"warning: {self.name} tracking stopped ({_first_line(e)}); run.h5 has every row")
 
     # ------------------------------------------------------------ backends
     key = "run"
