@@ -14,7 +14,7 @@ from mpi_afl.storage.runlog import read_run
 ARGS = [*FAST, "--algorithm", "fedbuff", "--clock", "virtual", "--seed", "5", "--run.eval_every=5"]
 
 
-def _rows(run, table, drop=("wall_time", "server_seconds", "rank")):
+def _rows(run, table, drop=("wall_time", "server_seconds", "compute_seconds", "rank")):
     """A run table without its wall-clock and placement columns (they differ between any two runs)."""
     data = read_run(run)[table]
     return {k: v for k, v in data.items() if k not in drop}
